@@ -1,0 +1,54 @@
+"""The one interface every audio codec implements.
+
+Latents are frame-major float32 arrays ``(frames, latent_dim)`` (a leading batch axis is allowed);
+audio is ``(channels, samples)`` float32 in [-1, 1] at ``sample_rate``.
+"""
+from __future__ import annotations
+
+import abc
+
+import numpy as np
+
+
+class Codec(abc.ABC):
+  """Audio <-> latent frames. Subclasses set the four geometry attributes."""
+
+  sample_rate: int  # audio samples per second
+  channels: int  # audio channels (1 mono, 2 stereo)
+  hop: int  # audio samples per latent frame
+  latent_dim: int  # channels of one latent frame
+
+  @property
+  def frame_rate(self) -> float:
+    """Latent frames per second."""
+    return self.sample_rate / self.hop
+
+  @abc.abstractmethod
+  def encode(self, audio: np.ndarray) -> np.ndarray:
+    """(channels, samples) -> (frames, latent_dim); samples are cut to a multiple of ``hop``."""
+
+  @abc.abstractmethod
+  def decode(self, latents: np.ndarray) -> np.ndarray:
+    """(frames, latent_dim) -> (channels, frames * hop)."""
+
+  @abc.abstractmethod
+  def stream_decoder(self) -> "StreamDecoder":
+    """A stateful decoder that takes latent blocks one at a time (see ``StreamDecoder``)."""
+
+
+class StreamDecoder(abc.ABC):
+  """Block-wise decoding of a latent stream.
+
+  ``push(block)`` takes ``(frames, latent_dim)`` and returns the audio that is final so far
+  (it may hold back a few frames of look-ahead); ``flush()`` returns the rest. The concatenation of
+  every returned piece equals ``codec.decode`` of the whole sequence, within the margin the codec
+  documents.
+  """
+
+  @abc.abstractmethod
+  def push(self, block: np.ndarray) -> np.ndarray:
+    ...
+
+  @abc.abstractmethod
+  def flush(self) -> np.ndarray:
+    ...
