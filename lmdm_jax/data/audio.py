@@ -164,6 +164,15 @@ def load_audio(path, sample_rate: Optional[int] = None, channels: Optional[int] 
   return np.ascontiguousarray(data, dtype=np.float32)
 
 
+def _umask_mode():
+  mask = os.umask(0)
+  os.umask(mask)
+  return 0o666 & ~mask
+
+
+_FILE_MODE = _umask_mode()  # what open() would give (mkstemp makes 0600 files)
+
+
 def _atomic_target(path: str):
   d = os.path.dirname(os.path.abspath(path))
   os.makedirs(d, exist_ok=True)
@@ -189,6 +198,7 @@ def save_audio(path, audio: np.ndarray, sample_rate: int, subtype: Optional[str]
   try:
     sf.write(target, audio.T, int(sample_rate), subtype=subtype, format=fmt)
     if atomic:
+      os.chmod(target, _FILE_MODE)
       os.replace(target, path)
   finally:
     if atomic and os.path.exists(target):

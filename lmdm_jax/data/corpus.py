@@ -762,6 +762,15 @@ def _time_limit(seconds):
     signal.signal(signal.SIGALRM, old)
 
 
+def _umask_mode():
+  mask = os.umask(0)
+  os.umask(mask)
+  return 0o666 & ~mask
+
+
+_FILE_MODE = _umask_mode()  # what open() would give (mkstemp makes 0600 files)
+
+
 def _atomic_save(path, audio, sr, fmt, subtype):
   import soundfile as sf
   d = os.path.dirname(path)
@@ -770,6 +779,7 @@ def _atomic_save(path, audio, sr, fmt, subtype):
   os.close(fd)
   try:
     sf.write(tmp, np.ascontiguousarray(audio.T), sr, subtype=subtype, format=fmt.upper())
+    os.chmod(tmp, _FILE_MODE)
     os.replace(tmp, path)
   finally:
     if os.path.exists(tmp):
@@ -781,6 +791,7 @@ def _atomic_json(path, obj):
   fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".json", dir=d)
   with os.fdopen(fd, "w") as f:
     json.dump(obj, f, indent=1, ensure_ascii=False)
+  os.chmod(tmp, _FILE_MODE)
   os.replace(tmp, path)
 
 
