@@ -19,6 +19,8 @@ from lmdm_jax.convert import oobleck as conv  # noqa: E402
 from lmdm_jax.nn import oobleck  # noqa: E402
 
 TOL = 1e-5
+# stable-audio-tools builds its convs with the deprecated torch.nn.utils.weight_norm.
+pytestmark = pytest.mark.filterwarnings("ignore:.*weight_norm.*:FutureWarning")
 
 
 def tiny_config(use_snake=True, final_tanh=False, scale=1.0):
@@ -255,3 +257,25 @@ def test_streaming_decode_equals_full_decode():
   short = oobleck.StreamingDecoder(vae, left=1, right=1)
   out_short = np.concatenate([short.push(z[:75]), short.push(z[75:]), short.flush()])
   assert float(np.max(np.abs(out_short - full))) > 1e-4
+
+
+def test_codec_wrapper():
+  from lmdm_jax.codecs.oobleck import OobleckCodec
+  cfg = tiny_config()
+  pt = make_reference(cfg, seed=13)
+  codec = OobleckCodec.from_state_dict(prefixed(pt.model.state_dict()), cfg)
+  assert (codec.sample_rate, codec.channels, codec.hop, codec.latent_dim) == (44100, 2, 4, 4)
+  audio = np.asarray(torch.randn(2, 4 * 30 + 3))  # cut to 30 frames
+  z = codec.encode(audio)
+  with torch.no_grad():
+    ref_z = pt.model.encoder(torch.from_numpy(audio[None, :, :120])).chunk(2, dim=1)[0][0]
+    ref_audio = pt.decode(ref_z[None])[0].numpy()
+  assert z.shape == (30, 4) and float(np.max(np.abs(z - ref_z.numpy().T))) <= TOL
+  audio_out = codec.decode(z)
+  assert audio_out.shape == (2, 120) and float(np.max(np.abs(audio_out - ref_audio))) <= TOL
+  stream = codec.stream_decoder()
+  out = np.concatenate([stream.push(z[:12]), stream.push(z[12:]), stream.flush()], axis=1)
+  assert float(np.max(np.abs(out - audio_out))) <= 1e-4
+  assert codec.encode(audio[None]).shape == (1, 30, 4)
+  with pytest.raises(ValueError):
+    codec.encode(audio[:1])
