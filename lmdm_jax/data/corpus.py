@@ -345,6 +345,7 @@ def _nice_title(rel: str, md) -> tuple:
   elif movement and movement not in title:
     title = f"{title} ({movement})"
   title = re.sub(r"\s+", " ", title).strip().strip(".")
+  title = re.sub(r"^\d+[a-z]?\.\s+", "", title)  # "15a. Kyrie" -> "Kyrie"
   if title == stem.replace("_", " ") and title.islower():
     title = title.title()
   if title.isupper():
@@ -360,10 +361,14 @@ def _composer(collection: str, md) -> str:
     return TRADITIONAL[collection]
   c = (getattr(md, "composer", None) or "") if md else ""
   c = re.sub(r"\s+", " ", c).strip()
+  if c.lower().startswith(("anonymous", "anon.", "anon ")):
+    c = ""
   if "," in c and c.count(",") == 1:  # "Chopin, Frederic" -> "Frederic Chopin"
     last, first = [x.strip() for x in c.split(",")]
     c = f"{first} {last}"
-  return c or "anonymous"
+  if not c:
+    return "anonymous (14th century)" if collection == "trecento" else "anonymous"
+  return c
 
 
 def _key_name(k) -> tuple:
@@ -512,16 +517,21 @@ def orchestrate(an: Analysis, collection: str, rng: np.random.Generator) -> tupl
     return name, [KEYBOARD[name]] * n
   if an.kind == "song":
     acc = int(rng.choice(ACCOMPANIMENT))
-    programs = []
-    for v in an.voices:
-      if v.role == "keyboard":
-        programs.append(acc)
-      elif v.program_hint is not None and rng.random() < 0.8:
-        programs.append(v.program_hint)
+    programs = [acc] * n
+    melodic = [i for i, v in enumerate(an.voices) if v.role != "keyboard"]
+    if len(melodic) == 1:
+      v = an.voices[melodic[0]]
+      if v.program_hint is not None and rng.random() < 0.8:
+        programs[melodic[0]] = v.program_hint
       else:
-        programs.append(int(rng.choice([53, 52, 40, 73, 71, 42, 68, 65])))
-    melodic = [GM[p][0] for p, v in zip(programs, an.voices) if v.role != "keyboard"]
-    lead = " and ".join(sorted(set(melodic), key=melodic.index))
+        programs[melodic[0]] = int(rng.choice([53, 52, 40, 73, 71, 42, 68, 65]))
+      lead = GM[programs[melodic[0]]][0]
+    else:  # a choir (or several solo voices): one coherent ensemble for all of them
+      sub = Analysis(**{**an.__dict__, "voices": [an.voices[i] for i in melodic],
+                        "kind": "polyphonic"})
+      lead, progs = orchestrate(sub, collection, rng)
+      for i, p in zip(melodic, progs):
+        programs[i] = p
     return f"{lead} with {GM[acc][0]}", programs
   if an.kind == "solo":
     pool = SOLO_FOLK if collection in FOLK else SOLO_ART
@@ -686,13 +696,14 @@ def make_caption(meta: dict, rng) -> str:
   if comp.startswith("traditional"):
     m = re.match(r"traditional( \w+)? \((.*)\)$", comp)
     by = (f"(traditional{m.group(1) or ''}, from {m.group(2)})" if m else f"({comp})")
-  elif comp == "anonymous":
-    by = "by an anonymous composer"
+  elif comp.startswith("anonymous"):
+    by = "by an anonymous composer" + (" of the 14th century" if "14th" in comp else "")
   else:
     by = f"by {comp}"
   ens = meta["ensemble"]
   players = meta.get("players") or meta["instruments"]
-  if all(p in ens for p in set(players)):
+  if all(p in ens for p in set(players)) or (ens == "string orchestra" and set(players) == {
+      "string ensemble"}):
     ens_full = ens
   else:
     ens_full = f"{ens} ({_instrument_list(players)})"
@@ -735,6 +746,15 @@ def _parse(path: str, opus_index, rng):
     scores = list(s.scores)
     if not scores:
       raise SkipPiece("empty opus")
+    titles = {(sc.metadata.title if sc.metadata else None) for sc in scores}
+    if 1 < len(scores) <= 8 and len(titles) == 1 and None not in titles:
+      # the voices of one polyphonic piece written as separate tunes (e.g. Josquin in ABC)
+      merged = stream.Score()
+      merged.metadata = scores[0].metadata
+      for sc in scores:
+        for part in sc.parts:
+          merged.insert(0, part)
+      return merged, None
     idx = opus_index if opus_index is not None else int(rng.integers(len(scores)))
     s, opus_index = scores[idx % len(scores)], idx % len(scores)
   if not isinstance(s, stream.Score):
