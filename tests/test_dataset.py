@@ -4,7 +4,6 @@ Uses a trivial codec defined here (frame RMS / mean / peak / zero crossings), so
 the project's real codecs.
 """
 import json
-import os
 
 import numpy as np
 import pytest

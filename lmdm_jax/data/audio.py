@@ -142,12 +142,12 @@ def load_audio(path, sample_rate: Optional[int] = None, channels: Optional[int] 
   if data.shape[-1] == 0:
     raise AudioFileError(path, "contains no audio samples")
   if offset or duration is not None:
+    total = data.shape[-1] / sr
     start = int(round(offset * sr))
     stop = None if duration is None else start + int(round(duration * sr))
     data = data[:, start:stop]
     if data.shape[-1] == 0:
-      raise AudioFileError(path, f"no audio after offset {offset:.2f} s "
-                           f"(file has {data.shape[-1] / sr:.2f} s)")
+      raise AudioFileError(path, f"no audio after offset {offset:.2f} s (file has {total:.2f} s)")
   if not np.all(np.isfinite(data)):
     raise AudioFileError(path, "contains NaN or infinite samples")
   seconds = data.shape[-1] / sr

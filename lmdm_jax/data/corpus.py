@@ -35,7 +35,7 @@ import sys
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -140,15 +140,6 @@ class Voice:
   role: str = "voice"  # vocal | keyboard | strings | wind | other
   program_hint: Optional[int] = None
   mean_pitch: float = 0.0
-
-
-@dataclass
-class Piece:
-  path: str  # corpus-relative path
-  collection: str
-  piece_id: str
-  opus_index: Optional[int] = None
-  meta: dict = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -614,7 +605,6 @@ def _performance(an: Analysis, programs, sec_per_ql, cut_ql, repeats, rng):
   out = []
   total_ql = min(an.total_ql, cut_ql)
   melody = int(np.argmax([v.mean_pitch for v in an.voices]))
-  bar_ql = None
   for voice_i, (v, prog) in enumerate(zip(an.voices, programs)):
     shift = _fit_octave(v.notes, prog)
     base = rng.uniform(68, 92) + (6 if voice_i == melody and len(an.voices) > 1 else 0)

@@ -26,7 +26,6 @@ interrupted build loses at most the items of the shard in progress and a rerun c
 from __future__ import annotations
 
 import argparse
-import collections
 import csv
 import functools
 import hashlib
