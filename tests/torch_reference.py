@@ -6,6 +6,7 @@ missing is a real failure (the install script is supposed to provide it).
 """
 from __future__ import annotations
 
+import importlib.machinery
 import sys
 import types
 
@@ -21,6 +22,16 @@ def require_torch():
                 allow_module_level=True)
   torch.set_num_threads(1)
   return torch
+
+
+def _stub_module(name: str) -> types.ModuleType:
+  """An empty module registered under ``name``. It has a spec (``importlib.util.find_spec`` on a
+  module without one raises, and transformers probes torchaudio that way) but no version or file,
+  so such probes read the package as absent."""
+  mod = types.ModuleType(name)
+  mod.__spec__ = importlib.machinery.ModuleSpec(name, loader=None)
+  sys.modules[name] = mod
+  return mod
 
 
 def _stub_torchaudio():
@@ -40,12 +51,9 @@ def _stub_torchaudio():
     def __init__(self, *args, **kwargs):
       raise RuntimeError("torchaudio is stubbed in the parity tests")
 
-  ta = types.ModuleType("torchaudio")
-  tat = types.ModuleType("torchaudio.transforms")
+  ta, tat = _stub_module("torchaudio"), _stub_module("torchaudio.transforms")
   tat.Resample = tat.MelSpectrogram = _Unavailable
   ta.transforms = tat
-  sys.modules["torchaudio"] = ta
-  sys.modules["torchaudio.transforms"] = tat
 
 
 def _stub_pytorch_lightning():
@@ -66,13 +74,10 @@ def _stub_pytorch_lightning():
   class ModelCheckpoint(Callback):
     pass
 
-  pl = types.ModuleType("pytorch_lightning")
-  plc = types.ModuleType("pytorch_lightning.callbacks")
+  pl, plc = _stub_module("pytorch_lightning"), _stub_module("pytorch_lightning.callbacks")
   pl.Callback = plc.Callback = Callback
   plc.ModelCheckpoint = ModelCheckpoint
   pl.callbacks = plc
-  sys.modules["pytorch_lightning"] = pl
-  sys.modules["pytorch_lightning.callbacks"] = plc
 
 
 def stable_audio_tools():
