@@ -1,0 +1,383 @@
+"""The default, weight-free codec: PCA-compressed log-STFT magnitudes + streamed fast Griffin-Lim.
+
+Geometry: 22.05 kHz mono, hop 512 (43.07 latent frames/s), latent_dim 128.
+
+Encode (numpy): STFT (n_fft 2048, Hann, frame ``g`` centred on sample ``g * hop``) ->
+``log(|X| / (n_fft/4) + eps)`` (a full-scale sine peaks at 0 dB, ``eps`` = -80 dBFS) -> minus the
+mean log-spectrum -> projection on the first ``latent_dim`` principal components -> divided by
+each component's standard deviation. The latents are therefore whitened linear features
+(per-channel mean 0, std 1 on the training audio) and smooth in time, since a small latent
+change is a small, spread-out change of the log-spectrum.
+
+Decode (jitted JAX): latents -> log-magnitude (the transposed basis, plus an optional small
+residual network when the assets carry one) -> magnitude -> fast Griffin-Lim (Perraudin et al.
+2013, momentum 0.99), block by block: the stream is cut into fixed internal chunks of
+``chunk`` frames; each chunk is refined together with ``lookahead`` future frames while the
+``3`` previous, already emitted frames are held fixed; new frames start from the previous
+chunk's phases (lookahead frames) or a phase-vocoder extrapolation of them. ``decode`` runs the
+very same chunked procedure, so streaming decode equals full decode to float32 rounding
+(documented margin: max abs difference <= 1e-5, see ``tests/test_codec.py``), whatever the block
+sizes pushed.
+
+Assets (``assets/spectral_pca128.npz``, about 0.5 MB) are re-created by
+``scripts/fit_default_codec.py``.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lmdm_jax.codecs.base import Codec, StreamDecoder
+
+ASSET_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+DEFAULT_ASSET = os.path.join(ASSET_DIR, "spectral_pca128.npz")
+
+SAMPLE_RATE = 22050
+N_FFT = 2048
+HOP = 512
+EPS = 1e-4
+_OVERLAP = N_FFT // HOP  # 4 hop-segments per frame
+_CTX = _OVERLAP - 1  # emitted frames that still overlap the next new frame
+
+
+def hann(n: int = N_FFT) -> np.ndarray:
+  """Periodic Hann window (float64)."""
+  return 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(n) / n)
+
+
+def stft_frames(audio: np.ndarray) -> np.ndarray:
+  """(samples,) with samples % HOP == 0 -> complex (frames, N_FFT//2+1); frame g centred at g*HOP."""
+  audio = np.asarray(audio, np.float32)
+  n = audio.shape[-1] // HOP
+  pad = np.pad(audio[: n * HOP], (N_FFT // 2, N_FFT // 2))
+  idx = np.arange(n)[:, None] * HOP + np.arange(N_FFT)[None, :]
+  return np.fft.rfft(pad[idx] * hann().astype(np.float32), axis=-1)
+
+
+def log_magnitude(audio: np.ndarray) -> np.ndarray:
+  """(samples,) -> (frames, N_FFT//2+1) float32 log-magnitude features."""
+  return np.log(np.abs(stft_frames(audio)) / (N_FFT / 4) + EPS).astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# Jitted block decoder
+# --------------------------------------------------------------------------------------------
+
+
+def _frames_from_segments(seg: jnp.ndarray, n_frames: int) -> jnp.ndarray:
+  """(n_frames+3, HOP) -> (n_frames, N_FFT): frame t = segments t..t+3."""
+  return jnp.concatenate([seg[k:k + n_frames] for k in range(_OVERLAP)], axis=-1)
+
+
+def _ola(frames: jnp.ndarray) -> jnp.ndarray:
+  """(W, N_FFT) -> (W+3, HOP) overlap-add."""
+  w = frames.shape[0]
+  out = jnp.zeros((w + _OVERLAP - 1, HOP), frames.dtype)
+  for k in range(_OVERLAP):
+    out = out.at[k:k + w].add(frames[:, k * HOP:(k + 1) * HOP])
+  return out
+
+
+def _radius(params) -> int:
+  """Temporal receptive radius of the residual net (static: from weight shapes)."""
+  if "net" not in params:
+    return 0
+  return sum((w.shape[0] - 1) // 2 for w, _ in params["net"]["convs"])
+
+
+def _decode_logmag(params, lat: jnp.ndarray) -> jnp.ndarray:
+  """(frames + 2r, K) latents -> (frames, F) log-magnitudes (r = receptive radius of the net)."""
+  r = _radius(params)
+  base = (lat * params["scale"]) @ params["basis_t"] + params["mean"]
+  if "net" not in params:
+    return base[r:base.shape[0] - r] if r else base
+  net = params["net"]
+  h = lat
+  for i, (w, b) in enumerate(net["convs"]):  # 'valid' temporal convs, kernel 3, GELU
+    kk = w.shape[0]
+    t = h.shape[0] - kk + 1
+    h = sum(h[j:j + t] @ w[j] for j in range(kk)) + b
+    h = jax.nn.gelu(h)
+  res = h @ net["out_w"] + net["out_b"]
+  return base[r:base.shape[0] - r] + res
+
+
+def _chunk_step(params, lat, ctx, prev_ahead, exists, *, n_iter: int, momentum: float):
+  """One chunk of streamed fast Griffin-Lim.
+
+  lat: (B+L+2r, K) latents for frames a-r .. a+B+L+r-1
+  ctx: (3, F) complex, the committed frames a-3..a-1
+  prev_ahead: (L, F) complex, the previous chunk's lookahead frames a..a+L-1 (warm start)
+  exists: (3+B+L,) float, 1 where the frame exists in the stream (edges are normalised by it)
+  returns (new frames a..a+B+L-1 complex, audio (B*HOP,) for segments a-2..a+B-3)
+  """
+  logmag = _decode_logmag(params, lat)
+  mag = jnp.maximum(jnp.exp(logmag) - EPS, 0.0) * (N_FFT / 4)
+  return _gl_step(mag, ctx, prev_ahead, exists, n_iter=n_iter, momentum=momentum)
+
+
+def _gl_step(mag, ctx, prev_ahead, exists, *, n_iter: int, momentum: float):
+  """Streamed fast Griffin-Lim on one chunk, from target magnitudes (B+L, F)."""
+  win = jnp.asarray(hann(), jnp.float32)
+  n_new = mag.shape[0]
+  look = prev_ahead.shape[0]
+  b = n_new - look
+  mag = mag * exists[_CTX:, None]
+  # Initial phases: warm start for the first L frames, phase-vocoder extrapolation after them.
+  bins = jnp.arange(N_FFT // 2 + 1, dtype=jnp.float32)
+  adv = 2 * np.pi * HOP / N_FFT * bins
+  last = jnp.angle(prev_ahead[-1])
+  steps = jnp.arange(1, b + 1, dtype=jnp.float32)[:, None]
+  extra = last[None, :] + steps * adv[None, :]
+  phase0 = jnp.concatenate([jnp.angle(prev_ahead), extra], axis=0)
+  angles = jnp.exp(1j * phase0).astype(jnp.complex64)
+
+  w_total = _CTX + n_new
+  wsq = _ola(jnp.broadcast_to(win * win, (w_total, N_FFT)) * exists[:, None])
+  norm = jnp.where(wsq > 1e-3, 1.0 / jnp.maximum(wsq, 1e-3), 0.0)
+
+  def istft(spec):
+    fr = jnp.fft.irfft(spec, n=N_FFT, axis=-1) * win
+    return _ola(fr) * norm
+
+  def stft(seg):
+    return jnp.fft.rfft(_frames_from_segments(seg, w_total) * win, axis=-1)
+
+  def full(ang):
+    return jnp.concatenate([ctx, (mag * ang).astype(jnp.complex64)], axis=0)
+
+  def body(_, carry):
+    ang, tprev = carry
+    rebuilt = stft(istft(full(ang)))[_CTX:]
+    ang = rebuilt - (momentum / (1 + momentum)) * tprev
+    ang = ang / (jnp.abs(ang) + 1e-16)
+    return ang, rebuilt
+
+  angles, _ = jax.lax.fori_loop(0, n_iter, body, (angles, jnp.zeros_like(angles)))
+  spec = full(angles)
+  seg = istft(spec)
+  audio = seg[_CTX:_CTX + b].reshape(-1)
+  return spec[_CTX:], audio
+
+
+@functools.partial(jax.jit, static_argnames=("n_iter", "momentum"))
+def _chunk_step_jit(params, lat, ctx, prev_ahead, exists, n_iter, momentum):
+  return _chunk_step(params, lat, ctx, prev_ahead, exists, n_iter=n_iter, momentum=momentum)
+
+
+@functools.partial(jax.jit, static_argnames=("n_iter", "momentum"))
+def _gl_step_jit(mag, ctx, prev_ahead, exists, n_iter, momentum):
+  return _gl_step(mag, ctx, prev_ahead, exists, n_iter=n_iter, momentum=momentum)
+
+
+def griffin_lim_stream(mag: np.ndarray, *, chunk: int = 16, lookahead: int = 4,
+                       n_iter: int = 32, momentum: float = 0.99) -> np.ndarray:
+  """Magnitudes (frames, F) -> audio (frames*HOP,) with the codec's streamed chunked fast GL.
+
+  For baselines and oracles (e.g. true STFT magnitudes, mel-inverted magnitudes).
+  """
+  mag = np.asarray(mag, np.float32)
+  total, f = mag.shape
+  ctx = np.zeros((_CTX, f), np.complex64)
+  ahead = np.zeros((lookahead, f), np.complex64)
+  out, a = [], 0
+  while a - 2 < total:
+    m = mag[a:a + chunk + lookahead]
+    m = np.pad(m, ((0, chunk + lookahead - m.shape[0]), (0, 0)))
+    g = np.arange(a - _CTX, a + chunk + lookahead)
+    exists = ((g >= 0) & (g < total)).astype(np.float32)
+    spec, audio = _gl_step_jit(jnp.asarray(m), jnp.asarray(ctx), jnp.asarray(ahead),
+                               jnp.asarray(exists), n_iter=n_iter, momentum=momentum)
+    spec, audio = np.asarray(spec), np.asarray(audio)
+    if a - 2 < 0:
+      audio = audio[(2 - a) * HOP:]
+    out.append(audio)
+    ctx, ahead = spec[chunk - _CTX:chunk], spec[chunk:]
+    a += chunk
+  return np.concatenate(out)[: total * HOP]
+
+
+# --------------------------------------------------------------------------------------------
+# Codec
+# --------------------------------------------------------------------------------------------
+
+
+class SpectralCodec(Codec):
+  """PCA log-STFT latents (see module docstring)."""
+
+  sample_rate = SAMPLE_RATE
+  channels = 1
+  hop = HOP
+
+  def __init__(self, asset_path: str | None = None, *, n_iter: int = 32, chunk: int = 16,
+               lookahead: int = 4, momentum: float = 0.99):
+    path = asset_path or DEFAULT_ASSET
+    if not os.path.exists(path):
+      raise FileNotFoundError(
+          f"codec assets not found at {path}; run `python scripts/fit_default_codec.py fit`")
+    with np.load(path) as z:
+      a = {k: z[k] for k in z.files}
+    self.mean = a["mean"].astype(np.float32)  # (F,)
+    self.basis = a["basis"].astype(np.float32)  # (F, K), orthonormal columns
+    self.scale = a["scale"].astype(np.float32)  # (K,)
+    self.latent_dim = int(self.basis.shape[1])
+    if lookahead < 1 or chunk < 1:
+      raise ValueError("chunk and lookahead must be >= 1")
+    self.n_iter, self.chunk, self.lookahead, self.momentum = n_iter, chunk, lookahead, momentum
+    params = {"mean": jnp.asarray(self.mean), "basis_t": jnp.asarray(self.basis.T),
+              "scale": jnp.asarray(self.scale)}
+    self._enc = None
+    if "net_out_w" in a:
+      convs, i = [], 0
+      while f"net_conv{i}_w" in a:
+        convs.append((jnp.asarray(a[f"net_conv{i}_w"], jnp.float32),
+                      jnp.asarray(a[f"net_conv{i}_b"], jnp.float32)))
+        i += 1
+      params["net"] = {"convs": convs, "out_w": jnp.asarray(a["net_out_w"], jnp.float32),
+                       "out_b": jnp.asarray(a["net_out_b"], jnp.float32)}
+      if "net_enc_w" in a:  # learned encoder residual (kernel-3 conv, GELU, linear)
+        self._enc = (a["net_enc_w"].astype(np.float32), a["net_enc_b"].astype(np.float32),
+                     a["net_enc_out_w"].astype(np.float32), float(a["net_gstd"]))
+    self.radius = _radius(params)
+    if self.lookahead < self.radius:
+      self.lookahead = self.radius
+    self._params = params
+    # Latent of a silent frame: what lies before the stream's start and after its end.
+    self.silence = self.encode(np.zeros((1, 4 * HOP), np.float32))[1]
+
+  # -- checks --------------------------------------------------------------------------------
+  def _check_audio(self, audio: np.ndarray, sample_rate: int | None) -> np.ndarray:
+    if sample_rate is not None and int(sample_rate) != self.sample_rate:
+      raise ValueError(f"SpectralCodec expects {self.sample_rate} Hz audio, got {sample_rate} Hz;"
+                       " resample first")
+    audio = np.asarray(audio, np.float32)
+    if audio.ndim != 2 or audio.shape[0] != self.channels:
+      raise ValueError(f"SpectralCodec expects (channels={self.channels}, samples) audio, got"
+                       f" shape {audio.shape}")
+    return audio
+
+  def _check_latents(self, latents: np.ndarray) -> np.ndarray:
+    latents = np.asarray(latents, np.float32)
+    if latents.ndim != 2 or latents.shape[1] != self.latent_dim:
+      raise ValueError(f"SpectralCodec expects (frames, latent_dim={self.latent_dim}) latents,"
+                       f" got shape {latents.shape}")
+    if not np.all(np.isfinite(latents)):
+      raise ValueError("latents contain NaN or inf")
+    return latents
+
+  # -- interface -----------------------------------------------------------------------------
+  def encode(self, audio: np.ndarray, sample_rate: int | None = None) -> np.ndarray:
+    audio = np.asarray(audio, np.float32)
+    if audio.ndim == 3:
+      return np.stack([self.encode(a, sample_rate) for a in audio])
+    audio = self._check_audio(audio, sample_rate)
+    if audio.shape[1] < self.hop:
+      raise ValueError(f"need at least one hop ({self.hop} samples) of audio")
+    feats = log_magnitude(audio[0])
+    z = (feats - self.mean) @ self.basis / self.scale
+    if self._enc is not None:
+      w, b, w_out, gstd = self._enc
+      r = (w.shape[0] - 1) // 2
+      edge = np.full((r, feats.shape[1]), np.log(EPS), np.float32)
+      x = (np.concatenate([edge, feats, edge]) - self.mean) / gstd
+      t = feats.shape[0]
+      h = sum(x[j:j + t] @ w[j] for j in range(w.shape[0])) + b
+      h = 0.5 * h * (1 + np.tanh(np.sqrt(2 / np.pi) * (h + 0.044715 * h ** 3)))  # jax.nn.gelu
+      z = z + h @ w_out
+    return z.astype(np.float32)
+
+  def decode(self, latents: np.ndarray) -> np.ndarray:
+    latents = np.asarray(latents, np.float32)
+    if latents.ndim == 3:
+      return np.stack([self.decode(z) for z in latents])
+    latents = self._check_latents(latents)
+    sd = self.stream_decoder()
+    return np.concatenate([sd.push(latents), sd.flush()], axis=-1)
+
+  def stream_decoder(self) -> "SpectralStreamDecoder":
+    return SpectralStreamDecoder(self)
+
+  def decode_logmag(self, latents: np.ndarray) -> np.ndarray:
+    """(frames, K) -> (frames, F) log-magnitudes (no phase reconstruction); for analysis."""
+    latents = self._check_latents(latents)
+    r = self.radius
+    pad = np.concatenate([np.repeat(self.silence[None], r, 0), latents,
+                          np.repeat(self.silence[None], r, 0)])
+    return np.asarray(_decode_logmag(self._params, jnp.asarray(pad)))
+
+
+class SpectralStreamDecoder(StreamDecoder):
+  """Re-blocks pushed latents into fixed chunks, so output does not depend on push sizes.
+
+  Latency: ``chunk + lookahead + radius + 2`` frames at most (about 0.5 s with the defaults).
+  """
+
+  def __init__(self, codec: SpectralCodec):
+    self.c = codec
+    f = N_FFT // 2 + 1
+    r = codec.radius
+    self._lat = np.repeat(codec.silence[None], r, 0)  # frames a-r .. (buffered latents)
+    self._ctx = np.zeros((_CTX, f), np.complex64)
+    self._ahead = np.zeros((codec.lookahead, f), np.complex64)
+    self._a = 0  # first frame of the next chunk
+    self._n = 0  # latent frames received
+    self._done = False
+    self._emitted = 0  # samples returned by push so far
+
+  def _run(self, total: int | None) -> np.ndarray:
+    """Process every chunk whose inputs are available; total = stream length when flushing."""
+    c = self.c
+    b, look, r = c.chunk, c.lookahead, c.radius
+    need = b + look + 2 * r
+    out = []
+    while True:
+      if total is None:
+        if self._lat.shape[0] < need:
+          break
+        lat = self._lat[:need]
+      else:
+        if self._a - 2 >= total:  # every segment 0..total-1 has been emitted
+          break
+        lat = self._lat[:need]
+        if lat.shape[0] < need:
+          lat = np.concatenate([lat, np.repeat(c.silence[None], need - lat.shape[0], 0)])
+      g = np.arange(self._a - _CTX, self._a + b + look)
+      n_exist = total if total is not None else np.inf
+      exists = ((g >= 0) & (g < n_exist)).astype(np.float32)
+      spec, audio = _chunk_step_jit(c._params, jnp.asarray(lat), jnp.asarray(self._ctx),
+                                    jnp.asarray(self._ahead), jnp.asarray(exists),
+                                    n_iter=c.n_iter, momentum=c.momentum)
+      spec = np.asarray(spec)
+      audio = np.asarray(audio)
+      # Audio covers segments a-2 .. a+b-3: drop those before the stream start.
+      first = self._a - 2
+      if first < 0:
+        audio = audio[-first * HOP:]
+      out.append(audio)
+      self._emitted += audio.shape[0]
+      self._ctx = spec[b - _CTX:b]
+      self._ahead = spec[b:]
+      self._lat = self._lat[b:]
+      self._a += b
+    return np.concatenate(out) if out else np.zeros((0,), np.float32)
+
+  def push(self, block: np.ndarray) -> np.ndarray:
+    if self._done:
+      raise RuntimeError("push after flush")
+    block = self.c._check_latents(block)
+    self._lat = np.concatenate([self._lat, block]) if self._lat.size else block
+    self._n += block.shape[0]
+    return self._run(None)[None, :]
+
+  def flush(self) -> np.ndarray:
+    if self._done:
+      return np.zeros((1, 0), np.float32)
+    self._done = True
+    total = self._n
+    before = self._emitted
+    audio = self._run(total)
+    return audio[None, : max(total * HOP - before, 0)]

@@ -1,0 +1,354 @@
+"""Re-create the default codec's assets (``lmdm_jax/codecs/assets/``) deterministically.
+
+Two stages:
+
+  python scripts/fit_default_codec.py render   # music21 scores -> MIDI -> FluidSynth -> WAV
+  python scripts/fit_default_codec.py fit      # WAV (train pieces only) -> codec assets
+
+``render`` needs ``apt-get install fluidsynth fluid-soundfont-gm`` and ``pip install music21 mido``;
+it writes 22.05 kHz mono clips into ``data_cache/codec_data/{train,heldout}/`` (git-ignored).
+Pieces, not clips, are held out. ``fit`` needs only numpy (+ soundfile to read WAVs) and is
+deterministic given the same WAVs (fixed seeds, float64 eigendecomposition, sign-fixed
+components).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import zlib
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+DATA_DIR = os.path.join(ROOT, "data_cache", "codec_data")
+SOUNDFONT = "/usr/share/sounds/sf2/FluidR3_GM.sf2"
+SR = 22050
+CLIP_SECONDS = 75.0
+
+# (corpus path, style) -- style picks the instrument palette and whether a drum kit plays along.
+TRAIN_PIECES = [
+    ("bach/bwv1.6", "chorale"), ("bach/bwv10.7", "chorale"), ("bach/bwv101.7", "chorale"),
+    ("bach/bwv104.6", "chorale"), ("bach/bwv110.7", "chorale"), ("bach/bwv113.8", "chorale"),
+    ("bach/bwv12.7", "chorale"), ("bach/bwv140.7", "chorale"),
+    ("mozart/k155/movement1.mxl", "quartet"), ("mozart/k156/movement3.mxl", "quartet"),
+    ("mozart/k458/movement2.mxl", "quartet"), ("mozart/k80/movement1.mxl", "quartet"),
+    ("mozart/k545/movement1_exposition.mxl", "keys"),
+    ("haydn/opus1no1/movement1.mxl", "quartet"), ("haydn/opus74no1/movement2.mxl", "quartet"),
+    ("haydn/opus1no1/movement4.mxl", "band"),
+    ("beethoven/opus18no1/movement1.mxl", "quartet"), ("beethoven/opus59no1/movement2.mxl", "band"),
+    ("beethoven/opus59no2/movement3.mxl", "quartet"),
+    ("monteverdi/madrigal.3.1.mxl", "choir"), ("monteverdi/madrigal.4.3.mxl", "winds"),
+    ("monteverdi/madrigal.5.2.mxl", "choir"),
+    ("palestrina/Agnus_01.krn", "choir"), ("palestrina/Kyrie_00.krn", "winds"),
+    ("chopin/mazurka06-2.krn", "keys"), ("handel/rinaldo/Lascia_chio_pianga.mxl", "keys"),
+    ("corelli/opus3no1/1grave.xml", "quartet"), ("verdi/laDonnaEMobile.mxl", "band"),
+    ("ryansMammoth/AcaciaReel.abc", "folk"), ("ryansMammoth/AcrobatsHornpipe.abc", "folk"),
+    ("ryansMammoth/7thRegimentReel.abc", "folk"),
+    ("essenFolksong/altdeu10.abc", "folk"), ("essenFolksong/ballad20.abc", "folk"),
+]
+HELDOUT_PIECES = [
+    ("bach/bwv66.6", "chorale"), ("joplin/maple_leaf_rag.mxl", "keys"),
+    ("mozart/k458/movement3.mxl", "quartet"), ("haydn/opus74no1/movement1.mxl", "band"),
+    ("beethoven/opus18no1/movement3.mxl", "quartet"), ("schubert/Lindenbaum.xml", "keys"),
+    ("monteverdi/madrigal.3.2.mxl", "choir"), ("ryansMammoth/AdmiralsHornpipe.abc", "folk"),
+    ("essenFolksong/erk10.abc", "band"),
+]
+
+# General MIDI programs per style (a part draws one, seeded by the piece name).
+PALETTES = {
+    "chorale": [19, 52, 48, 0, 20, 49, 68, 70],  # organs, choir, strings, piano, oboe, bassoon
+    "quartet": [40, 41, 42, 43, 48, 0, 46],  # violin, viola, cello, contrabass, strings, piano, harp
+    "keys": [0, 1, 4, 6, 2, 24, 11],  # pianos, e-pianos, harpsichord, nylon guitar, vibraphone
+    "choir": [52, 53, 54, 48, 89, 19],  # choir aahs/oohs, synth voice, strings, pad, organ
+    "winds": [73, 71, 68, 70, 60, 56, 57, 61],  # flute clarinet oboe bassoon horn trumpet trombone
+    "band": [56, 61, 65, 33, 0, 25, 29, 81],  # trumpet, brass, sax, bass, piano, guitars, lead
+    "folk": [40, 73, 22, 21, 105, 24, 110, 74],  # fiddle flute harmonica accordion banjo guitar
+}
+DRUM_STYLES = {"band", "folk"}
+
+
+def _truncate_midi(mid, seconds: float):
+  """One merged track cut at ``seconds`` (tempo-aware), with all-notes-off at the cut."""
+  import mido
+
+  out = mido.MidiFile(type=0, ticks_per_beat=mid.ticks_per_beat)
+  track = mido.MidiTrack()
+  tempo, t = 500000, 0.0
+  for msg in mido.merge_tracks(mid.tracks):
+    t += mido.tick2second(msg.time, mid.ticks_per_beat, tempo)
+    if t > seconds:
+      break
+    if msg.type == "set_tempo":
+      tempo = msg.tempo
+    track.append(msg)
+  for ch in range(16):
+    track.append(mido.Message("control_change", channel=ch, control=123, value=0, time=0))
+  track.append(mido.MetaMessage("end_of_track", time=mid.ticks_per_beat))
+  out.tracks.append(track)
+  return out
+
+
+def _render_piece(path: str, style: str, out_wav: str) -> bool:
+  import mido
+  import music21
+
+  score = music21.corpus.parse(path)
+  if isinstance(score, music21.stream.Opus):
+    score = score.scores[0]
+  rng = np.random.default_rng(zlib.crc32(path.encode()))
+  palette = PALETTES[style]
+  parts = list(score.parts) if score.parts else [score]
+  for part in parts:
+    for inst in list(part.recurse().getElementsByClass(music21.instrument.Instrument)):
+      part.remove(inst, recurse=True)
+    inst = music21.instrument.Instrument()
+    inst.midiProgram = int(palette[rng.integers(len(palette))])
+    part.insert(0, inst)
+  with tempfile.TemporaryDirectory() as tmp:
+    mid_path = os.path.join(tmp, "in.mid")
+    score.write("midi", fp=mid_path)
+    mid = mido.MidiFile(mid_path)
+    # Tempo variety: scale every tempo by a seeded factor.
+    factor = float(rng.uniform(0.8, 1.25))
+    for track in mid.tracks:
+      for msg in track:
+        if msg.type == "set_tempo":
+          msg.tempo = int(msg.tempo / factor)
+    if style in DRUM_STYLES:
+      tpb = mid.ticks_per_beat
+      total = int(max(sum(m.time for m in t) for t in mid.tracks))
+      drums = mido.MidiTrack()
+      events = []
+      eighth = tpb // 2
+      for k, tick in enumerate(range(0, total, eighth)):
+        events.append((tick, 42, 60 + int(rng.integers(20))))  # closed hi-hat
+        if k % 4 == 0:
+          events.append((tick, 36, 100))  # kick on beats 1, 3
+        if k % 4 == 2:
+          events.append((tick, 38, 90))  # snare on 2, 4
+      last = 0
+      for tick, note, vel in events:
+        drums.append(mido.Message("note_on", channel=9, note=note, velocity=vel, time=tick - last))
+        drums.append(mido.Message("note_off", channel=9, note=note, velocity=0, time=0))
+        last = tick
+      mid.tracks.append(drums)
+    mid = _truncate_midi(mid, CLIP_SECONDS + 3.0)
+    mid.save(mid_path)
+    raw = os.path.join(tmp, "out.wav")
+    subprocess.run(["fluidsynth", "-ni", "-g", "0.6", "-F", raw, "-r", str(SR), SOUNDFONT,
+                    mid_path], check=True, capture_output=True, timeout=120)
+    import soundfile as sf
+
+    audio, sr = sf.read(raw, dtype="float32", always_2d=True)
+  assert sr == SR, sr
+  audio = audio.mean(axis=1)
+  nz = np.nonzero(np.abs(audio) > 1e-4)[0]
+  if len(nz) == 0:
+    return False
+  audio = audio[nz[0]:nz[-1] + 1][: int(CLIP_SECONDS * SR)]
+  peak = np.abs(audio).max()
+  # Loudness variety: peak-normalize to a seeded level between -12 and -1 dBFS.
+  audio = audio / peak * 10 ** (rng.uniform(-12, -1) / 20)
+  sf.write(out_wav, audio.astype(np.float32), SR, subtype="FLOAT")
+  return True
+
+
+def render(args) -> None:
+  for split, pieces in (("train", TRAIN_PIECES), ("heldout", HELDOUT_PIECES)):
+    os.makedirs(os.path.join(DATA_DIR, split), exist_ok=True)
+    for path, style in pieces:
+      name = re.sub(r"\.(mxl|xml|krn|abc)$", "", path).replace("/", "_").replace(".", "_")
+      out = os.path.join(DATA_DIR, split, name + ".wav")
+      if os.path.exists(out) and not args.force:
+        continue
+      try:
+        ok = _render_piece(path, style, out)
+        print(f"{split:8s} {path:50s} {'ok' if ok else 'silent'}", flush=True)
+      except Exception as e:  # noqa: BLE001 -- a broken score should not stop the batch
+        print(f"{split:8s} {path:50s} FAILED {type(e).__name__}: {e}", flush=True)
+
+
+def list_wavs(split: str) -> list[str]:
+  d = os.path.join(DATA_DIR, split)
+  return sorted(os.path.join(d, f) for f in os.listdir(d) if f.endswith(".wav"))
+
+
+def load_wav(path: str) -> np.ndarray:
+  import soundfile as sf
+
+  audio, sr = sf.read(path, dtype="float32", always_2d=True)
+  if sr != SR:
+    raise ValueError(f"{path}: {sr} Hz, expected {SR}")
+  return audio.mean(axis=1)
+
+
+def fit_pca(wavs: list[str], latent_dim: int):
+  """Mean log-spectrum, top principal directions (sign-fixed), and their standard deviations."""
+  from lmdm_jax.codecs.spectral import log_magnitude
+
+  n_bins = None
+  total, s1, s2 = 0, None, None
+  for path in wavs:
+    x = log_magnitude(load_wav(path)).astype(np.float64)
+    if s1 is None:
+      n_bins = x.shape[1]
+      s1, s2 = np.zeros(n_bins), np.zeros((n_bins, n_bins))
+    total += x.shape[0]
+    s1 += x.sum(0)
+    s2 += x.T @ x
+  mean = s1 / total
+  cov = s2 / total - np.outer(mean, mean)
+  evals, evecs = np.linalg.eigh(cov)
+  order = np.argsort(evals)[::-1][:latent_dim]
+  evals, basis = evals[order], evecs[:, order]
+  # Deterministic signs: the largest-magnitude entry of every component is positive.
+  signs = np.sign(basis[np.abs(basis).argmax(0), np.arange(latent_dim)])
+  basis = basis * signs
+  explained = evals.sum() / np.trace(cov)
+  return mean, basis, np.sqrt(evals), explained, total
+
+
+def _conv_valid(h, w, b):
+  """'valid' temporal conv: h (N, T, Cin), w (k, Cin, Cout) -> (N, T-k+1, Cout)."""
+  k = w.shape[0]
+  t = h.shape[1] - k + 1
+  return sum(h[:, j:j + t] @ w[j] for j in range(k)) + b
+
+
+def train_net(wavs, mean, basis, scale, *, mode: str, hidden: int, steps: int, seed: int = 0,
+              noise: float = 0.1, log_every: int = 100):
+  """Train the residual networks (deterministic: fixed seed, fixed data order).
+
+  mode "dec": latents stay the PCA ones; a decoder (2 temporal convs, kernel 3, GELU, then a
+  linear layer) adds a residual to the PCA reconstruction of the log-magnitude.
+  mode "ae": additionally the encoder adds a learned residual (1 conv, kernel 3) to the PCA
+  latents, initialised at zero and kept small by an L2 penalty, so the latents stay close to the
+  whitened PCA coordinates. Latent noise of ``noise`` std is added during training, so the
+  decoder tolerates the generator's latent error budget.
+  """
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  from lmdm_jax.codecs.spectral import log_magnitude
+
+  feats = [log_magnitude(load_wav(p)) for p in wavs]
+  n_bins = feats[0].shape[1]
+  k_dim = basis.shape[1]
+  gstd = float(np.sqrt(np.mean([((f - mean) ** 2).mean() for f in feats])))
+  crop, batch = 32, 48
+  enc_r = 1 if mode == "ae" else 0
+  dec_r = 2
+  win = crop + 2 * dec_r + 2 * enc_r
+  rng = np.random.default_rng(seed)
+  key = jax.random.PRNGKey(seed)
+  k1, k2, k3, k4 = jax.random.split(key, 4)
+
+  def glorot(k, shape, fan_in):
+    return jax.random.normal(k, shape, jnp.float32) / np.sqrt(fan_in)
+
+  params = {
+      "conv0_w": glorot(k1, (3, k_dim, hidden), 3 * k_dim), "conv0_b": jnp.zeros(hidden),
+      "conv1_w": glorot(k2, (3, hidden, hidden), 3 * hidden), "conv1_b": jnp.zeros(hidden),
+      "out_w": jnp.zeros((hidden, n_bins)), "out_b": jnp.zeros(n_bins),
+  }
+  if mode == "ae":
+    params["enc_w"] = glorot(k3, (3, n_bins, hidden), 3 * n_bins)
+    params["enc_b"] = jnp.zeros(hidden)
+    params["enc_out_w"] = jnp.zeros((hidden, k_dim))
+  mean_j, basis_j, scale_j = jnp.asarray(mean), jnp.asarray(basis), jnp.asarray(scale)
+
+  def encode(p, x):  # x (N, T, F) -> (N, T - 2 enc_r, K)
+    z = ((x - mean_j) @ basis_j) / scale_j
+    if mode != "ae":
+      return z, 0.0
+    h = jax.nn.gelu(_conv_valid((x - mean_j) / gstd, p["enc_w"], p["enc_b"]))
+    res = h @ p["enc_out_w"]
+    return z[:, enc_r:z.shape[1] - enc_r] + res, jnp.mean(res ** 2)
+
+  def decode(p, z):  # (N, T, K) -> (N, T - 2 dec_r, F)
+    base = (z * scale_j) @ basis_j.T + mean_j
+    h = jax.nn.gelu(_conv_valid(z, p["conv0_w"], p["conv0_b"]))
+    h = jax.nn.gelu(_conv_valid(h, p["conv1_w"], p["conv1_b"]))
+    return base[:, dec_r:base.shape[1] - dec_r] + h @ p["out_w"] + p["out_b"]
+
+  def loss_fn(p, x, eps):
+    z, pen = encode(p, x)
+    y = decode(p, z + noise * eps)
+    tgt = x[:, enc_r + dec_r:x.shape[1] - enc_r - dec_r]
+    rec = jnp.mean((y - tgt) ** 2)
+    return rec + 0.1 * pen, rec
+
+  sched = optax.cosine_onecycle_schedule(steps, 1e-3, pct_start=0.05)
+  opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(sched))
+  state = opt.init(params)
+
+  @jax.jit
+  def step(p, s, x, eps):
+    (l, rec), g = jax.value_and_grad(loss_fn, has_aux=True)(p, x, eps)
+    upd, s = opt.update(g, s, p)
+    return optax.apply_updates(p, upd), s, rec
+
+  lengths = np.array([f.shape[0] - win for f in feats])
+  probs = lengths / lengths.sum()
+  run = 0.0
+  for i in range(steps):
+    piece = rng.choice(len(feats), size=batch, p=probs)
+    x = np.stack([feats[j][o:o + win] for j, o in
+                  zip(piece, (rng.random(batch) * lengths[piece]).astype(int))])
+    eps = rng.standard_normal((batch, win - 2 * enc_r, k_dim)).astype(np.float32)
+    params, state, rec = step(params, state, jnp.asarray(x), jnp.asarray(eps))
+    run = 0.98 * run + 0.02 * float(rec) if i else float(rec)
+    if i % log_every == 0 or i == steps - 1:
+      print(f"step {i:5d}  recon mse {run:.4f}  (nat-log^2)", flush=True)
+  out = {k: np.asarray(v, np.float32) for k, v in params.items()}
+  out["gstd"] = np.float32(gstd)
+  return out
+
+
+def fit(args) -> None:
+  wavs = list_wavs("train")
+  if not wavs:
+    raise SystemExit(f"no training audio in {DATA_DIR}/train; run the `render` stage first")
+  mean, basis, scale, explained, frames = fit_pca(wavs, args.latent_dim)
+  print(f"PCA on {len(wavs)} pieces, {frames} frames: {args.latent_dim} components explain "
+        f"{explained:.3f} of the log-spectral variance")
+  arrays = dict(mean=mean.astype(np.float32), basis=basis.astype(np.float32),
+                scale=scale.astype(np.float32))
+  if args.net != "none":
+    net = train_net(wavs, mean.astype(np.float32), basis.astype(np.float32),
+                    scale.astype(np.float32), mode=args.net, hidden=args.hidden,
+                    steps=args.steps)
+    # float16 halves the asset; the codec computes in float32.
+    arrays.update({"net_" + k: v.astype(np.float16) for k, v in net.items()})
+  os.makedirs(os.path.dirname(args.out), exist_ok=True)
+  np.savez(args.out, **arrays)
+  print(f"wrote {args.out} ({os.path.getsize(args.out) / 1e6:.2f} MB)")
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  sub = ap.add_subparsers(dest="cmd", required=True)
+  r = sub.add_parser("render")
+  r.add_argument("--force", action="store_true")
+  r.set_defaults(fn=render)
+  f = sub.add_parser("fit")
+  f.add_argument("--latent-dim", type=int, default=128)
+  f.add_argument("--out", default=os.path.join(ROOT, "lmdm_jax", "codecs", "assets",
+                                                 "spectral_pca128.npz"))
+  f.add_argument("--net", choices=["none", "dec", "ae"], default="none")
+  f.add_argument("--hidden", type=int, default=256)
+  f.add_argument("--steps", type=int, default=2000)
+  f.set_defaults(fn=fit)
+  args = ap.parse_args()
+  args.fn(args)
+
+
+if __name__ == "__main__":
+  main()
