@@ -230,7 +230,7 @@ def test_receptive_field_is_measured_exactly():
   z = jax.random.normal(jax.random.key(0), (1, frames, 2))
   jac = jax.jit(jax.jacfwd(lambda dz: dec(z.at[0, c].add(dz))))(jnp.zeros(2))
   hit = np.nonzero(np.abs(np.asarray(jac)).sum(axis=(0, 2, 3)) > 0)[0]
-  measured = (c * hop - hit.min(), hit.max() - ((c + 1) * hop - 1))
+  measured = (int(c * hop - hit.min()), int(hit.max() - ((c + 1) * hop - 1)))
   print(f"\nmeasured receptive field {measured}, analytic "
         f"{oobleck.decoder_receptive_field(cfg)}, margins {oobleck.stream_margins(cfg)}")
   assert measured == oobleck.decoder_receptive_field(cfg)

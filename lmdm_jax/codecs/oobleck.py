@@ -22,7 +22,8 @@ from lmdm_jax.nn.oobleck import STABLE_AUDIO_OPEN_VAE, OobleckVAE, StreamingDeco
 
 
 class OobleckCodec(Codec):
-  """Holds ``vae`` (``OobleckVAE``) and the geometry read from its config."""
+  """Holds ``vae`` (``OobleckVAE``, parameters captured for the jitted calls at construction)
+  and the geometry read from its config."""
 
   def __init__(self, vae: OobleckVAE, sample_rate: int = 44100):
     self.vae = vae

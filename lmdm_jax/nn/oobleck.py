@@ -337,7 +337,8 @@ class StreamingDecoder:
   frames have arrived. Smaller margins trade exactness for latency.
 
   Holds: ``frames`` (latent frames kept: the context plus the not-yet-final ones), ``start``
-  (index in the stream of ``frames[0]``), ``done`` (frames whose audio was emitted).
+  (index in the stream of ``frames[0]``), ``done`` (frames whose audio was emitted). The VAE's
+  parameters are captured when the decoder is built; later changes to ``vae`` are not seen.
   """
 
   def __init__(self, vae: OobleckVAE, left: int | None = None, right: int | None = None):

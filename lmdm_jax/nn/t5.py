@@ -174,7 +174,8 @@ class T5Conditioner:
 
   Holds ``encoder`` (``T5Encoder``), ``tokenizer`` (any callable ``prompts -> (ids, mask)``
   padded/truncated to ``max_length``, see ``lmdm_jax.convert.t5.load_tokenizer``) and
-  ``max_length`` (64 for LMDM). Padded positions of the output are zeros.
+  ``max_length`` (64 for LMDM). Padded positions of the output are zeros. The encoder's
+  parameters are captured (for one jitted call) when the conditioner is built.
   """
 
   def __init__(self, encoder: T5Encoder, tokenizer, max_length: int = 64):
