@@ -1,0 +1,174 @@
+"""The default codec (lmdm_jax/codecs/spectral.py): geometry, latents, streaming, errors, quality.
+
+Runs on the shipped assets and a synthetic but musical signal (a I-vi-IV-V progression of
+harmonic tones with a bass line and note onsets); no audio files needed. About 30 s on CPU.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lmdm_jax.codecs import get_codec
+from lmdm_jax.codecs.base import Codec, StreamDecoder
+from lmdm_jax.codecs.spectral import HOP, SAMPLE_RATE, SpectralCodec, stft_frames
+
+SR = SAMPLE_RATE
+
+
+def _tone(freq: float, dur: float, amp: float, decay: float = 2.0) -> np.ndarray:
+  t = np.arange(int(dur * SR)) / SR
+  env = np.minimum(t / 0.01, 1.0) * np.exp(-decay * t)
+  return amp * env * sum((0.6 ** h) * np.sin(2 * np.pi * freq * (h + 1) * t + h)
+                         for h in range(8) if freq * (h + 1) < SR / 2)
+
+
+def chord_progression(seconds: float = 8.0, seed: int = 0) -> np.ndarray:
+  """Piano-like harmonic tones: I-vi-IV-V in C, arpeggiated melody, bass, 0.5 s chords."""
+  rng = np.random.default_rng(seed)
+  chords = [[60, 64, 67], [57, 60, 64], [53, 57, 60], [55, 59, 62]]
+  out = np.zeros(int(seconds * SR) + SR)
+  step = 0.5
+  for k in range(int(seconds / step)):
+    chord = chords[(k // 4) % 4]
+    start = int(k * step * SR)
+    notes = chord + [chord[0] - 12] if k % 4 == 0 else chord
+    for m in notes:
+      f = 440 * 2 ** ((m - 69) / 12)
+      x = _tone(f, 1.0, 0.06 * rng.uniform(0.7, 1.0))
+      out[start:start + len(x)] += x
+    mel = chord[k % 3] + 12
+    x = _tone(440 * 2 ** ((mel - 69) / 12), 0.5, 0.08, decay=4.0)
+    out[start:start + len(x)] += x
+  out = out[: int(seconds * SR) // HOP * HOP]
+  return (0.5 * out / np.abs(out).max()).astype(np.float32)[None]
+
+
+def lsd_db(ref: np.ndarray, est: np.ndarray) -> float:
+  a, b = np.abs(stft_frames(ref)), np.abs(stft_frames(est))
+  floor = a.max() * 1e-4
+  da, db = 20 * np.log10(np.maximum(a, floor)), 20 * np.log10(np.maximum(b, floor))
+  return float(np.mean(np.sqrt(np.mean((da - db) ** 2, axis=1))))
+
+
+def chroma(y: np.ndarray) -> np.ndarray:
+  """A plain STFT chroma (12 x frames), so the test needs no librosa."""
+  mag = np.abs(stft_frames(y)).T
+  freqs = np.fft.rfftfreq(2048, 1 / SR)
+  ok = (freqs > 60) & (freqs < 5000)
+  pc = np.round(12 * np.log2(freqs[ok] / 440.0)).astype(int) % 12
+  out = np.zeros((12, mag.shape[1]))
+  np.add.at(out, pc, mag[ok] ** 2)
+  return out
+
+
+@pytest.fixture(scope="module")
+def codec() -> SpectralCodec:
+  return get_codec("spectral")
+
+
+@pytest.fixture(scope="module")
+def music() -> np.ndarray:
+  return chord_progression()
+
+
+@pytest.fixture(scope="module")
+def round_trip(codec, music):
+  z = codec.encode(music)
+  return z, codec.decode(z)
+
+
+def test_geometry(codec):
+  assert isinstance(codec, Codec)
+  assert (codec.sample_rate, codec.channels, codec.hop) == (22050, 1, 512)
+  assert 20 <= codec.frame_rate <= 45
+  assert 32 <= codec.latent_dim <= 128
+
+
+def test_shapes(codec, music, round_trip):
+  z, out = round_trip
+  frames = music.shape[1] // HOP
+  assert z.shape == (frames, codec.latent_dim) and z.dtype == np.float32
+  assert out.shape == (1, frames * HOP) and out.dtype == np.float32
+  # Samples are cut to a multiple of hop; a batch axis is allowed.
+  assert codec.encode(music[:, : 10 * HOP + 100]).shape == (10, codec.latent_dim)
+  zb = codec.encode(np.stack([music[:, : 20 * HOP]] * 2))
+  assert zb.shape == (2, 20, codec.latent_dim)
+  assert codec.decode(zb).shape == (2, 1, 20 * HOP)
+
+
+def test_latent_statistics(codec, round_trip):
+  z, _ = round_trip
+  assert np.all(np.isfinite(z))
+  # Standardized channels: values of a normal-level signal stay within about +-5 (a few
+  # low-variance channels may poke out on a very synthetic signal; the bulk must not).
+  assert np.percentile(np.abs(z), 99) < 6.0
+  assert np.abs(z).max() < 12.0
+  # Smooth in time: frame-to-frame change is well below the signal's own spread.
+  assert np.mean(np.abs(np.diff(z, axis=0))) < np.mean(np.abs(z - z.mean(0)))
+  # Silence has one fixed latent.
+  zs = codec.encode(np.zeros((1, 8 * HOP), np.float32))
+  np.testing.assert_allclose(zs[2:-2], np.repeat(codec.silence[None], 4, 0), atol=1e-4)
+
+
+def test_streaming_equals_full_decode(codec, round_trip):
+  """Documented margin: max abs difference <= 1e-5 (the decoder re-blocks internally, so any
+  push sizes give the same chunks; only float rounding could differ)."""
+  z, full = round_trip
+  rng = np.random.default_rng(1)
+  for sizes in ([48] * 100, list(rng.integers(1, 30, size=200))):
+    sd = codec.stream_decoder()
+    assert isinstance(sd, StreamDecoder)
+    parts, i = [], 0
+    for n in sizes:
+      if i >= len(z):
+        break
+      piece = sd.push(z[i:i + n])
+      assert piece.ndim == 2 and piece.shape[0] == 1
+      parts.append(piece)
+      i += n
+    parts.append(sd.flush())
+    out = np.concatenate(parts, axis=-1)
+    assert out.shape == full.shape
+    assert np.abs(out - full).max() <= 1e-5
+
+
+def test_streaming_latency_is_bounded(codec, round_trip):
+  z, _ = round_trip
+  sd = codec.stream_decoder()
+  got = 0
+  for i in range(0, 96, 8):
+    got += sd.push(z[i:i + 8]).shape[1]
+    held_back = (i + 8) * HOP - got
+    assert held_back <= (codec.chunk + codec.lookahead + codec.radius + 2) * HOP
+
+
+def test_round_trip_quality(round_trip, music):
+  _, out = round_trip
+  assert lsd_db(music[0], out[0]) < 5.0
+  a, b = chroma(music[0]), chroma(out[0])
+  assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.95
+
+
+def test_latent_noise_tolerance(codec, round_trip, music):
+  """The generator's error budget: 0.1 std of latent noise must not wreck the audio."""
+  z, out = round_trip
+  rng = np.random.default_rng(0)
+  noisy = codec.decode(z + 0.1 * rng.standard_normal(z.shape).astype(np.float32))
+  assert lsd_db(music[0], noisy[0]) < lsd_db(music[0], out[0]) + 2.0
+
+
+def test_bad_input_raises(codec, music):
+  with pytest.raises(ValueError, match="channels"):
+    codec.encode(np.concatenate([music, music]))  # stereo into a mono codec
+  with pytest.raises(ValueError, match="channels"):
+    codec.encode(music[0])  # missing channel axis
+  with pytest.raises(ValueError, match="Hz"):
+    codec.encode(music, sample_rate=44100)
+  with pytest.raises(ValueError, match="latent_dim"):
+    codec.decode(np.zeros((10, codec.latent_dim + 1), np.float32))
+  with pytest.raises(ValueError, match="latent_dim"):
+    codec.stream_decoder().push(np.zeros((10, 7), np.float32))
+  with pytest.raises(ValueError, match="NaN"):
+    codec.decode(np.full((4, codec.latent_dim), np.nan, np.float32))
+  with pytest.raises(ValueError):
+    get_codec("no-such-codec")
