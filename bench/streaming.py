@@ -1,0 +1,135 @@
+"""Per-block latency of the streaming regimes: naive window recompute vs enc-dec vs block-causal.
+
+Prints a markdown table: ms per block (median), real-time factor (block duration / latency; the
+latent rate is SAO's 21.53 frames/s), token-passes and FLOPs per block from the model shapes,
+achieved GFLOP/s and its share of a matmul peak measured in the same run, and the speed-up of
+each regime over the naive baseline measured side by side.
+
+  python3 bench/streaming.py                       # tiny: 6 and 8 steps, with/without CFG
+  python3 bench/streaming.py --config saos --steps 8 --cfg on --batch 1,4 --reps 3
+  python3 bench/streaming.py --config saos --dtype bfloat16     # on an accelerator
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from lmdm_jax import sampling as S  # noqa: E402
+from lmdm_jax.config import DiTConfig, load_config  # noqa: E402
+from lmdm_jax.nn.dit import DiT  # noqa: E402
+
+FRAME_RATE = 44100 / 2048  # SAO latent frames per second
+CROSS_LEN = 65
+REGIMES = ("naive", "enc_dec", "block_causal")
+
+
+def passes(cfg: DiTConfig, regime: str, steps: int):
+  """[(query tokens, key tokens)] of every transformer pass in one block (steady state)."""
+  cs, K, W = cfg.chunk, cfg.context_chunks, cfg.window_chunks
+  if regime == "naive":
+    n = (W + 1) * cs + 1
+    return [(n, n)] * steps
+  if regime == "enc_dec":
+    return [(W * cs, W * cs)] + [(cs + 1, W * cs + cs + 1)] * steps
+  fused = (2 * cs + 1, K * cs + 2 * cs + 1)
+  return [fused] + [(cs + 1, K * cs + cs + 1)] * (steps - 1)
+
+
+def flops_per_block(cfg: DiTConfig, regime: str, steps: int, batch: int, cfg_on: bool) -> float:
+  d, L = cfg.embed_dim, cfg.depth
+  per_tok_matmul = L * (3 * d * d + d * d + d * d + d * d + 3 * d * cfg.ff_mult * d)
+  per_tok_io = cfg.io_channels * d * 2 + cfg.input_add_dim * d
+  total = 0.0
+  for nq, nk in passes(cfg, regime, steps):
+    total += 2 * nq * (per_tok_matmul + per_tok_io)
+    total += L * 4 * nq * nk * d  # QK^T and PV
+    total += L * 4 * nq * CROSS_LEN * d  # cross-attention
+  return total * batch * (2 if cfg_on else 1)
+
+
+def matmul_peak(dtype) -> float:
+  """GFLOP/s of a large square matmul (median of 5) on the default device."""
+  n = 2048 if jax.default_backend() == "cpu" else 8192
+  a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+  f = jax.jit(lambda a, b: a @ b)
+  f(a, a).block_until_ready()
+  ts = []
+  for _ in range(5):
+    t0 = time.perf_counter()
+    f(a, a).block_until_ready()
+    ts.append(time.perf_counter() - t0)
+  return 2 * n ** 3 / np.median(ts) / 1e9
+
+
+def time_stream(model, regime, steps, cfg_on, batch, reps, warm=1):
+  sp = S.SamplerParams.make(steps=steps, cfg_scale=3.0 if cfg_on else 1.0)
+  s = S.Stream(model, batch=batch, regime=regime, cfg_guidance=cfg_on, cross_len=CROSS_LEN,
+               sampler=sp)
+  cfg = model.cfg
+  s.set_prompt(jnp.ones((batch, CROSS_LEN, cfg.cond_token_dim)) * 0.1,
+               jnp.ones((batch, cfg.global_cond_dim)) * 0.1)
+  for _ in range(warm + 1):  # the first block has no pending commit: not steady state
+    s.next_block().block_until_ready()
+  ts = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    s.next_block().block_until_ready()
+    ts.append(time.perf_counter() - t0)
+  return float(np.median(ts))
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  ap.add_argument("--config", default="tiny")
+  ap.add_argument("--steps", default="6,8")
+  ap.add_argument("--cfg", default="off,on", help="classifier-free guidance: off,on")
+  ap.add_argument("--batch", default="1")
+  ap.add_argument("--regimes", default=",".join(REGIMES))
+  ap.add_argument("--reps", type=int, default=10)
+  ap.add_argument("--dtype", default=None, help="compute dtype override (e.g. bfloat16)")
+  args = ap.parse_args(argv)
+
+  cfg = DiTConfig.from_config(load_config(args.config).model)
+  if args.dtype:
+    cfg = dataclasses.replace(cfg, dtype=args.dtype, param_dtype=args.dtype)
+  model = DiT(cfg, rngs=nnx.Rngs(0))
+  peak = matmul_peak(jnp.dtype(cfg.dtype))
+  dev = jax.devices()[0]
+  print(f"# streaming benchmark: config {args.config} ({cfg.depth}x{cfg.embed_dim}, chunk "
+        f"{cfg.chunk}, K={cfg.context_chunks}, window {cfg.window_chunks}), dtype {cfg.dtype}, "
+        f"device {dev.device_kind} ({jax.default_backend()}), jax {jax.__version__}")
+  print(f"# measured matmul peak: {peak:.1f} GFLOP/s; block = {cfg.chunk} frames = "
+        f"{cfg.chunk / FRAME_RATE * 1000:.0f} ms of audio at {FRAME_RATE:.2f} frames/s\n")
+  print("| regime | steps | CFG | batch | token-passes | GFLOP/block | ms/block | RTF | GFLOP/s "
+        "| % peak | speed-up vs naive |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|")
+  block_s = cfg.chunk / FRAME_RATE
+  for batch in [int(b) for b in args.batch.split(",")]:
+    for steps in [int(s) for s in args.steps.split(",")]:
+      for cfg_on in [c == "on" for c in args.cfg.split(",")]:
+        base = None
+        for regime in args.regimes.split(","):
+          sec = time_stream(model, regime, steps, cfg_on, batch, args.reps)
+          if regime == "naive":
+            base = sec
+          fl = flops_per_block(cfg, regime, steps, batch, cfg_on)
+          tok = sum(q for q, _ in passes(cfg, regime, steps))
+          gfs = fl / sec / 1e9
+          speed = f"{base / sec:.2f}x" if base else "-"
+          print(f"| {regime} | {steps} | {'on' if cfg_on else 'off'} | {batch} | {tok} | "
+                f"{fl / 1e9:.2f} | {sec * 1000:.1f} | {block_s / sec:.1f} | {gfs:.1f} | "
+                f"{100 * gfs / peak:.0f}% | {speed} |", flush=True)
+
+
+if __name__ == "__main__":
+  main()

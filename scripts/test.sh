@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Installs everything the tests need on a fresh machine of this kind, then runs them.
+#   bash scripts/test.sh [pytest args]        (PYTHON=... to choose the interpreter)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python3}"
+export PYTHON="$PY"
+"$PY" -m pip install -q -r requirements.txt
+bash scripts/install_test_deps.sh
+# FluidSynth + the General MIDI soundfont render the demo corpus (tests/test_corpus.py).
+if ! command -v fluidsynth >/dev/null 2>&1 || [ ! -f /usr/share/sounds/sf2/FluidR3_GM.sf2 ]; then
+  if command -v apt-get >/dev/null 2>&1; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fluidsynth fluid-soundfont-gm >/dev/null) \
+      || echo "warning: could not install fluidsynth; corpus rendering tests will skip"
+  fi
+fi
+"$PY" -m pytest -q tests "$@"
