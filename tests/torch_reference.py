@@ -99,3 +99,89 @@ def transformers():
   import transformers as tf
   tf.logging.set_verbosity_error()
   return tf
+
+
+def dit_modules():
+  """Returns a namespace with the reference ``DiffusionTransformer`` and ``NumberConditioner``
+  (stable-audio-tools 0.0.20) and ``LMDMDiffusionTransformer`` (below)."""
+  require_torch()
+  _stub_torchaudio()
+  _stub_pytorch_lightning()
+  from stable_audio_tools.models import conditioners, dit
+  return types.SimpleNamespace(DiffusionTransformer=dit.DiffusionTransformer,
+                               NumberConditioner=conditioners.NumberConditioner,
+                               LMDMDiffusionTransformer=_lmdm_class(dit.DiffusionTransformer))
+
+
+def _lmdm_class(base):
+  """The LMDM changes to the DiT on top of the 0.0.20 modules.
+
+  This is a re-implementation from LMDM_REFERENCE.md §1.3-§1.5 (the specification), NOT the
+  authors' code: the fork (live-music-diffusion-models) is not on PyPI. Everything except the
+  LMDM-specific steps is the 0.0.20 code itself: the embedders, the transformer blocks
+  (``TransformerBlock.forward``: qk-LayerNorm, rotary, cross-attention, SwiGLU), ``project_in/out``
+  and the residual 1x1 convs. The LMDM steps added here:
+    - ``to_input_add_embed`` (Linear, no bias) of the input_add channels, added after
+      ``project_in`` (§1.3 step 4, 10);
+    - the context router mask r: x <- x * r before and after ``project_in`` (§1.3 steps 8, 10);
+    - postpend: the global token gamma = g' + tau last, rotary table for positions 0..T rolled by
+      -1 (frame i at i+1, the global token at 0) (§1.3 steps 11, 12);
+    - an explicit boolean self-attention mask (§1.5), applied with SDPA instead of FlexAttention
+      (same numbers; flex would try to compile on CPU).
+  """
+  import torch
+  import torch.nn.functional as F
+  from torch import nn
+
+  class LMDMDiffusionTransformer(base):
+
+    def __init__(self, *, input_add_dim: int = 0, postpend: bool = True, **kwargs):
+      super().__init__(**kwargs)
+      embed_dim = kwargs["embed_dim"]
+      self.postpend = postpend
+      if input_add_dim:
+        self.to_input_add_embed = nn.Linear(input_add_dim, embed_dim, bias=False)
+      self._self_attn_mask = None
+      for layer in self.transformer.layers:
+        layer.self_attn.apply_attn = self._masked_attention
+
+    def _masked_attention(self, q, k, v, **unused):
+      return F.scaled_dot_product_attention(q, k, v, attn_mask=self._self_attn_mask)
+
+    def lmdm_forward(self, x, t, cross_attn_cond=None, global_embed=None, input_add_cond=None,
+                     context_router_mask=None, self_attn_mask=None, exit_layer_ix=None):
+      """x (B, C, T); t (B,); cross_attn_cond (B, S, Dc); global_embed (B, Dg);
+      input_add_cond (B, A, T); context_router_mask r (B, 1, T); self_attn_mask bool (T+1, T+1)
+      over the token order of the model (True = may attend)."""
+      c = self.to_cond_embed(cross_attn_cond) if cross_attn_cond is not None else None
+      g = self.to_global_embed(global_embed) if global_embed is not None else None
+      add = (self.to_input_add_embed(input_add_cond.transpose(1, 2))
+             if input_add_cond is not None else None)
+      tau = self.to_timestep_embed(self.timestep_features(t[:, None]))
+      gamma = (tau if g is None else g + tau).unsqueeze(1)
+      x = self.preprocess_conv(x) + x
+      if context_router_mask is not None:
+        x = x * context_router_mask
+      h = self.transformer.project_in(x.transpose(1, 2))
+      if context_router_mask is not None:
+        h = h * context_router_mask.transpose(1, 2)
+      if add is not None:
+        h = h + add
+      n = h.shape[1]
+      h = torch.cat([h, gamma], 1) if self.postpend else torch.cat([gamma, h], 1)
+      freqs, _ = self.transformer.rotary_pos_emb.forward_from_seq_len(n + 1)
+      if self.postpend:
+        freqs = torch.roll(freqs, -1, dims=0)
+      self._self_attn_mask = self_attn_mask
+      try:
+        for i, layer in enumerate(self.transformer.layers):
+          h = layer(h, context=c, rotary_pos_emb=(freqs, 1.0))
+          if exit_layer_ix is not None and i == exit_layer_ix:
+            return h
+      finally:
+        self._self_attn_mask = None
+      out = self.transformer.project_out(h)
+      out = (out[:, :-1] if self.postpend else out[:, 1:]).transpose(1, 2)
+      return self.postprocess_conv(out) + out
+
+  return LMDMDiffusionTransformer
