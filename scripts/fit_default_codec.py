@@ -19,6 +19,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 import zlib
 
 import numpy as np
@@ -174,9 +175,9 @@ def render(args) -> None:
         print(f"{split:8s} {path:50s} FAILED {type(e).__name__}: {e}", flush=True)
 
 
-def list_wavs(split: str) -> list[str]:
-  d = os.path.join(DATA_DIR, split)
-  return sorted(os.path.join(d, f) for f in os.listdir(d) if f.endswith(".wav"))
+def list_wavs(split_or_dir: str) -> list[str]:
+  d = split_or_dir if os.path.isdir(split_or_dir) else os.path.join(DATA_DIR, split_or_dir)
+  return sorted(os.path.join(d, f) for f in os.listdir(d) if f.endswith((".wav", ".flac")))
 
 
 def load_wav(path: str) -> np.ndarray:
@@ -221,16 +222,19 @@ def _conv_valid(h, w, b):
   return sum(h[:, j:j + t] @ w[j] for j in range(k)) + b
 
 
-def train_net(wavs, mean, basis, scale, *, mode: str, hidden: int, steps: int, seed: int = 0,
-              noise: float = 0.1, log_every: int = 100):
-  """Train the residual networks (deterministic: fixed seed, fixed data order).
+def train_net(wavs, mean, basis, scale, *, latent_dim: int, enc_layers: int, dec_layers: int,
+              hidden: int, steps: int, batch: int = 48, seed: int = 0, noise: float = 0.1,
+              penalty: float = 0.1, lr: float = 1e-3, log_every: int = 500):
+  """Train the codec's small networks with optax (deterministic: fixed seed and data order).
 
-  mode "dec": latents stay the PCA ones; a decoder (2 temporal convs, kernel 3, GELU, then a
-  linear layer) adds a residual to the PCA reconstruction of the log-magnitude.
-  mode "ae": additionally the encoder adds a learned residual (1 conv, kernel 3) to the PCA
-  latents, initialised at zero and kept small by an L2 penalty, so the latents stay close to the
-  whitened PCA coordinates. Latent noise of ``noise`` std is added during training, so the
-  decoder tolerates the generator's latent error budget.
+  Latent: z = (first ``latent_dim`` whitened PCA coordinates) + encoder residual. The encoder
+  (``enc_layers`` temporal convs, kernel 3, GELU, then a zero-initialised linear layer) reads all
+  ``basis.shape[1]`` whitened PCA coordinates; an L2 penalty on its residual keeps the latents
+  near the PCA ones (smooth, well conditioned). ``enc_layers=0``: pure PCA latents.
+  Decoder: log-magnitude = PCA reconstruction of z + residual of ``dec_layers`` temporal convs
+  (kernel 3, GELU) and a zero-initialised linear layer. Gaussian latent noise of ``noise`` std
+  is added in training so the decoder tolerates the generator's latent error budget.
+  Loss: mean squared error of the log-magnitude (natural log), i.e. the log-spectral distance.
   """
   import jax
   import jax.numpy as jnp
@@ -239,43 +243,49 @@ def train_net(wavs, mean, basis, scale, *, mode: str, hidden: int, steps: int, s
   from lmdm_jax.codecs.spectral import log_magnitude
 
   feats = [log_magnitude(load_wav(p)) for p in wavs]
-  n_bins = feats[0].shape[1]
-  k_dim = basis.shape[1]
-  gstd = float(np.sqrt(np.mean([((f - mean) ** 2).mean() for f in feats])))
-  crop, batch = 32, 48
-  enc_r = 1 if mode == "ae" else 0
-  dec_r = 2
+  n_bins, n_pca = basis.shape
+  crop = 32
+  enc_r, dec_r = enc_layers, dec_layers
   win = crop + 2 * dec_r + 2 * enc_r
   rng = np.random.default_rng(seed)
-  key = jax.random.PRNGKey(seed)
-  k1, k2, k3, k4 = jax.random.split(key, 4)
+  keys = iter(jax.random.split(jax.random.PRNGKey(seed), 16))
 
-  def glorot(k, shape, fan_in):
-    return jax.random.normal(k, shape, jnp.float32) / np.sqrt(fan_in)
+  def glorot(shape, fan_in):
+    return jax.random.normal(next(keys), shape, jnp.float32) / np.sqrt(fan_in)
 
-  params = {
-      "conv0_w": glorot(k1, (3, k_dim, hidden), 3 * k_dim), "conv0_b": jnp.zeros(hidden),
-      "conv1_w": glorot(k2, (3, hidden, hidden), 3 * hidden), "conv1_b": jnp.zeros(hidden),
-      "out_w": jnp.zeros((hidden, n_bins)), "out_b": jnp.zeros(n_bins),
-  }
-  if mode == "ae":
-    params["enc_w"] = glorot(k3, (3, n_bins, hidden), 3 * n_bins)
-    params["enc_b"] = jnp.zeros(hidden)
-    params["enc_out_w"] = jnp.zeros((hidden, k_dim))
+  params = {}
+  c_in = latent_dim
+  for i in range(dec_layers):
+    params[f"conv{i}_w"] = glorot((3, c_in, hidden), 3 * c_in)
+    params[f"conv{i}_b"] = jnp.zeros(hidden)
+    c_in = hidden
+  params["out_w"] = jnp.zeros((hidden, n_bins))
+  params["out_b"] = jnp.zeros(n_bins)
+  c_in = n_pca
+  for i in range(enc_layers):
+    params[f"enc{i}_w"] = glorot((3, c_in, hidden), 3 * c_in)
+    params[f"enc{i}_b"] = jnp.zeros(hidden)
+    c_in = hidden
+  if enc_layers:
+    params["enc_out_w"] = jnp.zeros((hidden, latent_dim))
   mean_j, basis_j, scale_j = jnp.asarray(mean), jnp.asarray(basis), jnp.asarray(scale)
 
-  def encode(p, x):  # x (N, T, F) -> (N, T - 2 enc_r, K)
-    z = ((x - mean_j) @ basis_j) / scale_j
-    if mode != "ae":
+  def encode(p, x):  # (N, T, F) -> (N, T - 2 enc_r, K), penalty
+    pc = ((x - mean_j) @ basis_j) / scale_j
+    z = pc[:, enc_r:pc.shape[1] - enc_r, :latent_dim]
+    if not enc_layers:
       return z, 0.0
-    h = jax.nn.gelu(_conv_valid((x - mean_j) / gstd, p["enc_w"], p["enc_b"]))
+    h = pc
+    for i in range(enc_layers):
+      h = jax.nn.gelu(_conv_valid(h, p[f"enc{i}_w"], p[f"enc{i}_b"]))
     res = h @ p["enc_out_w"]
-    return z[:, enc_r:z.shape[1] - enc_r] + res, jnp.mean(res ** 2)
+    return z + res, jnp.mean(res ** 2)
 
   def decode(p, z):  # (N, T, K) -> (N, T - 2 dec_r, F)
-    base = (z * scale_j) @ basis_j.T + mean_j
-    h = jax.nn.gelu(_conv_valid(z, p["conv0_w"], p["conv0_b"]))
-    h = jax.nn.gelu(_conv_valid(h, p["conv1_w"], p["conv1_b"]))
+    base = (z * scale_j[:latent_dim]) @ basis_j[:, :latent_dim].T + mean_j
+    h = z
+    for i in range(dec_layers):
+      h = jax.nn.gelu(_conv_valid(h, p[f"conv{i}_w"], p[f"conv{i}_b"]))
     return base[:, dec_r:base.shape[1] - dec_r] + h @ p["out_w"] + p["out_b"]
 
   def loss_fn(p, x, eps):
@@ -283,50 +293,62 @@ def train_net(wavs, mean, basis, scale, *, mode: str, hidden: int, steps: int, s
     y = decode(p, z + noise * eps)
     tgt = x[:, enc_r + dec_r:x.shape[1] - enc_r - dec_r]
     rec = jnp.mean((y - tgt) ** 2)
-    return rec + 0.1 * pen, rec
+    return rec + penalty * pen, rec
 
-  sched = optax.cosine_onecycle_schedule(steps, 1e-3, pct_start=0.05)
+  sched = optax.cosine_onecycle_schedule(steps, lr, pct_start=0.05)
   opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(sched))
   state = opt.init(params)
 
   @jax.jit
   def step(p, s, x, eps):
-    (l, rec), g = jax.value_and_grad(loss_fn, has_aux=True)(p, x, eps)
+    (_, rec), g = jax.value_and_grad(loss_fn, has_aux=True)(p, x, eps)
     upd, s = opt.update(g, s, p)
     return optax.apply_updates(p, upd), s, rec
 
   lengths = np.array([f.shape[0] - win for f in feats])
   probs = lengths / lengths.sum()
   run = 0.0
+  t_start = time.time()
   for i in range(steps):
     piece = rng.choice(len(feats), size=batch, p=probs)
     x = np.stack([feats[j][o:o + win] for j, o in
                   zip(piece, (rng.random(batch) * lengths[piece]).astype(int))])
-    eps = rng.standard_normal((batch, win - 2 * enc_r, k_dim)).astype(np.float32)
+    eps = rng.standard_normal((batch, win - 2 * enc_r, latent_dim)).astype(np.float32)
     params, state, rec = step(params, state, jnp.asarray(x), jnp.asarray(eps))
     run = 0.98 * run + 0.02 * float(rec) if i else float(rec)
     if i % log_every == 0 or i == steps - 1:
-      print(f"step {i:5d}  recon mse {run:.4f}  (nat-log^2)", flush=True)
+      print(f"step {i:6d}  recon mse {run:.4f} (nat-log^2, with latent noise)"
+            f"  {time.time() - t_start:.0f} s", flush=True)
   out = {k: np.asarray(v, np.float32) for k, v in params.items()}
-  out["gstd"] = np.float32(gstd)
+  # Per-channel latent statistics on the training audio: the codec standardizes with them.
+  zs = []
+  enc_j = jax.jit(encode)
+  for f in feats:
+    pad = np.full((enc_r, n_bins), np.log(1e-4), np.float32)
+    zs.append(np.asarray(enc_j(params, jnp.asarray(np.concatenate([pad, f, pad])[None]))[0][0]))
+  zs = np.concatenate(zs)
+  out["latent_mean"], out["latent_std"] = zs.mean(0), zs.std(0)
   return out
 
 
 def fit(args) -> None:
-  wavs = list_wavs("train")
+  wavs = list_wavs(args.data)
   if not wavs:
     raise SystemExit(f"no training audio in {DATA_DIR}/train; run the `render` stage first")
-  mean, basis, scale, explained, frames = fit_pca(wavs, args.latent_dim)
-  print(f"PCA on {len(wavs)} pieces, {frames} frames: {args.latent_dim} components explain "
+  n_pca = max(args.latent_dim, args.pca_dim if args.enc_layers else args.latent_dim)
+  mean, basis, scale, explained, frames = fit_pca(wavs, n_pca)
+  print(f"PCA on {len(wavs)} pieces, {frames} frames: {n_pca} components explain "
         f"{explained:.3f} of the log-spectral variance")
   arrays = dict(mean=mean.astype(np.float32), basis=basis.astype(np.float32),
-                scale=scale.astype(np.float32))
-  if args.net != "none":
+                scale=scale.astype(np.float32), latent_dim=np.int32(args.latent_dim))
+  if args.enc_layers or args.dec_layers:
     net = train_net(wavs, mean.astype(np.float32), basis.astype(np.float32),
-                    scale.astype(np.float32), mode=args.net, hidden=args.hidden,
-                    steps=args.steps)
+                    scale.astype(np.float32), latent_dim=args.latent_dim,
+                    enc_layers=args.enc_layers, dec_layers=args.dec_layers, hidden=args.hidden,
+                    steps=args.steps, batch=args.batch, penalty=args.penalty, noise=args.noise)
     # float16 halves the asset; the codec computes in float32.
-    arrays.update({"net_" + k: v.astype(np.float16) for k, v in net.items()})
+    arrays.update({"net_" + k: v.astype(np.float16 if v.ndim == 3 or k.endswith("_w")
+                                        else np.float32) for k, v in net.items()})
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
   np.savez(args.out, **arrays)
   print(f"wrote {args.out} ({os.path.getsize(args.out) / 1e6:.2f} MB)")
@@ -339,12 +361,19 @@ def main() -> None:
   r.add_argument("--force", action="store_true")
   r.set_defaults(fn=render)
   f = sub.add_parser("fit")
+  f.add_argument("--data", default="train",
+                 help="folder of training audio (.wav/.flac), or a split of data_cache/codec_data")
   f.add_argument("--latent-dim", type=int, default=128)
   f.add_argument("--out", default=os.path.join(ROOT, "lmdm_jax", "codecs", "assets",
                                                  "spectral_pca128.npz"))
-  f.add_argument("--net", choices=["none", "dec", "ae"], default="none")
-  f.add_argument("--hidden", type=int, default=256)
-  f.add_argument("--steps", type=int, default=2000)
+  f.add_argument("--pca-dim", type=int, default=256, help="encoder input (PCA coordinates)")
+  f.add_argument("--enc-layers", type=int, default=2)
+  f.add_argument("--dec-layers", type=int, default=3)
+  f.add_argument("--hidden", type=int, default=384)
+  f.add_argument("--steps", type=int, default=20000)
+  f.add_argument("--batch", type=int, default=48)
+  f.add_argument("--penalty", type=float, default=0.02)
+  f.add_argument("--noise", type=float, default=0.1)
   f.set_defaults(fn=fit)
   args = ap.parse_args()
   args.fn(args)

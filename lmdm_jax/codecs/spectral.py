@@ -92,6 +92,7 @@ def _radius(params) -> int:
 def _decode_logmag(params, lat: jnp.ndarray) -> jnp.ndarray:
   """(frames + 2r, K) latents -> (frames, F) log-magnitudes (r = receptive radius of the net)."""
   r = _radius(params)
+  lat = lat * params["lat_std"] + params["lat_mean"]
   base = (lat * params["scale"]) @ params["basis_t"] + params["mean"]
   if "net" not in params:
     return base[r:base.shape[0] - r] if r else base
@@ -222,15 +223,25 @@ class SpectralCodec(Codec):
     with np.load(path) as z:
       a = {k: z[k] for k in z.files}
     self.mean = a["mean"].astype(np.float32)  # (F,)
-    self.basis = a["basis"].astype(np.float32)  # (F, K), orthonormal columns
-    self.scale = a["scale"].astype(np.float32)  # (K,)
-    self.latent_dim = int(self.basis.shape[1])
+    self.basis = a["basis"].astype(np.float32)  # (F, P), orthonormal PCA directions
+    self.scale = a["scale"].astype(np.float32)  # (P,), their standard deviations
+    self.latent_dim = int(a["latent_dim"]) if "latent_dim" in a else int(self.basis.shape[1])
+    k = self.latent_dim
+    self.lat_mean = a.get("net_latent_mean", np.zeros(k)).astype(np.float32)
+    self.lat_std = a.get("net_latent_std", np.ones(k)).astype(np.float32)
     if lookahead < 1 or chunk < 1:
       raise ValueError("chunk and lookahead must be >= 1")
     self.n_iter, self.chunk, self.lookahead, self.momentum = n_iter, chunk, lookahead, momentum
-    params = {"mean": jnp.asarray(self.mean), "basis_t": jnp.asarray(self.basis.T),
-              "scale": jnp.asarray(self.scale)}
-    self._enc = None
+    params = {"mean": jnp.asarray(self.mean), "basis_t": jnp.asarray(self.basis[:, :k].T),
+              "scale": jnp.asarray(self.scale[:k]), "lat_mean": jnp.asarray(self.lat_mean),
+              "lat_std": jnp.asarray(self.lat_std)}
+    self._enc = []
+    self._enc_out = a["net_enc_out_w"].astype(np.float32) if "net_enc_out_w" in a else None
+    i = 0
+    while f"net_enc{i}_w" in a:  # learned encoder residual: kernel-3 convs, GELU, linear
+      self._enc.append((a[f"net_enc{i}_w"].astype(np.float32),
+                        a[f"net_enc{i}_b"].astype(np.float32)))
+      i += 1
     if "net_out_w" in a:
       convs, i = [], 0
       while f"net_conv{i}_w" in a:
@@ -239,9 +250,6 @@ class SpectralCodec(Codec):
         i += 1
       params["net"] = {"convs": convs, "out_w": jnp.asarray(a["net_out_w"], jnp.float32),
                        "out_b": jnp.asarray(a["net_out_b"], jnp.float32)}
-      if "net_enc_w" in a:  # learned encoder residual (kernel-3 conv, GELU, linear)
-        self._enc = (a["net_enc_w"].astype(np.float32), a["net_enc_b"].astype(np.float32),
-                     a["net_enc_out_w"].astype(np.float32), float(a["net_gstd"]))
     self.radius = _radius(params)
     if self.lookahead < self.radius:
       self.lookahead = self.radius
@@ -278,16 +286,21 @@ class SpectralCodec(Codec):
     if audio.shape[1] < self.hop:
       raise ValueError(f"need at least one hop ({self.hop} samples) of audio")
     feats = log_magnitude(audio[0])
-    z = (feats - self.mean) @ self.basis / self.scale
-    if self._enc is not None:
-      w, b, w_out, gstd = self._enc
-      r = (w.shape[0] - 1) // 2
+    k = self.latent_dim
+    r = len(self._enc)
+    if r:
       edge = np.full((r, feats.shape[1]), np.log(EPS), np.float32)
-      x = (np.concatenate([edge, feats, edge]) - self.mean) / gstd
-      t = feats.shape[0]
-      h = sum(x[j:j + t] @ w[j] for j in range(w.shape[0])) + b
-      h = 0.5 * h * (1 + np.tanh(np.sqrt(2 / np.pi) * (h + 0.044715 * h ** 3)))  # jax.nn.gelu
-      z = z + h @ w_out
+      feats = np.concatenate([edge, feats, edge])
+    pc = (feats - self.mean) @ self.basis / self.scale
+    z = pc[r:pc.shape[0] - r, :k]
+    if r:
+      h = pc
+      for w, b in self._enc:
+        t = h.shape[0] - w.shape[0] + 1
+        h = sum(h[j:j + t] @ w[j] for j in range(w.shape[0])) + b
+        h = 0.5 * h * (1 + np.tanh(np.sqrt(2 / np.pi) * (h + 0.044715 * h ** 3)))  # jax gelu
+      z = z + h @ self._enc_out
+    z = (z - self.lat_mean) / self.lat_std
     return z.astype(np.float32)
 
   def decode(self, latents: np.ndarray) -> np.ndarray:
