@@ -106,6 +106,9 @@ def test_candidates_deterministic_and_interleaved():
   colls = [C._rel(p).split("/")[0] for p in a[:30]]
   assert len(set(colls)) >= 10  # small collections come early, not after 1300 Palestrina pieces
   assert not any(C._rel(p).endswith(".rntxt") for p in a)
+  ids = [C._piece_id(C._rel(p)) for p in a]
+  assert len(set(ids)) == len(ids)  # one file per score (the corpus has some in two formats)
+  assert any(C._rel(p) == "bach/bwv281.mxl" for p in a)
   assert not any(c in C.DEFAULT_EXCLUDE for c in colls)
 
 
@@ -135,6 +138,11 @@ def test_build_resume_skip_and_mono(tmp_path):
   assert not list(out.rglob(".tmp_*"))
   stats = json.loads((out / "corpus_stats.json").read_text())
   assert stats["pieces"] == 1 and stats["instrument_minutes"]
+  # a run whose selection no longer includes the piece removes it with prune
+  st3 = C.build_corpus(str(out), hours=1.0, seed=0, cfg=cfg, paths=[str(bad)], progress=False,
+                       prune=True)
+  assert st3["pruned"] == 1 and st3["pieces"] == 0
+  assert not list((out / "audio").glob("*.flac")) and not list((out / "stems").iterdir())
 
 
 def test_cli_help_and_empty_run(tmp_path, capsys):

@@ -177,11 +177,23 @@ def candidates(seed: int = 0, include=None, exclude=DEFAULT_EXCLUDE, paths=None)
   """Every renderable corpus path, in a deterministic order: shuffled within each collection
   (top-level corpus folder), then interleaved round-robin across collections."""
   paths = _corpus_paths() if paths is None else sorted(paths)
-  groups = collections.defaultdict(list)
+  # the corpus holds some scores twice (bwv281.krn and .mxl): keep one, MusicXML first
+  pref = {".mxl": 0, ".musicxml": 1, ".xml": 2, ".krn": 3, ".abc": 4}
+  best = {}
   for p in paths:
     rel = _rel(p)
     if rel.lower().endswith(EXCLUDE_EXT):
       continue
+    pid = _piece_id(rel)
+    rank = pref.get(os.path.splitext(rel)[1].lower(), 9)
+    if pid not in best or rank < best[pid][0]:
+      best[pid] = (rank, p)
+  keep = {p for _, p in best.values()}
+  groups = collections.defaultdict(list)
+  for p in paths:
+    if p not in keep:
+      continue
+    rel = _rel(p)
     coll = rel.split("/")[0]
     if include and coll not in include:
       continue
@@ -723,7 +735,7 @@ class RenderConfig:
   stems: bool = True
   target_rms_db: float = -20.0
   peak_db: float = -1.0
-  parse_timeout: int = 180
+  parse_timeout: int = 600  # seconds for parsing + analysis (a whole quartet in one file is slow)
 
 
 def _parse(path: str, opus_index, rng):
@@ -960,8 +972,13 @@ def _load_jsonl(path):
 
 def build_corpus(out_dir: str, hours: float, seed: int = 0, cfg: RenderConfig = RenderConfig(),
                  include=None, exclude=DEFAULT_EXCLUDE, limit: Optional[int] = None,
-                 progress: bool = True, paths=None) -> dict:
-  """Render pieces in the deterministic candidate order until ``hours`` of mixes exist."""
+                 progress: bool = True, paths=None, prune: bool = False) -> dict:
+  """Render pieces in the deterministic candidate order until ``hours`` of mixes exist.
+
+  Finished pieces are counted, not rendered again. With ``prune``, finished pieces that the walk
+  did not reach (left by a run with other settings) are deleted, so the folder holds exactly what a
+  fresh run with these settings makes.
+  """
   reason = fluidsynth_available(cfg.soundfont)
   if reason:
     raise RuntimeError(reason)
@@ -974,6 +991,7 @@ def build_corpus(out_dir: str, hours: float, seed: int = 0, cfg: RenderConfig = 
   done_seconds, n_done, n_new, n_skipped_new = 0.0, 0, 0, 0
   render_wall, render_audio = 0.0, 0.0
   reasons = collections.Counter()
+  selected = set()
   try:
     from tqdm import tqdm
   except ImportError:  # pragma: no cover
@@ -987,6 +1005,7 @@ def build_corpus(out_dir: str, hours: float, seed: int = 0, cfg: RenderConfig = 
       rel = _rel(path)
       side = finished.get(rel)
       if side is not None:
+        selected.add(rel)
         done_seconds += side.get("duration", 0.0)
         n_done += 1
         if bar:
@@ -1006,12 +1025,14 @@ def build_corpus(out_dir: str, hours: float, seed: int = 0, cfg: RenderConfig = 
         why = str(e) if isinstance(e, SkipPiece) else f"error: {type(e).__name__}: {e}"
         log.warning("skipping %s: %s", rel, why)
         rec = dict(path=rel, reason=why[:300])
-        skipped[rel] = rec
-        with open(skipped_path, "a") as f:
-          f.write(json.dumps(rec) + "\n")
+        if not why.startswith("timed out"):  # a timeout depends on the machine: retry next run
+          skipped[rel] = rec
+          with open(skipped_path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
         reasons[why.split(":")[0]] += 1
         n_skipped_new += 1
         continue
+      selected.add(rel)
       dt = time.time() - t0
       render_wall += dt
       render_audio += meta["duration"]
@@ -1028,8 +1049,14 @@ def build_corpus(out_dir: str, hours: float, seed: int = 0, cfg: RenderConfig = 
   if n_skipped_new:
     warnings.warn(f"{n_skipped_new} scores skipped this run ({len(skipped)} in total, see "
                   f"{skipped_path})", RuntimeWarning)
+  pruned = 0
+  if prune:
+    for rel, m in finished.items():
+      if rel not in selected:
+        _remove_piece(out_dir, m)
+        pruned += 1
   stats = corpus_stats(out_dir)
-  stats.update(run_new_pieces=n_new, run_skipped=n_skipped_new,
+  stats.update(pruned=pruned, run_new_pieces=n_new, run_skipped=n_skipped_new,
                run_render_wall_seconds=round(render_wall, 1),
                run_render_audio_seconds=round(render_audio, 1),
                run_speed_x_realtime=round(render_audio / render_wall, 2) if render_wall else None,
@@ -1037,6 +1064,14 @@ def build_corpus(out_dir: str, hours: float, seed: int = 0, cfg: RenderConfig = 
                seed=seed)
   _atomic_json(os.path.join(out_dir, "corpus_stats.json"), stats)
   return stats
+
+
+def _remove_piece(out_dir, meta):
+  audio = os.path.join(out_dir, "audio")
+  os.unlink(os.path.join(audio, meta["id"] + ".json"))  # first: the piece is now unfinished
+  with contextlib.suppress(FileNotFoundError):
+    os.unlink(os.path.join(audio, meta["audio"]))
+  shutil.rmtree(os.path.join(out_dir, "stems", meta["id"]), ignore_errors=True)
 
 
 def _read_sidecars(out_dir):
@@ -1098,16 +1133,20 @@ def main(argv=None):
   ap.add_argument("--include", default="", help="comma-separated corpus collections only")
   ap.add_argument("--exclude", default=",".join(DEFAULT_EXCLUDE))
   ap.add_argument("--limit", type=int, default=None, help="at most this many pieces")
+  ap.add_argument("--prune", action="store_true",
+                  help="delete finished pieces this run's selection does not include")
+  ap.add_argument("--parse-timeout", type=int, default=600)
   ap.add_argument("--quiet", action="store_true")
   args = ap.parse_args(argv)
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
   cfg = RenderConfig(sample_rate=args.sample_rate, channels=1 if args.mono else 2,
                      fmt=args.format, min_seconds=args.min_seconds, max_seconds=args.max_seconds,
-                     stems=not args.no_stems, soundfont=args.soundfont)
+                     stems=not args.no_stems, soundfont=args.soundfont,
+                     parse_timeout=args.parse_timeout)
   include = [x for x in args.include.split(",") if x] or None
   exclude = [x for x in args.exclude.split(",") if x]
   stats = build_corpus(args.out, args.hours, args.seed, cfg, include, exclude, args.limit,
-                       progress=not args.quiet)
+                       progress=not args.quiet, prune=args.prune)
   print(json.dumps(stats, indent=1, ensure_ascii=False))
   return 0
 
