@@ -398,19 +398,29 @@ class Analysis:
   expanded_repeats: bool
 
 
-def analyze_score(score, rel: str) -> Analysis:
-  """Voices, ensemble kind and metadata of a parsed music21 score."""
+MAX_BPM = 220  # the fastest tempo ever chosen (beats per minute)
+
+
+def analyze_score(score, rel: str, max_seconds: Optional[float] = None) -> Analysis:
+  """Voices, ensemble kind and metadata of a parsed music21 score.
+
+  Repeats are written out, unless the score as written already lasts ``max_seconds`` at the
+  fastest tempo (it will be cut anyway; expanding a long score takes minutes).
+  """
   from music21 import meter
   collection = rel.split("/")[0]
   md = score.metadata
   expanded = False
-  try:
-    ex = score.expandRepeats()
-    if ex is not None and ex.highestTime >= score.highestTime:
-      expanded = ex.highestTime > score.highestTime
-      score = ex
-  except Exception:  # noqa: BLE001 - badly formed repeats: render as written
-    pass
+  ts = _first(score, meter.TimeSignature)
+  beat_ql = float(ts.beatDuration.quarterLength) if ts is not None else 1.0
+  if max_seconds is None or score.highestTime < max_seconds * MAX_BPM / 60 * beat_ql:
+    try:
+      ex = score.expandRepeats()
+      if ex is not None and ex.highestTime >= score.highestTime:
+        expanded = ex.highestTime > score.highestTime
+        score = ex
+    except Exception:  # noqa: BLE001 - badly formed repeats: render as written
+      pass
   ts = _first(score, meter.TimeSignature)
   ts_str = ts.ratioString if ts is not None else "4/4"
   beat_ql = float(ts.beatDuration.quarterLength) if ts is not None else 1.0
@@ -830,7 +840,7 @@ def render_piece(path: str, out_dir: str, seed: int = 0, cfg: RenderConfig = Ren
   rng = _seed_for(seed, rel)
   with _time_limit(cfg.parse_timeout):
     score, opus_index = _parse(path, opus_index, rng)
-    an = analyze_score(score, rel)
+    an = analyze_score(score, rel, cfg.max_seconds)
   piece_id = piece_id or _piece_id(rel, opus_index)
   ensemble, programs = orchestrate(an, collection, rng)
   # tempo
@@ -839,7 +849,7 @@ def render_piece(path: str, out_dir: str, seed: int = 0, cfg: RenderConfig = Ren
   else:
     lo, hi = _default_bpm_range(collection, an.beat_ql, an.kind)
     bpm = rng.uniform(lo, hi)
-  bpm = float(np.clip(round(bpm), 36, 220))
+  bpm = float(np.clip(round(bpm), 36, MAX_BPM))
   sec_per_ql = 60.0 / (bpm * an.beat_ql)
   full_seconds = an.total_ql * sec_per_ql
   repeats = 1
