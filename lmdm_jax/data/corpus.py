@@ -539,6 +539,10 @@ def orchestrate(an: Analysis, collection: str, rng: np.random.Generator) -> tupl
       else:
         programs[melodic[0]] = int(rng.choice([53, 52, 40, 73, 71, 42, 68, 65]))
       lead = GM[programs[melodic[0]]][0]
+    elif all(an.voices[i].program_hint is not None for i in melodic) and rng.random() < 0.7:
+      for i in melodic:  # named instruments (a piano trio's violin and cello): keep them
+        programs[i] = an.voices[i].program_hint
+      lead = " and ".join(dict.fromkeys(GM[programs[i]][0] for i in melodic))
     else:  # a choir (or several solo voices): one coherent ensemble for all of them
       sub = Analysis(**{**an.__dict__, "voices": [an.voices[i] for i in melodic],
                         "kind": "polyphonic"})
