@@ -20,4 +20,12 @@ def get_config(regime: str = "block_causal"):
       regime=regime, steps=8, cfg_scale=3.0, plus_plus=False, pingpong=True))
   c.conditioner = ml_collections.ConfigDict(dict(type="bytes", max_tokens=16))
   c.seed = 0
+  c.train = _train()
   return c
+
+
+def _train():
+  import ml_collections as mc
+  return mc.ConfigDict(dict(batch_size=4, steps=200, ckpt_every=50, keep=3, log_every=10,
+                            eval_every=50, eval_batches=2, fsdp=1,
+                            stage1=dict(chunks=6, lr=1e-3, warmup_steps=10, clip_norm=1.0)))

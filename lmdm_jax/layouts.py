@@ -59,12 +59,13 @@ def sequence_layout(n_clean: int, noisy_chunks, context_chunks: int, chunk: int)
 
 
 def sequence_forward(model: DiT, clean, noisy, t, cross, global_embed, layout: SequenceLayout,
-                     clean_extra=None, noisy_extra=None, rope=None, exit_layer=None):
+                     clean_extra=None, noisy_extra=None, rope=None, exit_layer=None, mask=None):
   """Teacher-forcing forward: velocity of every noisy chunk given the clean chunks.
 
   clean: (B, n_clean * chunk, C); noisy: (B, n_noisy * chunk, C); t: (B, n_noisy) diffusion time
   per noisy chunk; cross: CrossKV; global_embed: (B, D) projected global conditioning or None.
-  rope: precomputed (cos, sin) for ``layout.meta.pos`` (computed here, in float64, if omitted).
+  rope: precomputed (cos, sin) for ``layout.meta.pos`` (computed here, in float64, if omitted);
+  mask: an override of the streaming mask, (N, N) or per sequence (B, N, N) (training dropout).
   Returns the velocity (B, n_noisy * chunk, C).
   """
   cfg = model.cfg
@@ -76,7 +77,8 @@ def sequence_forward(model: DiT, clean, noisy, t, cross, global_embed, layout: S
   g = jax.vmap(lambda tt: model.embed_global(global_embed, tt), in_axes=1, out_axes=1)(t)
   h = jnp.concatenate([h_noisy, g[:, :, None]], axis=2).reshape(b, n_noisy * (cs + 1), -1)
   h = jnp.concatenate([h_clean, h], axis=1)
-  mask = A.streaming_mask(layout.meta, layout.meta, cfg.context_chunks)
+  if mask is None:
+    mask = A.streaming_mask(layout.meta, layout.meta, cfg.context_chunks)
   if rope is None:
     rope = A.rope_tables(model.inv_freq[...], layout.meta.pos)
   out, _ = model.forward_tokens(h, rope, mask, cross, exit_layer=exit_layer)

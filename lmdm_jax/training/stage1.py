@@ -1,0 +1,172 @@
+"""Stage 1: teacher-forced training on long sequences with the streaming mask.
+
+A training sequence of n chunks is laid out as [clean chunks 0..n-1 | noisy chunk 0, its global
+token | noisy chunk 1, ... ] (``layouts.sequence_layout``). Every noisy chunk gets its own
+diffusion time and noise; the loss is the rectified-flow MSE on the noisy chunks. The mask is the
+one cached streaming uses, so what is trained is exactly what streams (unlike the reference, which
+trains on 5-chunk windows and streams with a different attention pattern).
+
+Dropout, following the reference (LMDM_REFERENCE §2) in our semantics:
+- context dropout per noisy chunk: with p_uncond it sees none of its K context chunks, else with
+  p_partial the oldest k ~ U{1..K} of them are hidden (k = K is a full drop). Hidden chunks are
+  *absent* (masked), as they are at the start of a stream, rather than zero latents;
+- CFG dropout per sequence: with p_cfg the conditioning tokens are zeroed (the global token is
+  never dropped); extra input_add groups (sketch, accompaniment) are zeroed with p_cfg each.
+Diffusion time: u ~ U(0, 1) shifted as t = s u / (1 + (s - 1) u), s = e^0.5 (the reference's
+distribution shift for 240-frame windows).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from lmdm_jax import layouts
+from lmdm_jax.nn import attention as A
+from lmdm_jax.nn.dit import DiT
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage1Config:
+  chunks: int = 8  # chunks per training sequence
+  p_uncond: float = 0.2  # context dropout: hide all context of a noisy chunk
+  p_partial: float = 0.3  # context dropout: hide the oldest k ~ U{1..K} context chunks
+  p_cfg: float = 0.1  # conditioning dropout
+  time_shift: float = float(np.exp(0.5))
+  lr: float = 5e-5
+  warmup_steps: int = 0
+  b1: float = 0.9
+  b2: float = 0.999
+  weight_decay: float = 0.0
+  clip_norm: float = 0.0  # 0 = off
+  ema_decay: float = 0.0  # 0 = no EMA
+
+  @classmethod
+  def from_config(cls, cfg) -> "Stage1Config":
+    d = dict(cfg)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+      raise ValueError(f"unknown train config fields {unknown}; known: {sorted(names)}")
+    return cls(**d)
+
+
+def make_optimizer(tc: Stage1Config) -> optax.GradientTransformation:
+  lr = tc.lr if tc.warmup_steps <= 0 else optax.linear_schedule(0.0, tc.lr, tc.warmup_steps)
+  parts = [optax.clip_by_global_norm(tc.clip_norm)] if tc.clip_norm > 0 else []
+  parts.append(optax.adamw(lr, b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay))
+  return optax.chain(*parts)
+
+
+def sample_times(key, shape, shift: float):
+  u = jax.random.uniform(key, shape)
+  return shift * u / (1 + (shift - 1) * u)
+
+
+def context_drop(key, batch: int, chunks: int, K: int, p_uncond: float, p_partial: float):
+  """Hidden oldest-context count per (sequence, noisy chunk), int32 in 0..K."""
+  k1, k2 = jax.random.split(key)
+  r = jax.random.uniform(k1, (batch, chunks))
+  k = jax.random.randint(k2, (batch, chunks), 1, K + 1)
+  return jnp.where(r < p_uncond, K, jnp.where(r < p_uncond + p_partial, k, 0)).astype(jnp.int32)
+
+
+def dropout_mask(base_mask, meta: A.TokenMeta, hidden, K: int):
+  """Per-sequence mask (B, N, N): noisy/global queries of chunk i also lose clean keys of chunks
+  below i - K + hidden[b, i]."""
+  noisy_q = jnp.asarray(meta.kind != A.CLEAN)
+  qc = jnp.asarray(meta.chunk)
+  # hidden count of each query's own noisy chunk (clean queries: 0)
+  h = jnp.where(noisy_q[None], jnp.take_along_axis(
+      hidden, jnp.clip(qc, 0, hidden.shape[1] - 1)[None].repeat(hidden.shape[0], 0), axis=1), 0)
+  k_clean = jnp.asarray(meta.kind == A.CLEAN)
+  kc = jnp.asarray(meta.chunk)
+  lost = noisy_q[None, :, None] & k_clean[None, None, :] & (
+      kc[None, None, :] < (qc[None, :, None] - K + h[:, :, None]))
+  return jnp.asarray(base_mask)[None] & ~lost
+
+
+class Stage1:
+  """Loss and update step for stage-1 training of one model configuration."""
+
+  def __init__(self, model: DiT, tc: Stage1Config):
+    cfg = model.cfg
+    self.cfg, self.tc = cfg, tc
+    self.layout = layouts.sequence_layout(tc.chunks, np.arange(tc.chunks), cfg.context_chunks,
+                                          cfg.chunk)
+    self.base_mask = A.streaming_mask(self.layout.meta, self.layout.meta, cfg.context_chunks)
+    self.rope = A.rope_tables(np.asarray(model.inv_freq[...]), self.layout.meta.pos)
+    self.graphdef, _, _ = nnx.split(model, nnx.Param, ...)
+    self.tx = make_optimizer(tc)
+
+  @property
+  def frames(self) -> int:
+    return self.tc.chunks * self.cfg.chunk
+
+  def init_state(self, model: DiT) -> dict:
+    _, params, rest = nnx.split(model, nnx.Param, ...)
+    state = {"params": params, "rest": rest, "opt": self.tx.init(params),
+             "step": jnp.zeros((), jnp.int32)}
+    if self.tc.ema_decay > 0:
+      state["ema"] = jax.tree.map(jnp.copy, params)
+    return state
+
+  def loss(self, params, rest, batch: dict, key, train: bool = True):
+    """batch: latents (B, frames, C), cond (B, S, Dc), global_cond (B, Dg), frame_mask (B, frames),
+    optional extra (B, frames, E). Without ``train`` no dropout is applied (held-out loss).
+    Returns (loss, metrics)."""
+    cfg, tc = self.cfg, self.tc
+    if not train:
+      tc = dataclasses.replace(tc, p_uncond=0.0, p_partial=0.0, p_cfg=0.0)
+    model = nnx.merge(self.graphdef, params, rest)
+    x0 = batch["latents"].astype(jnp.float32)
+    b = x0.shape[0]
+    n, cs = tc.chunks, cfg.chunk
+    k_t, k_eps, k_ctx, k_cfg, k_extra = jax.random.split(key, 5)
+    t = sample_times(k_t, (b, n), tc.time_shift)
+    eps = jax.random.normal(k_eps, x0.shape)
+    t_f = jnp.repeat(t, cs, axis=1)[..., None]
+    x_t = (1 - t_f) * x0 + t_f * eps
+    cond = batch["cond"]
+    drop = jax.random.uniform(k_cfg, (b,)) < tc.p_cfg
+    cond = jnp.where(drop[:, None, None], 0.0, cond)
+    extra = batch.get("extra")
+    if extra is not None:
+      keep = jax.random.uniform(k_extra, (b,)) >= tc.p_cfg
+      extra = extra * keep[:, None, None]
+    hidden = context_drop(k_ctx, b, n, cfg.context_chunks, tc.p_uncond, tc.p_partial)
+    mask = dropout_mask(self.base_mask, self.layout.meta, hidden, cfg.context_chunks)
+    cross = model.cross_kv(cond) if cfg.cond_token_dim else None
+    g = model.project_global(batch.get("global_cond"))
+    v = layouts.sequence_forward(model, x0, x_t, t, cross, g, self.layout, extra, extra,
+                                 rope=self.rope, mask=mask)
+    err = jnp.square(v - (eps - x0)).mean(-1)
+    w = batch.get("frame_mask")
+    w = jnp.ones_like(err) if w is None else w.astype(jnp.float32)
+    loss = (err * w).sum() / jnp.maximum(w.sum(), 1.0)
+    return loss, {"loss": loss}
+
+  def train_step(self, state: dict, batch: dict, key):
+    (loss, metrics), grads = jax.value_and_grad(self.loss, has_aux=True)(
+        state["params"], state["rest"], batch, key)
+    updates, opt = self.tx.update(grads, state["opt"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    new = dict(state, params=params, opt=opt, step=state["step"] + 1)
+    if "ema" in state:
+      d = self.tc.ema_decay
+      new["ema"] = jax.tree.map(lambda e, p: d * e + (1 - d) * p, state["ema"], params)
+    metrics = dict(metrics, grad_norm=optax.global_norm(grads))
+    return new, metrics
+
+  def eval_loss(self, state: dict, batch: dict, key):
+    """Held-out loss with the same noise/time sampling but no dropout."""
+    return self.loss(state["params"], state["rest"], batch, key, train=False)[0]
+
+
+def model_from_state(graphdef, state: dict, use_ema: bool = False) -> Any:
+  return nnx.merge(graphdef, state["ema" if use_ema and "ema" in state else "params"], state["rest"])

@@ -1,0 +1,153 @@
+"""Stage-1 training: teacher-forced streaming sequences, sharded, checkpointed, resumable.
+
+  python3 train.py --config tiny --data synthetic --workdir runs/tiny --steps 200
+  python3 train.py --config configs/demo.py --data data_cache/latents --workdir runs/demo
+  python3 train.py ... --fsdp 4            # shard params/optimizer over 4 of the devices
+
+A run restarted with the same command resumes from its last checkpoint and continues with the
+same data order, noise and losses as an uninterrupted run (data and PRNG keys depend only on the
+seed and the step). Metrics go to <workdir>/metrics.jsonl (one JSON object per logged step).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from lmdm_jax.config import DiTConfig, load_config
+from lmdm_jax.nn.dit import DiT
+from lmdm_jax.training import sharding
+from lmdm_jax.training.checkpoints import Checkpointer, abstract_like
+from lmdm_jax.training.data import Batcher, make_source
+from lmdm_jax.training.stage1 import Stage1, Stage1Config
+
+
+def _train_defaults(conf):
+  t = conf.get("train", None)
+  d = dict(batch_size=8, steps=1000, ckpt_every=100, keep=3, log_every=10, eval_every=100,
+           eval_batches=2, fsdp=1, stage1={})
+  if t is not None:
+    d.update({k: (dict(v) if k == "stage1" else v) for k, v in dict(t).items()})
+  return d
+
+
+def truncate_metrics(path: str, after_step: int) -> None:
+  """Drop log lines past the restored step (a killed run may have logged beyond its checkpoint)."""
+  if not os.path.exists(path):
+    return
+  keep = []
+  with open(path) as f:
+    for line in f:
+      try:
+        if json.loads(line)["step"] <= after_step:
+          keep.append(line)
+      except (ValueError, KeyError):
+        pass  # a torn last line
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.writelines(keep)
+  os.replace(tmp, path)
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  ap.add_argument("--config", default="tiny")
+  ap.add_argument("--data", default="synthetic", help="latent dataset folder, or 'synthetic'")
+  ap.add_argument("--workdir", required=True)
+  ap.add_argument("--steps", type=int)
+  ap.add_argument("--batch-size", type=int)
+  ap.add_argument("--ckpt-every", type=int)
+  ap.add_argument("--keep", type=int)
+  ap.add_argument("--log-every", type=int)
+  ap.add_argument("--eval-every", type=int)
+  ap.add_argument("--fsdp", type=int)
+  ap.add_argument("--lr", type=float)
+  ap.add_argument("--seed", type=int)
+  ap.add_argument("--no-progress", action="store_true")
+  args = ap.parse_args(argv)
+
+  sharding.init_distributed()
+  conf = load_config(args.config)
+  cfg = DiTConfig.from_config(conf.model)
+  tr = _train_defaults(conf)
+  for k in ("steps", "batch_size", "ckpt_every", "keep", "log_every", "eval_every", "fsdp"):
+    if getattr(args, k) is not None:
+      tr[k] = getattr(args, k)
+  if args.lr is not None:
+    tr["stage1"]["lr"] = args.lr
+  seed = conf.get("seed", 0) if args.seed is None else args.seed
+  tc = Stage1Config.from_config(tr["stage1"])
+  os.makedirs(args.workdir, exist_ok=True)
+
+  mesh = sharding.make_mesh(fsdp=tr["fsdp"])
+  sharding.check_batch(tr["batch_size"], mesh)
+  model = DiT(cfg, rngs=nnx.Rngs(seed))
+  trainer = Stage1(model, tc)
+  source = make_source(args.data, trainer.frames, cfg, seed)
+  held = make_source(args.data, trainer.frames, cfg, seed, holdout=True)
+  batches, held_batches = Batcher(source, cfg), Batcher(held, cfg)
+
+  state = trainer.init_state(model)
+  del model
+  shard = sharding.state_shardings(state, mesh)
+  state = jax.device_put(state, shard)
+  ckpt = Checkpointer(os.path.join(args.workdir, "checkpoints"), keep=tr["keep"])
+  start = 0
+  if ckpt.latest_step() is not None:
+    state, meta = ckpt.restore(abstract_like(state, shard))
+    start = int(state["step"])
+    print(f"[train] resumed from step {start} ({ckpt.directory})")
+  metrics_path = os.path.join(args.workdir, "metrics.jsonl")
+  truncate_metrics(metrics_path, start)
+  with open(os.path.join(args.workdir, "config.json"), "w") as f:
+    json.dump({"config": args.config, "model": dict(conf.model), "train": tr, "seed": seed,
+               "data": args.data}, f, indent=1, default=str)
+
+  bsh = sharding.batch_sharding(mesh)
+  step_fn = jax.jit(trainer.train_step, donate_argnums=(0,),
+                    in_shardings=(shard, bsh, sharding.replicated(mesh)),
+                    out_shardings=(shard, sharding.replicated(mesh)))
+  eval_fn = jax.jit(trainer.eval_loss)
+  base_key = jax.random.key(seed)
+
+  def put(b):
+    return jax.device_put({k: jnp.asarray(v) for k, v in b.items()}, bsh)
+
+  steps = tr["steps"]
+  bar = tqdm(range(start, steps), initial=start, total=steps, disable=args.no_progress,
+             dynamic_ncols=True, desc="train")
+  t_last, n_last = time.perf_counter(), start
+  with open(metrics_path, "a") as mf:
+    for step in bar:
+      batch = put(batches(step, tr["batch_size"]))
+      state, m = step_fn(state, batch, jax.random.fold_in(base_key, step))
+      done = step + 1
+      if done % tr["log_every"] == 0 or done == steps:
+        m = {k: float(v) for k, v in m.items()}
+        now = time.perf_counter()
+        rate = (done - n_last) / max(now - t_last, 1e-9)
+        t_last, n_last = now, done
+        rec = {"step": done, **m, "steps_per_s": rate}
+        if tr["eval_every"] and (done % tr["eval_every"] == 0 or done == steps):
+          ev = [float(eval_fn(state, put(held_batches(10_000_000 + i, tr["batch_size"])),
+                              jax.random.key(i))) for i in range(tr["eval_batches"])]
+          rec["heldout_loss"] = float(np.mean(ev))
+        mf.write(json.dumps(rec) + "\n")
+        mf.flush()
+        bar.set_postfix(loss=f"{m['loss']:.4f}", it_s=f"{rate:.2f}")
+      if done % tr["ckpt_every"] == 0 or done == steps:
+        ckpt.save(done, state, meta={"step": done, "config": args.config})
+  ckpt.close()
+  print(f"[train] finished at step {steps}; checkpoints in {ckpt.directory}")
+
+
+if __name__ == "__main__":
+  main()
