@@ -197,13 +197,13 @@ def test_small_forward_exit_cfg_and_seconds_conditioner():
                   apg_scale=0.0).numpy().transpose(0, 2, 1)
   c_j = jnp.concatenate([j(prompt), s_ours], 1)
   g_j = s_ours[:, 0]
-  m = out.model
-  check("(b) small forward (conditioned on our seconds tokens)", run(m, jt(x), j(t), c_j, g_j), want)
-  check("(b) small exit_layer 1", run(m, jt(x), j(t), c_j, g_j, exit_layer=1), hid)
-  b = x.shape[0]
+  m, b = out.model, x.shape[0]
+  # One batch [cond | uncond (zero tokens)]: its first half is the plain conditioned forward.
   v = run(m, jnp.concatenate([jt(x)] * 2), jnp.concatenate([j(t)] * 2),
-        jnp.concatenate([c_j, jnp.zeros_like(c_j)]), jnp.concatenate([g_j, g_j]))
+          jnp.concatenate([c_j, jnp.zeros_like(c_j)]), jnp.concatenate([g_j, g_j]))
   v_c, v_u = v[:b], v[b:]
+  check("(b) small forward (conditioned on our seconds tokens)", v_c, want)
+  check("(b) small exit_layer 1", run(m, jt(x), j(t), c_j, g_j, exit_layer=1), hid)
   check(f"(b) small CFG w={w}", v_u + w * (v_c - v_u), want_cfg)
 
 
@@ -258,8 +258,9 @@ def test_lmdm_forward_masks_exit_and_split_layout():
   for pattern in ("block_causal", "enc_dec", None):
     with torch.no_grad():
       want = tm.lmdm_forward(x, t, c, g, a, r, None if pattern is None else spec[pattern])
+    # no mask: torch attends unmasked; ours gets an all-True mask (same jit trace as the others)
     got = run(out.model, jt(x), j(t), j(c), j(g), input_add=jt(a), context_mask=j(m[:, 0]),
-                    mask=None if pattern is None else ours[pattern])
+              mask=jnp.ones((T_LMDM + 1,) * 2, bool) if pattern is None else ours[pattern])
     check(f"LMDM forward, mask {pattern}", got, want.numpy().transpose(0, 2, 1))
   with torch.no_grad():
     hid = tm.lmdm_forward(x, t, c, g, a, r, spec["block_causal"], exit_layer_ix=0).numpy()

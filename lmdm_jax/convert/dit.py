@@ -313,7 +313,7 @@ class _Loader:
       label = full
     else:
       label = key
-    want = tuple(var[...].shape)
+    want = tuple(var.get_value().shape)
     if tuple(value.shape) != want:
       self.bad_shape.append(f"{label}: got {tuple(value.shape)} in Flax layout, expected {want}")
     else:
@@ -394,23 +394,31 @@ def convert_state_dict(config, state_dict: Mapping[str, Any], *, allow_missing: 
   inv = parts["dit"].get("transformer.rotary_pos_emb.inv_freq")
   dit_cfg = dit_config_from_json(cfg_json, inv_freq=None if inv is None else _to_numpy(inv[1]),
                                  rope_base=rope_base, dtype=dtype)
-  rngs = nnx.Rngs(seed)
-  model = DiT(dit_cfg, rngs=rngs)
-  ld = _Loader()
-  load_dit_state_dict(model, parts["dit"], ld)
+  ccfgs = conditioner_configs_from_json(cfg_json)
+
+  def scan(abstract: bool):
+    """Matches keys to the variables of a fresh model. Abstract (``nnx.eval_shape``, no init
+    compute) when every key is present; concrete (initialized) to keep missing ones at init."""
+    build = nnx.eval_shape if abstract else (lambda f: nnx.jit(f)())  # one compile, not dozens
+    model = build(lambda: DiT(dit_cfg, rngs=nnx.Rngs(seed)))
+    conds = {cid: build(lambda c=c, i=i: NumberConditioner(c, rngs=nnx.Rngs(seed + 1 + i)))
+             for i, (cid, c) in enumerate(ccfgs.items())}
+    ld = _Loader()
+    load_dit_state_dict(model, parts["dit"], ld)
+    for cid, cond in conds.items():
+      sub = parts["conditioners"].get(cid, {})
+      for ent in conditioner_entries(cond):
+        full = f"{COND_PREFIX}{cid}.{ent.key}"
+        ld.take({full: sub[ent.key]} if ent.key in sub else {}, full, ent.var, ent.kind)
+    return model, conds, ld
+
+  model, conds, ld = scan(abstract=True)
+  if ld.missing and allow_missing:
+    model, conds, ld = scan(abstract=False)
   unexpected = [full for full, _ in parts["dit"].values() if full not in ld.used]
   unexpected += list(parts["unexpected"])
-  conds = {}
-  for cid, ccfg in conditioner_configs_from_json(cfg_json).items():
-    conds[cid] = NumberConditioner(ccfg, rngs=rngs)
-    sub = parts["conditioners"].get(cid, {})
-    for ent in conditioner_entries(conds[cid]):
-      full = f"{COND_PREFIX}{cid}.{ent.key}"
-      ld.take({full: sub[ent.key]} if ent.key in sub else {}, full, ent.var, ent.kind)
-    unexpected += [full for full, _ in sub.values() if full not in ld.used]
   for cid, sub in parts["conditioners"].items():
-    if cid not in conds:
-      unexpected += [full for full, _ in sub.values()]
+    unexpected += [full for full, _ in sub.values() if full not in ld.used]
   vae, ignored = None, sorted(parts["ignored"])
   pt_cfg = cfg_json["model"].get("pretransform")
   if parts["pretransform"]:
@@ -436,7 +444,12 @@ def convert_state_dict(config, state_dict: Mapping[str, Any], *, allow_missing: 
                       "pretransform=False / --no-pretransform to convert the DiT alone)")
   _report("DiT checkpoint", ld, unexpected, allow_missing, allow_unexpected)
   for var, value in ld.updates:
-    var[...] = jnp.asarray(value, var[...].dtype)
+    var.set_value(jnp.asarray(value, var.get_value().dtype))
+  for what, mod in [("DiT", model)] + [(f"conditioner {k}", v) for k, v in conds.items()]:
+    left = [p for p, v in nnx.to_flat_state(nnx.state(mod))
+            if isinstance(v.get_value(), jax.ShapeDtypeStruct)]
+    if left:  # every variable has a key; this would be a bug in the key map
+      raise AssertionError(f"{what}: variables without a value after loading: {left}")
   # Map used keys back to their original names (with a possible "diffusion." prefix).
   orig = {k.removeprefix("diffusion."): k for k in state_dict}
   used = sorted(orig.get(k, k) if k.startswith("pretransform.") else k for k in ld.used)
