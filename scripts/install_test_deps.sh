@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs what the PyTorch parity tests (tests/test_oobleck_parity.py, tests/test_t5_parity.py)
+# Installs what the PyTorch parity tests (tests/test_oobleck_parity.py, tests/test_t5_parity.py,
+# tests/test_dit_parity.py) and bench/torch_baseline.py
 # need, on top of requirements.txt. Idempotent: re-running only checks what is there.
 #   PYTHON=/path/to/python scripts/install_test_deps.sh   (default: python3)
 #
