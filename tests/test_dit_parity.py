@@ -375,3 +375,18 @@ def test_ckpt_safetensors_pretransform_orbax_and_cli(tmp_path):
   assert_same_params(model, direct.model)
   assert_same_params(conds["seconds_total"], direct.conditioners["seconds_total"])
   assert_same_params(conv.load_converted_pretransform(str(out_dir)), direct.pretransform)
+
+
+def test_lmdm_saos_config_maps_to_our_saos_config():
+  """The DiT part of the authors' saos_block_causal.json gives configs/saos (340.95 M params)."""
+  from lmdm_jax.config import DiTConfig, load_config
+  from lmdm_jax.nn.dit import abstract_model, count_params
+  dit = dict(io_channels=64, embed_dim=1024, depth=16, num_heads=8, cond_token_dim=768,
+             global_cond_dim=768, postpend=True, transformer_type="continuous_transformer",
+             input_add_dims=[["inpaint_mask", 1], ["inpaint_masked_input", 64]],
+             attn_kwargs={"qk_norm": "ln"})
+  training = {"inpainting": {"mask_kwargs": {"fixed_mask_size": 192, "block_causal_chunk_size": 48,
+                                             "block_causal_window_chunks": 4}}}
+  cfg = conv.dit_config_from_json(model_json(dit, seconds=SECONDS, cond_dim=768, training=training))
+  assert cfg == DiTConfig.from_config(load_config("saos").model)
+  assert count_params(abstract_model(cfg)) == 340_946_048
