@@ -71,7 +71,7 @@ def matmul_peak(dtype) -> float:
   return 2 * n ** 3 / np.median(ts) / 1e9
 
 
-def time_stream(model, regime, steps, cfg_on, batch, reps, warm=1):
+def make_stream(model, regime, steps, cfg_on, batch, warm=1):
   sp = S.SamplerParams.make(steps=steps, cfg_scale=3.0 if cfg_on else 1.0)
   s = S.Stream(model, batch=batch, regime=regime, cfg_guidance=cfg_on, cross_len=CROSS_LEN,
                sampler=sp)
@@ -80,12 +80,19 @@ def time_stream(model, regime, steps, cfg_on, batch, reps, warm=1):
                jnp.ones((batch, cfg.global_cond_dim)) * 0.1)
   for _ in range(warm + 1):  # the first block has no pending commit: not steady state
     s.next_block().block_until_ready()
-  ts = []
+  return s
+
+
+def time_interleaved(streams: dict, reps: int) -> dict:
+  """Median seconds per block of each stream, timed round-robin (one block of each per round) so
+  that load from other processes hits every regime alike."""
+  ts = {k: [] for k in streams}
   for _ in range(reps):
-    t0 = time.perf_counter()
-    s.next_block().block_until_ready()
-    ts.append(time.perf_counter() - t0)
-  return float(np.median(ts))
+    for k, s in streams.items():
+      t0 = time.perf_counter()
+      s.next_block().block_until_ready()
+      ts[k].append(time.perf_counter() - t0)
+  return {k: float(np.median(v)) for k, v in ts.items()}
 
 
 def main(argv=None):
@@ -117,17 +124,19 @@ def main(argv=None):
   for batch in [int(b) for b in args.batch.split(",")]:
     for steps in [int(s) for s in args.steps.split(",")]:
       for cfg_on in [c == "on" for c in args.cfg.split(",")]:
-        base = None
-        for regime in args.regimes.split(","):
-          sec = time_stream(model, regime, steps, cfg_on, batch, args.reps)
-          if regime == "naive":
-            base = sec
+        regimes = args.regimes.split(",")
+        streams = {r: make_stream(model, r, steps, cfg_on, batch) for r in regimes}
+        secs = time_interleaved(streams, args.reps)
+        del streams
+        base = secs.get("naive")
+        for regime in regimes:
+          sec = secs[regime]
           fl = flops_per_block(cfg, regime, steps, batch, cfg_on)
           tok = sum(q for q, _ in passes(cfg, regime, steps))
           gfs = fl / sec / 1e9
           speed = f"{base / sec:.2f}x" if base else "-"
           print(f"| {regime} | {steps} | {'on' if cfg_on else 'off'} | {batch} | {tok} | "
-                f"{fl / 1e9:.2f} | {sec * 1000:.1f} | {block_s / sec:.1f} | {gfs:.1f} | "
+                f"{fl / 1e9:.2f} | {sec * 1000:.1f} | {block_s / sec:.2f} | {gfs:.1f} | "
                 f"{100 * gfs / peak:.0f}% | {speed} |", flush=True)
 
 
