@@ -146,6 +146,8 @@ def main() -> None:
   ap.add_argument("--seconds", type=float, default=20.0)
   ap.add_argument("--offset", type=float, default=10.0)
   ap.add_argument("--asset", default=None, help="codec asset .npz (default: the shipped one)")
+  ap.add_argument("--n-iter", type=int, default=32, help="Griffin-Lim iterations per chunk")
+  ap.add_argument("--lookahead", type=int, default=4)
   ap.add_argument("--no-baseline", action="store_true")
   ap.add_argument("--per-clip", action="store_true")
   args = ap.parse_args()
@@ -153,7 +155,7 @@ def main() -> None:
   clips = load_clips(args.dir, args.seconds, args.offset)
   print(f"{len(clips)} held-out clips of {args.seconds:.0f} s from {args.dir}")
   rng = np.random.default_rng(0)
-  codec = SpectralCodec(args.asset)
+  codec = SpectralCodec(args.asset, n_iter=args.n_iter, lookahead=args.lookahead)
   results = [evaluate(f"spectral (PCA{codec.latent_dim}"
                       f"{'+net' if codec.radius else ''}, GL{codec.n_iter})", codec, clips,
                       stream=True, noise=True, rng=rng)]

@@ -1,15 +1,21 @@
-"""Re-create the default codec's assets (``lmdm_jax/codecs/assets/``) deterministically.
+"""Re-create the default codec's assets (``lmdm_jax/codecs/assets/spectral_default.npz``).
 
-Two stages:
+Three stages:
 
-  python scripts/fit_default_codec.py render   # music21 scores -> MIDI -> FluidSynth -> WAV
-  python scripts/fit_default_codec.py fit      # WAV (train pieces only) -> codec assets
+  python scripts/fit_default_codec.py render       # music21 scores -> MIDI -> FluidSynth -> WAV
+  python scripts/fit_default_codec.py export-flac  # train WAVs -> 16-bit FLAC (the fit's input)
+  python scripts/fit_default_codec.py fit          # FLAC -> PCA basis + small nets -> assets
 
-``render`` needs ``apt-get install fluidsynth fluid-soundfont-gm`` and ``pip install music21 mido``;
-it writes 22.05 kHz mono clips into ``data_cache/codec_data/{train,heldout}/`` (git-ignored).
-Pieces, not clips, are held out. ``fit`` needs only numpy (+ soundfile to read WAVs) and is
-deterministic given the same WAVs (fixed seeds, float64 eigendecomposition, sign-fixed
-components).
+``render`` needs ``apt-get install fluidsynth fluid-soundfont-gm`` and ``pip install music21
+mido``; it writes 22.05 kHz mono clips (<= 75 s per piece) into
+``data_cache/codec_data/{train,heldout}/`` (git-ignored). Pieces, not clips, are held out.
+``export-flac`` makes the compact copy (about 57 MB) that can be carried to an accelerator.
+``fit`` needs numpy, soundfile, jax and optax. It is deterministic for a given machine and
+jax version (fixed seeds and data order; float64 PCA with sign-fixed components); the shipped
+asset was trained with the defaults on one NVIDIA H100 (jax 0.11.2, about 1 min of training).
+A CPU rerun (estimated about an hour on 2 cores; not done) gives the same PCA and a network of
+the same recipe, but not bit-identical weights, since GPU and CPU float rounding differ. The
+asset records its recipe in its ``recipe`` field.
 """
 from __future__ import annotations
 
@@ -52,6 +58,11 @@ TRAIN_PIECES = [
     ("ryansMammoth/AcaciaReel.abc", "folk"), ("ryansMammoth/AcrobatsHornpipe.abc", "folk"),
     ("ryansMammoth/7thRegimentReel.abc", "folk"),
     ("essenFolksong/altdeu10.abc", "folk"), ("essenFolksong/ballad20.abc", "folk"),
+    # More keyboard / mallet timbres (piano, e-piano, harpsichord, vibraphone, guitar).
+    ("bach/bwv145.5", "keys"), ("bach/bwv146.8", "keys"), ("bach/bwv148.6", "keys"),
+    ("bach/bwv149.7", "keys"), ("bach/bwv151.5", "winds"), ("bach/bwv153.1", "band"),
+    ("mozart/k156/movement1.mxl", "keys"), ("haydn/opus1no1/movement2.mxl", "keys"),
+    ("essenFolksong/kinder0.abc", "keys"), ("essenFolksong/han1.abc", "keys"),
 ]
 HELDOUT_PIECES = [
     ("bach/bwv66.6", "chorale"), ("joplin/maple_leaf_rag.mxl", "keys"),
@@ -189,14 +200,14 @@ def load_wav(path: str) -> np.ndarray:
   return audio.mean(axis=1)
 
 
-def fit_pca(wavs: list[str], latent_dim: int):
+def fit_pca(wavs: list[str], latent_dim: int, eps: float):
   """Mean log-spectrum, top principal directions (sign-fixed), and their standard deviations."""
   from lmdm_jax.codecs.spectral import log_magnitude
 
   n_bins = None
   total, s1, s2 = 0, None, None
   for path in wavs:
-    x = log_magnitude(load_wav(path)).astype(np.float64)
+    x = log_magnitude(load_wav(path), eps).astype(np.float64)
     if s1 is None:
       n_bins = x.shape[1]
       s1, s2 = np.zeros(n_bins), np.zeros((n_bins, n_bins))
@@ -224,7 +235,8 @@ def _conv_valid(h, w, b):
 
 def train_net(wavs, mean, basis, scale, *, latent_dim: int, enc_layers: int, dec_layers: int,
               hidden: int, steps: int, batch: int = 48, seed: int = 0, noise: float = 0.1,
-              penalty: float = 0.1, lr: float = 1e-3, log_every: int = 500):
+              penalty: float = 0.1, lr: float = 1e-3, eps: float = 1e-4, hi_weight: float = 0.0,
+              hi_eps: float = 1e-3, log_every: int = 500):
   """Train the codec's small networks with optax (deterministic: fixed seed and data order).
 
   Latent: z = (first ``latent_dim`` whitened PCA coordinates) + encoder residual. The encoder
@@ -234,7 +246,9 @@ def train_net(wavs, mean, basis, scale, *, latent_dim: int, enc_layers: int, dec
   Decoder: log-magnitude = PCA reconstruction of z + residual of ``dec_layers`` temporal convs
   (kernel 3, GELU) and a zero-initialised linear layer. Gaussian latent noise of ``noise`` std
   is added in training so the decoder tolerates the generator's latent error budget.
-  Loss: mean squared error of the log-magnitude (natural log), i.e. the log-spectral distance.
+  Loss: mean squared error of the log-magnitude (natural log), i.e. the log-spectral distance,
+  plus ``hi_weight`` times the same with a high floor ``hi_eps`` (-60 dBFS), which weighs the
+  loud partials that carry pitch (chroma).
   """
   import jax
   import jax.numpy as jnp
@@ -242,7 +256,7 @@ def train_net(wavs, mean, basis, scale, *, latent_dim: int, enc_layers: int, dec
 
   from lmdm_jax.codecs.spectral import log_magnitude
 
-  feats = [log_magnitude(load_wav(p)) for p in wavs]
+  feats = [log_magnitude(load_wav(p), eps) for p in wavs]
   n_bins, n_pca = basis.shape
   crop = 32
   enc_r, dec_r = enc_layers, dec_layers
@@ -288,20 +302,24 @@ def train_net(wavs, mean, basis, scale, *, latent_dim: int, enc_layers: int, dec
       h = jax.nn.gelu(_conv_valid(h, p[f"conv{i}_w"], p[f"conv{i}_b"]))
     return base[:, dec_r:base.shape[1] - dec_r] + h @ p["out_w"] + p["out_b"]
 
-  def loss_fn(p, x, eps):
+  def loss_fn(p, x, nz):
     z, pen = encode(p, x)
-    y = decode(p, z + noise * eps)
+    y = decode(p, z + noise * nz)
     tgt = x[:, enc_r + dec_r:x.shape[1] - enc_r - dec_r]
     rec = jnp.mean((y - tgt) ** 2)
-    return rec + penalty * pen, rec
+    loss = rec + penalty * pen
+    if hi_weight:  # the same error seen with a high floor: weighs the loud partials (chroma)
+      hi = lambda v: jnp.log(jnp.maximum(jnp.exp(v) - eps, 0.0) + hi_eps)
+      loss = loss + hi_weight * jnp.mean((hi(y) - hi(tgt)) ** 2)
+    return loss, rec
 
   sched = optax.cosine_onecycle_schedule(steps, lr, pct_start=0.05)
   opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(sched))
   state = opt.init(params)
 
   @jax.jit
-  def step(p, s, x, eps):
-    (_, rec), g = jax.value_and_grad(loss_fn, has_aux=True)(p, x, eps)
+  def step(p, s, x, nz):
+    (_, rec), g = jax.value_and_grad(loss_fn, has_aux=True)(p, x, nz)
     upd, s = opt.update(g, s, p)
     return optax.apply_updates(p, upd), s, rec
 
@@ -313,8 +331,8 @@ def train_net(wavs, mean, basis, scale, *, latent_dim: int, enc_layers: int, dec
     piece = rng.choice(len(feats), size=batch, p=probs)
     x = np.stack([feats[j][o:o + win] for j, o in
                   zip(piece, (rng.random(batch) * lengths[piece]).astype(int))])
-    eps = rng.standard_normal((batch, win - 2 * enc_r, latent_dim)).astype(np.float32)
-    params, state, rec = step(params, state, jnp.asarray(x), jnp.asarray(eps))
+    nz = rng.standard_normal((batch, win - 2 * enc_r, latent_dim)).astype(np.float32)
+    params, state, rec = step(params, state, jnp.asarray(x), jnp.asarray(nz))
     run = 0.98 * run + 0.02 * float(rec) if i else float(rec)
     if i % log_every == 0 or i == steps - 1:
       print(f"step {i:6d}  recon mse {run:.4f} (nat-log^2, with latent noise)"
@@ -324,7 +342,7 @@ def train_net(wavs, mean, basis, scale, *, latent_dim: int, enc_layers: int, dec
   zs = []
   enc_j = jax.jit(encode)
   for f in feats:
-    pad = np.full((enc_r, n_bins), np.log(1e-4), np.float32)
+    pad = np.full((enc_r, n_bins), np.log(eps), np.float32)
     zs.append(np.asarray(enc_j(params, jnp.asarray(np.concatenate([pad, f, pad])[None]))[0][0]))
   zs = np.concatenate(zs)
   out["latent_mean"], out["latent_std"] = zs.mean(0), zs.std(0)
@@ -336,22 +354,38 @@ def fit(args) -> None:
   if not wavs:
     raise SystemExit(f"no training audio in {DATA_DIR}/train; run the `render` stage first")
   n_pca = max(args.latent_dim, args.pca_dim if args.enc_layers else args.latent_dim)
-  mean, basis, scale, explained, frames = fit_pca(wavs, n_pca)
+  mean, basis, scale, explained, frames = fit_pca(wavs, n_pca, args.eps)
   print(f"PCA on {len(wavs)} pieces, {frames} frames: {n_pca} components explain "
         f"{explained:.3f} of the log-spectral variance")
   arrays = dict(mean=mean.astype(np.float32), basis=basis.astype(np.float32),
-                scale=scale.astype(np.float32), latent_dim=np.int32(args.latent_dim))
+                scale=scale.astype(np.float32), latent_dim=np.int32(args.latent_dim),
+                eps=np.float32(args.eps))
   if args.enc_layers or args.dec_layers:
     net = train_net(wavs, mean.astype(np.float32), basis.astype(np.float32),
                     scale.astype(np.float32), latent_dim=args.latent_dim,
                     enc_layers=args.enc_layers, dec_layers=args.dec_layers, hidden=args.hidden,
-                    steps=args.steps, batch=args.batch, penalty=args.penalty, noise=args.noise)
+                    steps=args.steps, batch=args.batch, penalty=args.penalty, noise=args.noise,
+                    eps=args.eps, hi_weight=args.hi_weight)
     # float16 halves the asset; the codec computes in float32.
     arrays.update({"net_" + k: v.astype(np.float16 if v.ndim == 3 or k.endswith("_w")
                                         else np.float32) for k, v in net.items()})
+  arrays["recipe"] = np.array("python scripts/fit_default_codec.py " + " ".join(sys.argv[1:]))
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
   np.savez(args.out, **arrays)
   print(f"wrote {args.out} ({os.path.getsize(args.out) / 1e6:.2f} MB)")
+
+
+def export_flac(args) -> None:
+  import soundfile as sf
+
+  os.makedirs(args.out, exist_ok=True)
+  total = 0
+  for path in list_wavs("train"):
+    audio, sr = sf.read(path, dtype="float32")
+    out = os.path.join(args.out, os.path.basename(path)[:-4] + ".flac")
+    sf.write(out, audio, sr, subtype="PCM_16", compression_level=1.0)
+    total += os.path.getsize(out)
+  print(f"wrote {args.out} ({total / 2**20:.1f} MiB)")
 
 
 def main() -> None:
@@ -360,17 +394,22 @@ def main() -> None:
   r = sub.add_parser("render")
   r.add_argument("--force", action="store_true")
   r.set_defaults(fn=render)
+  e = sub.add_parser("export-flac")
+  e.add_argument("--out", default=os.path.join(DATA_DIR, "train_flac"))
+  e.set_defaults(fn=export_flac)
   f = sub.add_parser("fit")
-  f.add_argument("--data", default="train",
+  f.add_argument("--data", default=os.path.join(DATA_DIR, "train_flac"),
                  help="folder of training audio (.wav/.flac), or a split of data_cache/codec_data")
   f.add_argument("--latent-dim", type=int, default=128)
   f.add_argument("--out", default=os.path.join(ROOT, "lmdm_jax", "codecs", "assets",
-                                                 "spectral_pca128.npz"))
+                                                 "spectral_default.npz"))
+  f.add_argument("--eps", type=float, default=3e-5, help="log floor, re full-scale magnitude")
+  f.add_argument("--hi-weight", type=float, default=4.0)
   f.add_argument("--pca-dim", type=int, default=256, help="encoder input (PCA coordinates)")
-  f.add_argument("--enc-layers", type=int, default=2)
-  f.add_argument("--dec-layers", type=int, default=3)
-  f.add_argument("--hidden", type=int, default=384)
-  f.add_argument("--steps", type=int, default=20000)
+  f.add_argument("--enc-layers", type=int, default=1)
+  f.add_argument("--dec-layers", type=int, default=2)
+  f.add_argument("--hidden", type=int, default=256)
+  f.add_argument("--steps", type=int, default=4000)
   f.add_argument("--batch", type=int, default=48)
   f.add_argument("--penalty", type=float, default=0.02)
   f.add_argument("--noise", type=float, default=0.1)

@@ -1,26 +1,27 @@
-"""The default, weight-free codec: PCA-compressed log-STFT magnitudes + streamed fast Griffin-Lim.
+"""The default, weight-free codec: PCA log-STFT latents, small nets, streamed fast Griffin-Lim.
 
 Geometry: 22.05 kHz mono, hop 512 (43.07 latent frames/s), latent_dim 128.
 
-Encode (numpy): STFT (n_fft 2048, Hann, frame ``g`` centred on sample ``g * hop``) ->
-``log(|X| / (n_fft/4) + eps)`` (a full-scale sine peaks at 0 dB, ``eps`` = -80 dBFS) -> minus the
-mean log-spectrum -> projection on the first ``latent_dim`` principal components -> divided by
-each component's standard deviation. The latents are therefore whitened linear features
-(per-channel mean 0, std 1 on the training audio) and smooth in time, since a small latent
-change is a small, spread-out change of the log-spectrum.
+Encode (numpy): STFT (n_fft 2048, periodic Hann, frame ``g`` centred on sample ``g * hop``) ->
+``log(|X| / (n_fft/4) + eps)`` (a full-scale sine peaks at 0; ``eps`` = 3e-5, about -90 dBFS)
+-> the first 256 whitened principal coordinates of that log-spectrum -> latent = the first 128
+of them + a small learned residual (one kernel-3 temporal conv, GELU, linear; kept small by an
+L2 penalty) -> standardized per channel with training statistics. The latents are thus close to
+whitened linear features: per-channel mean 0 / std 1, values within about +-5, smooth in time.
 
-Decode (jitted JAX): latents -> log-magnitude (the transposed basis, plus an optional small
-residual network when the assets carry one) -> magnitude -> fast Griffin-Lim (Perraudin et al.
-2013, momentum 0.99), block by block: the stream is cut into fixed internal chunks of
-``chunk`` frames; each chunk is refined together with ``lookahead`` future frames while the
-``3`` previous, already emitted frames are held fixed; new frames start from the previous
-chunk's phases (lookahead frames) or a phase-vocoder extrapolation of them. ``decode`` runs the
-very same chunked procedure, so streaming decode equals full decode to float32 rounding
-(documented margin: max abs difference <= 1e-5, see ``tests/test_codec.py``), whatever the block
-sizes pushed.
+Decode (one jitted JAX function per chunk): latents -> log-magnitude (PCA reconstruction + the
+residual of two kernel-3 temporal convs and a linear layer, trained with 0.1-std latent noise)
+-> magnitude -> fast Griffin-Lim (Perraudin et al. 2013, momentum 0.99, 32 iterations), block
+by block: the stream is cut into fixed internal chunks of ``chunk`` frames; each chunk is
+refined together with ``lookahead`` future frames while the 3 previous, already emitted frames
+are held fixed; new frames start from the previous chunk's phases (lookahead frames) or a
+phase-vocoder extrapolation of them. ``decode`` runs the very same chunked procedure, so
+streaming decode equals full decode (documented margin: max abs difference <= 1e-5; measured 0),
+whatever the block sizes pushed. Latency: chunk + lookahead + 2 + 2 frames (24, 0.56 s).
 
-Assets (``assets/spectral_pca128.npz``, about 0.5 MB) are re-created by
-``scripts/fit_default_codec.py``.
+Assets: ``assets/spectral_default.npz`` (2.6 MB: PCA basis float32, net weights float16),
+re-created by ``scripts/fit_default_codec.py``. Without the nets (an asset with only mean,
+basis, scale) the codec is pure PCA + Griffin-Lim.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ import numpy as np
 from lmdm_jax.codecs.base import Codec, StreamDecoder
 
 ASSET_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
-DEFAULT_ASSET = os.path.join(ASSET_DIR, "spectral_pca128.npz")
+DEFAULT_ASSET = os.path.join(ASSET_DIR, "spectral_default.npz")
 
 SAMPLE_RATE = 22050
 N_FFT = 2048
@@ -58,9 +59,9 @@ def stft_frames(audio: np.ndarray) -> np.ndarray:
   return np.fft.rfft(pad[idx] * hann().astype(np.float32), axis=-1)
 
 
-def log_magnitude(audio: np.ndarray) -> np.ndarray:
+def log_magnitude(audio: np.ndarray, eps: float = EPS) -> np.ndarray:
   """(samples,) -> (frames, N_FFT//2+1) float32 log-magnitude features."""
-  return np.log(np.abs(stft_frames(audio)) / (N_FFT / 4) + EPS).astype(np.float32)
+  return np.log(np.abs(stft_frames(audio)) / (N_FFT / 4) + eps).astype(np.float32)
 
 
 # --------------------------------------------------------------------------------------------
@@ -117,7 +118,7 @@ def _chunk_step(params, lat, ctx, prev_ahead, exists, *, n_iter: int, momentum: 
   returns (new frames a..a+B+L-1 complex, audio (B*HOP,) for segments a-2..a+B-3)
   """
   logmag = _decode_logmag(params, lat)
-  mag = jnp.maximum(jnp.exp(logmag) - EPS, 0.0) * (N_FFT / 4)
+  mag = jnp.maximum(jnp.exp(logmag) - params["eps"], 0.0) * (N_FFT / 4)
   return _gl_step(mag, ctx, prev_ahead, exists, n_iter=n_iter, momentum=momentum)
 
 
@@ -225,6 +226,7 @@ class SpectralCodec(Codec):
     self.mean = a["mean"].astype(np.float32)  # (F,)
     self.basis = a["basis"].astype(np.float32)  # (F, P), orthonormal PCA directions
     self.scale = a["scale"].astype(np.float32)  # (P,), their standard deviations
+    self.eps = float(a["eps"]) if "eps" in a else EPS  # log floor (magnitude re full scale)
     self.latent_dim = int(a["latent_dim"]) if "latent_dim" in a else int(self.basis.shape[1])
     k = self.latent_dim
     self.lat_mean = a.get("net_latent_mean", np.zeros(k)).astype(np.float32)
@@ -234,7 +236,7 @@ class SpectralCodec(Codec):
     self.n_iter, self.chunk, self.lookahead, self.momentum = n_iter, chunk, lookahead, momentum
     params = {"mean": jnp.asarray(self.mean), "basis_t": jnp.asarray(self.basis[:, :k].T),
               "scale": jnp.asarray(self.scale[:k]), "lat_mean": jnp.asarray(self.lat_mean),
-              "lat_std": jnp.asarray(self.lat_std)}
+              "lat_std": jnp.asarray(self.lat_std), "eps": jnp.float32(self.eps)}
     self._enc = []
     self._enc_out = a["net_enc_out_w"].astype(np.float32) if "net_enc_out_w" in a else None
     i = 0
@@ -285,11 +287,11 @@ class SpectralCodec(Codec):
     audio = self._check_audio(audio, sample_rate)
     if audio.shape[1] < self.hop:
       raise ValueError(f"need at least one hop ({self.hop} samples) of audio")
-    feats = log_magnitude(audio[0])
+    feats = log_magnitude(audio[0], self.eps)
     k = self.latent_dim
     r = len(self._enc)
     if r:
-      edge = np.full((r, feats.shape[1]), np.log(EPS), np.float32)
+      edge = np.full((r, feats.shape[1]), np.log(self.eps), np.float32)
       feats = np.concatenate([edge, feats, edge])
     pc = (feats - self.mean) @ self.basis / self.scale
     z = pc[r:pc.shape[0] - r, :k]
