@@ -143,10 +143,12 @@ def test_streaming_latency_is_bounded(codec, round_trip):
 
 
 def test_round_trip_quality(round_trip, music):
+  """Measured with the shipped assets: LSD 3.6 dB, chroma correlation 0.952 (held-out real
+  music: see bench/codec_quality.py). The bounds leave margin for float differences."""
   _, out = round_trip
-  assert lsd_db(music[0], out[0]) < 5.0
+  assert lsd_db(music[0], out[0]) < 4.5
   a, b = chroma(music[0]), chroma(out[0])
-  assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.95
+  assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.93
 
 
 def test_latent_noise_tolerance(codec, round_trip, music):
