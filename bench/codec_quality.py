@@ -78,7 +78,7 @@ class MelGLBaseline:
 
 
 class OracleGL:
-  """True STFT magnitudes + the codec's streamed fast Griffin-Lim (upper bound of the phase part)."""
+  """True STFT magnitudes + the codec's streamed fast Griffin-Lim (bound of the phase part)."""
 
   hop = HOP
   latent_dim = N_FFT // 2 + 1

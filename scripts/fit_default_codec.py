@@ -75,7 +75,7 @@ HELDOUT_PIECES = [
 # General MIDI programs per style (a part draws one, seeded by the piece name).
 PALETTES = {
     "chorale": [19, 52, 48, 0, 20, 49, 68, 70],  # organs, choir, strings, piano, oboe, bassoon
-    "quartet": [40, 41, 42, 43, 48, 0, 46],  # violin, viola, cello, contrabass, strings, piano, harp
+    "quartet": [40, 41, 42, 43, 48, 0, 46],  # violin viola cello contrabass strings piano harp
     "keys": [0, 1, 4, 6, 2, 24, 11],  # pianos, e-pianos, harpsichord, nylon guitar, vibraphone
     "choir": [52, 53, 54, 48, 89, 19],  # choir aahs/oohs, synth voice, strings, pad, organ
     "winds": [73, 71, 68, 70, 60, 56, 57, 61],  # flute clarinet oboe bassoon horn trumpet trombone

@@ -51,7 +51,7 @@ def hann(n: int = N_FFT) -> np.ndarray:
 
 
 def stft_frames(audio: np.ndarray) -> np.ndarray:
-  """(samples,) with samples % HOP == 0 -> complex (frames, N_FFT//2+1); frame g centred at g*HOP."""
+  """(samples,), samples % HOP == 0 -> complex (frames, N_FFT//2+1); frame g centred at g*HOP."""
   audio = np.asarray(audio, np.float32)
   n = audio.shape[-1] // HOP
   pad = np.pad(audio[: n * HOP], (N_FFT // 2, N_FFT // 2))
