@@ -27,18 +27,11 @@ from lmdm_jax.nn.dit import DiT
 FRAME_RATE = 44100 / 2048  # SAO latent frames per second (the tiny config borrows it)
 
 
-def prompt_tokens(prompt: str, cfg: DiTConfig, n_tokens: int, seed: int) -> jnp.ndarray:
-  """Placeholder conditioning for a random-weight model: a fixed random embedding of the prompt's
-  UTF-8 bytes. Real text encoders (T5, MiniLM) come with trained checkpoints."""
-  table = jax.random.normal(jax.random.key(seed + 1000), (256, cfg.cond_token_dim)) * 0.5
-  ids = np.frombuffer(prompt.encode("utf-8")[:n_tokens], np.uint8).astype(np.int32)
-  tok = jnp.zeros((n_tokens, cfg.cond_token_dim)).at[:len(ids)].set(table[ids])
-  return tok[None]
-
-
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   ap.add_argument("--config", default="tiny", help="tiny | saos | path/to/config.py[:arg]")
+  ap.add_argument("--checkpoint", default=None,
+                  help="a train.py work directory or a converted checkpoint (python3 -m lmdm_jax.convert)")
   ap.add_argument("--prompt", default="solo piano, calm")
   ap.add_argument("--seconds", type=float, default=30.0)
   ap.add_argument("--steps", type=int, default=None)
@@ -57,15 +50,23 @@ def main(argv=None):
   cfg_scale = sc.cfg_scale if args.cfg_scale is None else args.cfg_scale
   pingpong = (args.sampler or ("pingpong" if sc.pingpong else "euler")) == "pingpong"
   regime = args.regime or sc.regime
-  print(f"[sample] config {conf.name}: RANDOM WEIGHTS from seed {args.seed} (no trained "
-        "checkpoint is bundled yet): this exercises the streaming sampler; it does not make music.")
-  model = DiT(cfg, rngs=nnx.Rngs(args.seed))
+  if args.checkpoint:
+    from lmdm_jax.checkpoint_io import load_model
+    cfg, model, extras = load_model(args.checkpoint)
+    print(f"[sample] loaded {args.checkpoint} ({cfg.depth}x{cfg.embed_dim}, step "
+          f"{extras.get('step', '?')})")
+  else:
+    print(f"[sample] config {conf.name}: RANDOM WEIGHTS from seed {args.seed} (no trained "
+          "checkpoint is bundled yet): this exercises the streaming sampler; it does not make "
+          "music.")
+    model = DiT(cfg, rngs=nnx.Rngs(args.seed))
   n_tok = 16
   t0 = time.perf_counter()
   stream = S.Stream(model, batch=1, regime=regime, cfg_guidance=cfg_scale != 1.0, cross_len=n_tok,
                     seed=args.seed, sampler=S.SamplerParams.make(steps, cfg_scale, args.plus_plus,
                                                                  pingpong))
-  stream.set_prompt(prompt_tokens(args.prompt, cfg, n_tok, args.seed),
+  from lmdm_jax.nn.byte_text import ByteTextEncoder  # the text encoder the tiny config trains with
+  stream.set_prompt(ByteTextEncoder(cfg.cond_token_dim, n_tok)([args.prompt]),
                     jnp.zeros((1, cfg.global_cond_dim)) if cfg.global_cond_dim else None)
   print(f"[sample] compiled the block step ahead of time in {time.perf_counter() - t0:.1f} s "
         f"(regime {regime}, {steps} steps, CFG {cfg_scale}{'++' if args.plus_plus else ''})")
