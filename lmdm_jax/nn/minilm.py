@@ -283,11 +283,11 @@ def load_state_dict(model: BertEncoder, weights: dict[str, Any],
       continue
     val = np.asarray(sd[key], np.float32)
     val = val.T if transpose else val
-    if val.shape != tuple(var.value.shape):
-      problems.append(f"key {key!r} has shape {val.shape}, expected {tuple(var.value.shape)}"
+    if val.shape != tuple(var.get_value().shape):
+      problems.append(f"key {key!r} has shape {val.shape}, expected {tuple(var.get_value().shape)}"
                       + (" (transposed)" if transpose else ""))
       continue
-    var.value = jnp.asarray(val)
+    var.set_value(jnp.asarray(val))
   if problems:
     raise ValueError(f"cannot load the MiniLM/BERT encoder from {source}: " + "; ".join(problems))
   return nnx.merge(graphdef, nnx.from_flat_state(flat))
