@@ -193,8 +193,10 @@ def test_wav_writer_killed_process_leaves_playable_file(tmp_path, sig):
   p = tmp_path / "killed.wav"
   ready = tmp_path / "ready"
   code = textwrap.dedent(f"""
-      import numpy as np, os, time
+      import numpy as np, os, signal, time
       from lmdm_jax.data.audio import WavWriter
+      # a shell that starts jobs in the background passes SIGINT down as ignored: restore Ctrl-C
+      signal.signal(signal.SIGINT, signal.default_int_handler)
       w = WavWriter({os.fspath(p)!r}, 16000, 2)
       i = 0
       while True:
