@@ -349,7 +349,8 @@ class MiniLMConditioner:
   Padded positions of ``tokens`` are zeros. ``embed(prompts)`` gives the (B, 384) normalized
   sentence embeddings (of the prompt truncated to ``max_tokens``, [CLS]/[SEP] included;
   sentence-transformers truncates at 256). Prompts are encoded ``batch_size`` at a time, each
-  batch padded to a power of two, so at most log2(batch_size) + 1 shapes compile.
+  batch padded to a power of two rows and cut to a power of two columns (>= 8) that holds its
+  longest prompt, so few shapes compile and short prompts cost less.
   """
 
   def __init__(self, max_tokens: int = 64, path: str | None = None, batch_size: int = 64):
@@ -373,26 +374,32 @@ class MiniLMConditioner:
     self._encode = lambda ids, mask, types: _encode(state, ids, mask, types)
 
   def encode_ids(self, ids, mask, types=None):
-    """Tokenized (B, max_tokens) arrays -> (tokens (B, T, d), sentence embedding (B, d)) numpy."""
+    """Tokenized (B, T) arrays -> (tokens (B, T, d), sentence embedding (B, d)) numpy float32.
+
+    Each chunk runs on its rows padded to a power of two and its columns cut to the power of two
+    (at least 8, at most T) that holds its longest prompt: real positions do not depend on the
+    padding (every padded key gets ``finfo.min``), and the cut columns are zeros anyway."""
     ids = np.asarray(ids, np.int32)
     mask = np.asarray(mask, bool)
     types = np.zeros_like(ids) if types is None else np.asarray(types, np.int32)
-    n = ids.shape[0]
-    toks, sents = [], []
+    n, t_all = ids.shape
+    toks = np.zeros((n, t_all, self.dim), np.float32)
+    sents = np.zeros((n, self.dim), np.float32)
     for s in range(0, n, self.batch_size):
-      i, m, t = ids[s:s + self.batch_size], mask[s:s + self.batch_size], types[s:s + self.batch_size]
-      k = len(i)
+      e = min(n, s + self.batch_size)
+      k = e - s
+      longest = int(mask[s:e].sum(1).max())
+      t = min(t_all, max(8, _bucket(longest)))
+      i, m, ty = ids[s:e, :t], mask[s:e, :t], types[s:e, :t]
       pad = _bucket(k) - k
       if pad:  # pad rows get [PAD] with a one-token mask (a fully masked row would be NaN)
-        i = np.concatenate([i, np.full((pad, i.shape[1]), self.tokenizer.pad_id, np.int32)])
-        m = np.concatenate([m, np.eye(1, m.shape[1], dtype=bool).repeat(pad, 0)])
-        t = np.concatenate([t, np.zeros((pad, t.shape[1]), np.int32)])
-      h, e = self._encode(i, m, t)
-      toks.append(np.asarray(h)[:k])
-      sents.append(np.asarray(e)[:k])
-    if not toks:
-      return (np.zeros((0, ids.shape[1], self.dim), np.float32), np.zeros((0, self.dim), np.float32))
-    return np.concatenate(toks), np.concatenate(sents)
+        i = np.concatenate([i, np.full((pad, t), self.tokenizer.pad_id, np.int32)])
+        m = np.concatenate([m, np.eye(1, t, dtype=bool).repeat(pad, 0)])
+        ty = np.concatenate([ty, np.zeros((pad, t), np.int32)])
+      h, emb = self._encode(i, m, ty)
+      toks[s:e, :t] = np.asarray(h)[:k]
+      sents[s:e] = np.asarray(emb)[:k]
+    return toks, sents
 
   def encode(self, prompts: Sequence[str]):
     """-> (tokens (B, T, d), mask (B, T) bool, sentence embedding (B, d)), numpy float32."""
