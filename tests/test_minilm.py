@@ -123,6 +123,12 @@ def test_padding_zeroed_and_batching(cond):
   # One prompt alone (batch bucket 1) and in chunks of 2 (a padded bucket) give the same.
   alone, _ = cond(PROMPTS[2:3])
   np.testing.assert_allclose(alone[0], tokens[2], atol=1e-5)
+  # A short prompt alone runs cut to 8 columns (the batch above ran 32): same values, zero tail.
+  assert 4 < mask[5].sum() <= 8
+  short, short_mask, short_emb = cond.encode(PROMPTS[5:6])
+  np.testing.assert_allclose(short[0], tokens[5], atol=1e-5)
+  np.testing.assert_array_equal(short_mask[0], mask[5])
+  np.testing.assert_allclose(short_emb[0], cond.embed(PROMPTS)[5], atol=1e-6)
   old = cond.batch_size
   try:
     cond.batch_size = 4  # 6 prompts -> chunks of 4 and 2

@@ -363,6 +363,8 @@ class MiniLMConditioner:
     if max_tokens < 2:
       raise ValueError(f"max_tokens must be >= 2 ([CLS] and [SEP]), got {max_tokens}")
     self.tokenizer = load_tokenizer(path, max_tokens)
+    if batch_size < 1:
+      raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     self.max_tokens, self.batch_size = max_tokens, batch_size
     self.dim = self.encoder.cfg.hidden_size
     graphdef, state = nnx.split(self.encoder)
@@ -388,7 +390,8 @@ class MiniLMConditioner:
     for s in range(0, n, self.batch_size):
       e = min(n, s + self.batch_size)
       k = e - s
-      longest = int(mask[s:e].sum(1).max())
+      real = mask[s:e].any(0)
+      longest = int(np.nonzero(real)[0][-1]) + 1 if real.any() else 1  # last real column
       t = min(t_all, max(8, _bucket(longest)))
       i, m, ty = ids[s:e, :t], mask[s:e, :t], types[s:e, :t]
       pad = _bucket(k) - k
