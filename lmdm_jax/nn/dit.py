@@ -301,6 +301,12 @@ class DiT(nnx.Module):
     h = self.project_in(xc)
     if r is not None:
       h = h * r
+    if input_add is not None and not cfg.input_add_dim:
+      raise ValueError("input_add was given but this model has no input_add channels "
+                       "(input_add_dim=0)")
+    if global_cond is not None and not cfg.global_cond_dim:
+      raise ValueError("global_cond was given but this model has no global conditioning "
+                       "(global_cond_dim=0)")
     if cfg.input_add_dim:
       if input_add is None:
         raise ValueError("this model has input_add channels; pass input_add (B, T, "
