@@ -53,6 +53,8 @@ def main(argv=None):
   if args.checkpoint:
     from lmdm_jax.checkpoint_io import load_model
     cfg, model, extras = load_model(args.checkpoint)
+    if "meta" in extras:  # a train.py run: its config names its text encoder and sampler
+      conf = load_config(extras["meta"]["config"])
     print(f"[sample] loaded {args.checkpoint} ({cfg.depth}x{cfg.embed_dim}, step "
           f"{extras.get('step', '?')})")
   else:
@@ -60,13 +62,14 @@ def main(argv=None):
           "checkpoint is bundled yet): this exercises the streaming sampler; it does not make "
           "music.")
     model = DiT(cfg, rngs=nnx.Rngs(args.seed))
-  n_tok = 16
+  from lmdm_jax import text as text_lib
+  text = text_lib.from_config(conf) if cfg.cond_token_dim else None
+  n_tok = text.max_tokens if text is not None else 1
   t0 = time.perf_counter()
   stream = S.Stream(model, batch=1, regime=regime, cfg_guidance=cfg_scale != 1.0, cross_len=n_tok,
                     seed=args.seed, sampler=S.SamplerParams.make(steps, cfg_scale, args.plus_plus,
                                                                  pingpong))
-  from lmdm_jax.nn.byte_text import ByteTextEncoder  # the text encoder the tiny config trains with
-  stream.set_prompt(ByteTextEncoder(cfg.cond_token_dim, n_tok)([args.prompt]),
+  stream.set_prompt(text([args.prompt]) if text is not None else jnp.zeros((1, 1, 0)),
                     jnp.zeros((1, cfg.global_cond_dim)) if cfg.global_cond_dim else None)
   print(f"[sample] compiled the block step ahead of time in {time.perf_counter() - t0:.1f} s "
         f"(regime {regime}, {steps} steps, CFG {cfg_scale}{'++' if args.plus_plus else ''})")

@@ -93,7 +93,9 @@ def main(argv=None):
   trainer = Stage1(model, tc)
   source = make_source(args.data, trainer.frames, cfg, seed)
   held = make_source(args.data, trainer.frames, cfg, seed, holdout=True)
-  batches, held_batches = Batcher(source, cfg), Batcher(held, cfg)
+  from lmdm_jax import text as text_lib
+  text = text_lib.from_config(conf) if cfg.cond_token_dim else None
+  batches, held_batches = Batcher(source, cfg, text), Batcher(held, cfg, text)
 
   state = trainer.init_state(model)
   del model

@@ -10,7 +10,6 @@ import os
 import numpy as np
 
 from lmdm_jax.config import DiTConfig
-from lmdm_jax.nn.byte_text import ByteTextEncoder
 
 
 class SyntheticLatents:
@@ -50,11 +49,15 @@ def make_source(spec: str, frames: int, cfg: DiTConfig, seed: int, holdout: bool
 
 
 class Batcher:
-  """source batch -> the model inputs of ``Stage1.loss``."""
+  """source batch -> the model inputs of ``Stage1.loss``; prompts through ``text`` (a callable
+  list of str -> (B, T, cond_token_dim), e.g. ``lmdm_jax.text.from_config(config)``)."""
 
-  def __init__(self, source, cfg: DiTConfig, text_tokens: int = 16):
+  def __init__(self, source, cfg: DiTConfig, text=None):
     self.source, self.cfg = source, cfg
-    self.text = ByteTextEncoder(cfg.cond_token_dim, text_tokens) if cfg.cond_token_dim else None
+    if text is None and cfg.cond_token_dim:
+      from lmdm_jax.nn.byte_text import ByteTextEncoder
+      text = ByteTextEncoder(cfg.cond_token_dim)
+    self.text = text
 
   def __call__(self, step: int, batch_size: int) -> dict:
     raw = self.source.batch(step, batch_size)
