@@ -45,11 +45,6 @@ def main(argv=None):
 
   conf = load_config(args.config)
   cfg = DiTConfig.from_config(conf.model)
-  sc = conf.sampler
-  steps = args.steps or sc.steps
-  cfg_scale = sc.cfg_scale if args.cfg_scale is None else args.cfg_scale
-  pingpong = (args.sampler or ("pingpong" if sc.pingpong else "euler")) == "pingpong"
-  regime = args.regime or sc.regime
   if args.checkpoint:
     from lmdm_jax.checkpoint_io import load_model
     cfg, model, extras = load_model(args.checkpoint)
@@ -62,6 +57,11 @@ def main(argv=None):
           "checkpoint is bundled yet): this exercises the streaming sampler; it does not make "
           "music.")
     model = DiT(cfg, rngs=nnx.Rngs(args.seed))
+  sc = conf.sampler
+  steps = args.steps or sc.steps
+  cfg_scale = sc.cfg_scale if args.cfg_scale is None else args.cfg_scale
+  pingpong = (args.sampler or ("pingpong" if sc.pingpong else "euler")) == "pingpong"
+  regime = args.regime or sc.regime
   from lmdm_jax import text as text_lib
   text = text_lib.from_config(conf) if cfg.cond_token_dim else None
   n_tok = text.max_tokens if text is not None else 1
