@@ -28,7 +28,7 @@ from lmdm_jax import sampling as S  # noqa: E402
 from lmdm_jax.config import DiTConfig, load_config  # noqa: E402
 from lmdm_jax.nn.dit import DiT  # noqa: E402
 
-FRAME_RATE = 44100 / 2048  # SAO latent frames per second
+FRAME_RATE = 44100 / 2048  # SAO latent frames per second (a config's `codec` overrides it)
 CROSS_LEN = 65
 REGIMES = ("naive", "enc_dec", "block_causal")
 
@@ -106,7 +106,12 @@ def main(argv=None):
   ap.add_argument("--dtype", default=None, help="compute dtype override (e.g. bfloat16)")
   args = ap.parse_args(argv)
 
-  cfg = DiTConfig.from_config(load_config(args.config).model)
+  conf = load_config(args.config)
+  cfg = DiTConfig.from_config(conf.model)
+  global FRAME_RATE
+  if conf.get("codec"):  # latent rate of the config's codec (SAO's 21.53 frames/s otherwise)
+    from lmdm_jax.codecs import get_codec
+    FRAME_RATE = get_codec(conf.codec).frame_rate
   if args.dtype:
     cfg = dataclasses.replace(cfg, dtype=args.dtype, param_dtype=args.dtype)
   model = DiT(cfg, rngs=nnx.Rngs(0))
