@@ -4,6 +4,7 @@ Compiles with XLA's backend optimization level 0 (numerically the same program, 
 faster to compile on CPU); every jitted function is compiled once per module.
 """
 import copy
+import functools
 import os
 import tempfile
 
@@ -41,13 +42,31 @@ def perturbed(adapter, seed=1, scale=0.05):
                                    for x, k in zip(leaves, keys)])
 
 
+def built(fn):
+  """fn() -> an nnx module, with its initializers run as one jitted program (eager
+  initialization compiles every op separately: 10+ s for the tiny DiT)."""
+  gd = nnx.graphdef(nnx.eval_shape(fn))
+  return nnx.merge(gd, compiled(lambda: nnx.state(fn()))())
+
+
+@functools.lru_cache(maxsize=None)
+def _base_state(cfg):
+  return nnx.split(built(lambda: random_model(cfg, seed=0)))
+
+
+def base_model(cfg):
+  """The base of the fixture's adapted model (the same weights), built once."""
+  return nnx.merge(*_base_state(cfg))
+
+
 @pytest.fixture(scope="module")
 def setup():
   conf = load_config("arc_tiny")
   cfg = DiTConfig.from_config(conf.model)
-  model = AD.add_adapters(random_model(cfg, seed=0), AD.AdapterConfig(rank=4, alpha=8.0))
+  model = built(lambda: AD.add_adapters(random_model(cfg, seed=0),
+                                        AD.AdapterConfig(rank=4, alpha=8.0)))
   ac = ARCConfig.from_config(dict(conf.arc, rollout_blocks=2, steps=4, max_k=3))
-  head = make_head(cfg, HeadConfig.from_config(conf.head))
+  head = built(lambda: make_head(cfg, HeadConfig.from_config(conf.head)))
   trainer = ARCForcing(model, ac, head)
   state, frozen = trainer.init(model, head)
   batches = Batcher(SyntheticLatents(trainer.frames, cfg.io_channels, seed=0), cfg)
@@ -88,20 +107,21 @@ def test_split_separates_adapter_from_base(setup):
   n_proj = setup["cfg"].depth * 6
   assert len(jax.tree.leaves(ad)) == 2 * n_proj
   # base param paths are exactly those of an unadapted DiT (base checkpoints load unchanged)
-  _, p0, _ = nnx.split(random_model(setup["cfg"], seed=0), nnx.Param, ...)
+  _, p0, _ = nnx.split(base_model(setup["cfg"]), nnx.Param, ...)
   assert jax.tree.structure(p0) == jax.tree.structure(params)
 
 
 def test_zero_initialized_adapter_equals_base(setup):
   cfg, model = setup["cfg"], setup["model"]
-  base = random_model(cfg, seed=0)
+  base = base_model(cfg)
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(2, 16, cfg.io_channels)), jnp.float32)
   c = jnp.asarray(rng.normal(size=(2, 5, cfg.cond_token_dim)), jnp.float32)
   g = jnp.zeros((2, cfg.global_cond_dim))
   ia = jnp.zeros((2, 16, cfg.input_add_dim))
   t = jnp.array([0.3, 0.8])
-  np.testing.assert_array_equal(model(x, t, c, g, ia), base(x, t, c, g, ia))
+  ya, yb = compiled(lambda: (model(x, t, c, g, ia), base(x, t, c, g, ia)))()
+  np.testing.assert_array_equal(ya, yb)
 
 
 def test_merged_equals_unmerged_adapter(setup):
@@ -116,8 +136,9 @@ def test_merged_equals_unmerged_adapter(setup):
   g = jnp.zeros((2, cfg.global_cond_dim))
   ia = jnp.asarray(rng.normal(size=(2, 16, cfg.input_add_dim)), jnp.float32)
   t = jnp.array([0.3, 0.8])
-  y_ad, y_m = adapted(x, t, c, g, ia), merged(x, t, c, g, ia)
-  y_base = AD.strip_adapters(adapted)(x, t, c, g, ia)
+  stripped = AD.strip_adapters(adapted)
+  y_ad, y_m, y_base = compiled(lambda: (adapted(x, t, c, g, ia), merged(x, t, c, g, ia),
+                                        stripped(x, t, c, g, ia)))()
   assert rel_err(y_m, y_ad) < 1e-5
   assert rel_err(y_base, y_ad) > 1e-2  # the adapter does change the function
 
@@ -250,7 +271,7 @@ def test_steps_keep_base_bit_identical_and_optimizer_state_only_for_trainable(se
   print("G/D losses:", losses)
   assert [losses[s][0] for s in (1, 2, 3, 4)] == ["g", "d", "g", "d"]
   # base parameters: bit-identical to the freshly built base model's
-  base = nnx.split(random_model(setup["cfg"], seed=0), nnx.Param, ...)[1]
+  base = nnx.split(base_model(setup["cfg"]), nnx.Param, ...)[1]
   for a, b, c in zip(jax.tree.leaves(frozen["params"]), jax.tree.leaves(before["params"]),
                      jax.tree.leaves(base)):
     np.testing.assert_array_equal(np.asarray(a), b)
