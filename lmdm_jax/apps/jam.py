@@ -184,7 +184,7 @@ class JamSession:
 
   # ------------------------------------------------------------------------------- sampler
 
-  def _accomp_extra(self, k: int) -> np.ndarray:
+  def _accomp_extra(self, k: int, trim: bool = False) -> np.ndarray:
     """(1, chunk, extra_dim): the partner's latents of block k's frames that are known now."""
     cs, hop, margin = self.cs, self.hop, 8
     f0 = k * cs
@@ -194,10 +194,11 @@ class JamSession:
       got = p0 + self._partner.shape[1]
       known = min(got // hop - self.guard, f0 + cs) - f0  # frames of this block that are final
       s0 = max(f0 - margin, 0) * hop
-      if s0 > p0:  # older partner audio is never needed again
-        self._partner = self._partner[:, s0 - p0:]
-        self._partner_start = p0 = s0
-      if known <= 0:
+      cut = min(s0, got)
+      if trim and cut > p0:  # the sampler's blocks come in order: older audio is not needed
+        self._partner = self._partner[:, cut - p0:]
+        self._partner_start = p0 = cut
+      if known <= 0 or s0 < p0:
         return extra
       seg = self._partner[:, s0 - p0:(f0 + known + self.guard) * hop - p0]
     lat = self.codec.encode(seg)
@@ -216,7 +217,7 @@ class JamSession:
           if self._stop.wait(min(0.005, max(t_start - self.now(), 0.0005))):
             return
         t1 = time.perf_counter()
-        extra = self._accomp_extra(k)
+        extra = self._accomp_extra(k, trim=True)
         blk = np.asarray(self.stream.next_block(extra))[0]
         audio = self._decoder.push(blk)
         with self._lock:
