@@ -23,9 +23,12 @@ def load_model(path: str, use_ema: bool = False):
       os.path.join(path, "checkpoints")):
     return _load_workdir(path, use_ema)
   from lmdm_jax.convert import dit as conv
+  if not os.path.isdir(os.path.join(path, "config")):  # the converter's JSON item
+    raise ValueError(f"checkpoint {path!r}: neither a train.py work directory (config.json + "
+                     "checkpoints/) nor a converted checkpoint (python3 -m lmdm_jax.convert)")
   try:
     cfg, model, conds = conv.load_converted(path)
-  except FileNotFoundError as e:
+  except (FileNotFoundError, KeyError) as e:
     raise ValueError(f"checkpoint {path!r}: neither a train.py work directory (config.json + "
                      f"checkpoints/) nor a converted checkpoint ({e})") from e
   return cfg, model, {"conditioners": conds}

@@ -375,6 +375,17 @@ def test_ckpt_safetensors_pretransform_orbax_and_cli(tmp_path):
   assert_same_params(model, direct.model)
   assert_same_params(conds["seconds_total"], direct.conditioners["seconds_total"])
   assert_same_params(conv.load_converted_pretransform(str(out_dir)), direct.pretransform)
+  # sample.py's loader takes the converted directory and streams from it
+  from lmdm_jax import sampling as S
+  from lmdm_jax.checkpoint_io import load_model
+  lcfg, lmodel, extras = load_model(str(out_dir))
+  assert lcfg == direct.config and "seconds_total" in extras["conditioners"]
+  assert_same_params(lmodel, direct.model)
+  stream = S.Stream(lmodel, batch=1, cross_len=3, sampler=S.SamplerParams.make(steps=2))
+  stream.set_prompt(np.zeros((1, 3, lcfg.cond_token_dim), np.float32))
+  assert stream.next_block().shape == (1, lcfg.chunk, lcfg.io_channels)
+  with pytest.raises(ValueError, match="neither a train.py work directory"):
+    load_model(str(tmp_path))
 
 
 def test_lmdm_saos_config_maps_to_our_saos_config():
