@@ -1,0 +1,278 @@
+"""Long-stream drift: base model vs ARC-forced model, per block index (ARC issue, item 5).
+
+On held-out data, each model is primed with the real context (K chunks) and streams --seconds
+past it (cached block-causal streaming, the same noise for both models). Per block index:
+- Frechet distance between the generated latent frames of that block (all items x frames of the
+  block) and the real held-out latent frames (the continuations, pooled); the "floor" column is the
+  FD between two disjoint real samples of the same size (the estimator's bias at that size);
+- drift indicators: RMS of the latents (real: the held-out RMS); with --codec whose latent_dim
+  matches the model, decoded-audio spectral centroid (Hz) and chroma entropy (bits, 0..log2 12).
+Prints a table (rows of --row-seconds), writes <out>/drift.json with every block's numbers and
+<out>/drift.png (matplotlib, when installed).
+
+  python3 bench/drift.py --config arc_tiny --arc runs/arc_tiny            # base + ARC run
+  python3 bench/drift.py --config arc_tiny --base runs/tiny --seconds 60    # base only
+  python3 bench/drift.py --config configs/demo.py --base runs/demo --arc runs/arc_demo \\
+      --data data_cache/latents --codec default
+
+Without --base the base model has random weights (a smoke run). Without --arc only the base is
+streamed. Time is counted at the codec's frame rate (--codec) or --frame-rate (default SAO's
+21.53 frames/s).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from lmdm_jax import sampling as S  # noqa: E402
+from lmdm_jax.config import DiTConfig, load_config  # noqa: E402
+from lmdm_jax.nn.dit import DiT  # noqa: E402
+from lmdm_jax.testing import random_model  # noqa: E402
+from lmdm_jax.training.data import Batcher, make_source  # noqa: E402
+
+FRAME_RATE = 44100 / 2048
+
+
+# ------------------------------------------------------------------------------- metrics
+
+
+def _sqrtm_psd(a):
+  w, v = np.linalg.eigh((a + a.T) / 2)
+  return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+
+def frechet(x, y) -> float:
+  """Frechet distance between Gaussians fitted to samples x (n, d) and y (m, d)."""
+  x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+  mu1, mu2 = x.mean(0), y.mean(0)
+  s1, s2 = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
+  s1h = _sqrtm_psd(np.atleast_2d(s1))
+  m = s1h @ np.atleast_2d(s2) @ s1h
+  tr_cross = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
+  return float(np.sum((mu1 - mu2) ** 2) + np.trace(np.atleast_2d(s1)) + np.trace(np.atleast_2d(s2))
+               - 2 * tr_cross)
+
+
+def audio_indicators(audio, sr, n_fft=2048, hop=512):
+  """(spectral centroid in Hz, chroma entropy in bits) of mono/stereo audio (channels, samples)."""
+  x = np.asarray(audio, np.float64).mean(0)
+  if x.shape[0] < n_fft:
+    x = np.pad(x, (0, n_fft - x.shape[0]))
+  frames = np.lib.stride_tricks.sliding_window_view(x, n_fft)[::hop] * np.hanning(n_fft)
+  mag = np.abs(np.fft.rfft(frames, axis=-1))
+  freqs = np.fft.rfftfreq(n_fft, 1 / sr)
+  power = mag ** 2
+  tot = power.sum(-1)
+  centroid = float(np.mean((power * freqs).sum(-1) / np.maximum(tot, 1e-12)))
+  ok = (freqs >= 27.5) & (freqs <= 4200)
+  pc = np.mod(np.round(12 * np.log2(freqs[ok] / 440.0)) + 9, 12).astype(int)
+  chroma = np.zeros((power.shape[0], 12))
+  for c in range(12):
+    chroma[:, c] = power[:, ok][:, pc == c].sum(-1)
+  p = chroma.sum(0)
+  p = p / max(p.sum(), 1e-12)
+  ent = float(-(p[p > 0] * np.log2(p[p > 0])).sum())
+  return centroid, ent
+
+
+# ------------------------------------------------------------------------------- models
+
+
+def load_models(args, conf, log=print):
+  """{"base": DiT[, "arc": DiT]}. With --arc and no --base, the base is the ARC run's own (its
+  recorded --base, or the same random weights it was trained on)."""
+  cfg = DiTConfig.from_config(conf.model)
+  models = {}
+  if args.arc:
+    from arc import load_arc_model
+    from lmdm_jax.nn import adapters
+    adapted = load_arc_model(args.arc, base=args.base, merge=False)
+    if not args.base:
+      models["base"] = adapters.strip_adapters(adapted)
+      log(f"[drift] base: the base of the ARC run {args.arc}")
+    models["arc"] = adapters.merge_adapters(adapted)
+    log(f"[drift] ARC adapter from {args.arc} (merged into the base kernels)")
+  if args.base:
+    from arc import load_base_params
+    params, rest, step = load_base_params(args.base, cfg)
+    models["base"] = nnx.merge(nnx.split(nnx.eval_shape(lambda: DiT(cfg, rngs=nnx.Rngs(0))),
+                                         nnx.Param, ...)[0], params, rest)
+    log(f"[drift] base: {args.base} step {step}")
+  elif "base" not in models:
+    models["base"] = random_model(cfg, seed=conf.get("seed", 0))
+    log("[drift] no --base: the base model has RANDOM weights (a smoke run)")
+  if not args.arc:
+    log("[drift] no --arc: streaming the base model only")
+  return cfg, {k: models[k] for k in ("base", "arc") if k in models}
+
+
+def stream_all(models, cfg, ctx, cond, gen_frames, steps, cfg_scale, seed, log=print):
+  """{name: (B, gen_frames, C) latents}: one compiled Stream, parameters swapped per model."""
+  b = ctx.shape[0]
+  guided = cfg_scale != 1.0
+  sp = S.SamplerParams.make(steps=steps, cfg_scale=cfg_scale, plus_plus=False, pingpong=True)
+  first = next(iter(models.values()))
+  stream = S.Stream(first, batch=b, regime="block_causal", cfg_guidance=guided,
+                    cross_len=cond.shape[1], seed=seed, sampler=sp)
+  out = {}
+  for name, model in models.items():
+    stream.params = nnx.split(model)[1]
+    stream.state = S.init_state(cfg, "block_causal", b, guided, cond.shape[1], seed)
+    stream.set_prompt(cond)
+    stream.prime(ctx)
+    t0 = time.perf_counter()
+    lat = np.asarray(stream.generate(gen_frames))
+    log(f"[drift] {name}: {gen_frames} frames x {b} streams in {time.perf_counter() - t0:.1f} s"
+        " (first includes compilation)")
+    out[name] = lat
+  return out
+
+
+# ---------------------------------------------------------------------------------- main
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  ap.add_argument("--config", default="arc_tiny")
+  ap.add_argument("--base")
+  ap.add_argument("--arc", help="an arc.py workdir")
+  ap.add_argument("--data", default="synthetic")
+  ap.add_argument("--seconds", type=float, default=60.0)
+  ap.add_argument("--frame-rate", type=float, default=FRAME_RATE)
+  ap.add_argument("--codec", help="codec name for audio indicators (lmdm_jax.codecs.get_codec)")
+  ap.add_argument("--batch", type=int, default=8, help="held-out streams per model")
+  ap.add_argument("--steps", type=int, help="denoising steps (default: the config's sampler)")
+  ap.add_argument("--cfg-scale", type=float, default=1.0)
+  ap.add_argument("--row-seconds", type=float, default=5.0)
+  ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--out", default="bench_out/drift")
+  args = ap.parse_args(argv)
+
+  conf = load_config(args.config)
+  cfg, models = load_models(args, conf)
+  cs, K, C = cfg.chunk, cfg.context_chunks, cfg.io_channels
+  codec = None
+  rate = args.frame_rate
+  if args.codec:
+    from lmdm_jax.codecs import get_codec
+    codec = get_codec(args.codec)
+    if codec.latent_dim != C:
+      print(f"[drift] codec {args.codec}: latent_dim {codec.latent_dim} != the model's {C}; "
+            "audio indicators skipped")
+      codec = None
+    else:
+      rate = codec.frame_rate
+  n_blocks = int(np.ceil(args.seconds * rate / cs))
+  gen_frames = n_blocks * cs
+  steps = args.steps or int(conf.sampler.steps)
+  print(f"[drift] {n_blocks} blocks of {cs} frames = {gen_frames / rate:.1f} s at {rate:.2f} "
+        f"frames/s past {K * cs} context frames; {args.batch} held-out streams; {steps} steps, "
+        f"cfg {args.cfg_scale}")
+
+  held = make_source(args.data, K * cs + gen_frames, cfg, conf.get("seed", 0), holdout=True)
+  raw = Batcher(held, cfg)(0, args.batch)
+  lat_real = raw["latents"]
+  valid = raw["frame_mask"][:, K * cs:] > 0
+  ctx = jnp.asarray(lat_real[:, :K * cs])
+  cond = jnp.asarray(raw["cond"]) if "cond" in raw else jnp.zeros((args.batch, 1, cfg.cond_token_dim))
+  real_frames = lat_real[:, K * cs:][valid]  # (N, C) pooled held-out continuation frames
+  gens = stream_all(models, cfg, ctx, cond, gen_frames, steps, args.cfg_scale, args.seed)
+
+  rng = np.random.default_rng(args.seed)
+  per_block = {"t_end_s": [], "fd_floor": [], "rms_real": float(np.sqrt(np.mean(real_frames ** 2)))}
+  n_per = args.batch * cs
+  for j in range(n_blocks):
+    per_block["t_end_s"].append((j + 1) * cs / rate)
+    idx = rng.permutation(len(real_frames))
+    per_block["fd_floor"].append(frechet(real_frames[idx[:n_per]], real_frames[idx[n_per:]])
+                                 if len(real_frames) > 2 * n_per else float("nan"))
+  for name, lat in gens.items():
+    fd, rms, cen, ent = [], [], [], []
+    audio = [codec.decode(lat[i]) for i in range(lat.shape[0])] if codec else None
+    for j in range(n_blocks):
+      blk = lat[:, j * cs:(j + 1) * cs].reshape(-1, C)
+      fd.append(frechet(blk, real_frames))
+      rms.append(float(np.sqrt(np.mean(blk ** 2))))
+      if audio is not None:
+        seg = [a[:, j * cs * codec.hop:(j + 1) * cs * codec.hop] for a in audio]
+        ind = np.array([audio_indicators(s, codec.sample_rate) for s in seg])
+        cen.append(float(ind[:, 0].mean()))
+        ent.append(float(ind[:, 1].mean()))
+    per_block[name] = {"fd": fd, "rms": rms}
+    if audio is not None:
+      per_block[name].update(centroid_hz=cen, chroma_entropy=ent)
+
+  # table: one row per --row-seconds
+  per_row = max(1, int(round(args.row_seconds * rate / cs)))
+  names = list(gens)
+  head = ["t (s)", "blocks"] + [f"FD {n}" for n in names] + ["FD floor"] + \
+         [f"RMS {n}" for n in names] + ["RMS real"]
+  if codec:
+    head += [f"centroid {n}" for n in names] + [f"chroma H {n}" for n in names]
+  print("| " + " | ".join(head) + " |")
+  print("|" + "---|" * len(head))
+  for r0 in range(0, n_blocks, per_row):
+    sl = slice(r0, min(n_blocks, r0 + per_row))
+    row = [f"{per_block['t_end_s'][sl.stop - 1]:.1f}", f"{sl.start}-{sl.stop - 1}"]
+    row += [f"{np.mean(per_block[n]['fd'][sl]):.3f}" for n in names]
+    row += [f"{np.nanmean(per_block['fd_floor'][sl]):.3f}"]
+    row += [f"{np.mean(per_block[n]['rms'][sl]):.3f}" for n in names]
+    row += [f"{per_block['rms_real']:.3f}"]
+    if codec:
+      row += [f"{np.mean(per_block[n]['centroid_hz'][sl]):.0f}" for n in names]
+      row += [f"{np.mean(per_block[n]['chroma_entropy'][sl]):.3f}" for n in names]
+    print("| " + " | ".join(row) + " |")
+  for n in names:
+    fd = np.asarray(per_block[n]["fd"])
+    q = max(1, n_blocks // 4)
+    print(f"[drift] {n}: FD first quarter {fd[:q].mean():.3f} -> last quarter {fd[-q:].mean():.3f}"
+          f" (x{fd[-q:].mean() / max(fd[:q].mean(), 1e-12):.2f})")
+
+  os.makedirs(args.out, exist_ok=True)
+  with open(os.path.join(args.out, "drift.json"), "w") as f:
+    json.dump({"args": vars(args), "frame_rate": rate, "chunk": cs, **per_block}, f)
+  try:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+  except ImportError:
+    print("[drift] matplotlib is not installed: no plot (numbers are in drift.json)")
+    return
+  panels = 2 + (2 if codec else 0)
+  fig, axes = plt.subplots(panels, 1, figsize=(8, 2.6 * panels), sharex=True)
+  t = np.asarray(per_block["t_end_s"])
+  for n in names:
+    axes[0].plot(t, per_block[n]["fd"], label=n)
+    axes[1].plot(t, per_block[n]["rms"], label=n)
+    if codec:
+      axes[2].plot(t, per_block[n]["centroid_hz"], label=n)
+      axes[3].plot(t, per_block[n]["chroma_entropy"], label=n)
+  axes[0].plot(t, per_block["fd_floor"], ":", color="gray", label="real vs real (floor)")
+  axes[1].axhline(per_block["rms_real"], ls=":", color="gray", label="real")
+  axes[0].set_ylabel("Frechet distance")
+  axes[1].set_ylabel("latent RMS")
+  if codec:
+    axes[2].set_ylabel("centroid (Hz)")
+    axes[3].set_ylabel("chroma entropy (bits)")
+  axes[-1].set_xlabel("seconds past the context")
+  for a in axes:
+    a.legend(fontsize=7)
+    a.grid(alpha=0.3)
+  fig.tight_layout()
+  path = os.path.join(args.out, "drift.png")
+  fig.savefig(path, dpi=110)
+  print(f"[drift] wrote {path} and drift.json")
+
+
+if __name__ == "__main__":
+  main()
