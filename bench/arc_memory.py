@@ -21,11 +21,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from lmdm_jax.config import DiTConfig, load_config  # noqa: E402
 from lmdm_jax.nn import adapters  # noqa: E402
-from lmdm_jax.nn.dit import DiT  # noqa: E402
+from lmdm_jax.nn.dit import Buffer, DiT  # noqa: E402
 from lmdm_jax.nn.discriminator import HeadConfig  # noqa: E402
 from lmdm_jax.training.arc_forcing import ARCConfig, ARCForcing, make_head  # noqa: E402
 
@@ -35,6 +36,9 @@ OPTS = {"xla_backend_optimization_level": 0}  # codegen only: buffer assignment 
 def measure(cfg, ac_kw, adapter_cfg, head_cfg, batch, n, remat, phase):
   ac = ARCConfig(**dict(ac_kw, rollout_blocks=n, remat=remat))
   model = nnx.eval_shape(lambda: adapters.add_adapters(DiT(cfg, rngs=nnx.Rngs(0)), adapter_cfg))
+  r = cfg.rotary_dim  # the rotary tables are built from concrete inverse frequencies
+  model.inv_freq = Buffer(jnp.asarray(1.0 / (cfg.rope_base ** (np.arange(0, r, 2) / r)),
+                                      jnp.float32))
   head = nnx.eval_shape(lambda: make_head(cfg, head_cfg))
   tr = ARCForcing(model, ac, head)
   state, frozen = jax.eval_shape(lambda: tr.init(model, head))
