@@ -90,12 +90,17 @@ class DiTConfig:
 
   @classmethod
   def from_config(cls, cfg) -> "DiTConfig":
-    d = dict(cfg) if not isinstance(cfg, dict) else cfg
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-      raise ValueError(f"unknown model config fields {unknown}; known: {sorted(names)}")
-    return cls(**d)
+    return dataclass_from_config(cls, cfg, "model")
+
+
+def dataclass_from_config(cls, cfg, what: str):
+  """A frozen config dataclass from a ConfigDict/dict, rejecting unknown fields by name."""
+  d = dict(cfg)
+  names = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(d) - names)
+  if unknown:
+    raise ValueError(f"unknown {what} config fields {unknown}; known: {sorted(names)}")
+  return cls(**d)
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:

@@ -27,6 +27,7 @@ import optax
 from flax import nnx
 
 from lmdm_jax import layouts
+from lmdm_jax.config import dataclass_from_config
 from lmdm_jax.nn import attention as A
 from lmdm_jax.nn.dit import DiT
 
@@ -48,12 +49,7 @@ class Stage1Config:
 
   @classmethod
   def from_config(cls, cfg) -> "Stage1Config":
-    d = dict(cfg)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-      raise ValueError(f"unknown train config fields {unknown}; known: {sorted(names)}")
-    return cls(**d)
+    return dataclass_from_config(cls, cfg, "train.stage1")
 
 
 def make_optimizer(tc: Stage1Config) -> optax.GradientTransformation:
