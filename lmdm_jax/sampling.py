@@ -197,7 +197,7 @@ def generate_block(model: DiT, tables, state: StreamState, extra, sp: SamplerPar
   cache = state.cache
   cross = cache.cross()
   off = cs  # table index of position 0
-  x_shape = jnp.zeros((b, cs, cfg.io_channels))
+  x_shape = (b, cs, cfg.io_channels)
   extra2 = _dup(extra, n)
 
   def glob_tok(t):
@@ -229,7 +229,7 @@ def generate_block(model: DiT, tables, state: StreamState, extra, sp: SamplerPar
       kv_p = jax.tree.map(lambda a: a[:, :, :cs], kv)
       return c.commit(kv_p, i - 1, state.has_pending > 0)
 
-    x_init = jax.random.normal(k_init, x_shape.shape, jnp.float32)
+    x_init = jax.random.normal(k_init, x_shape, jnp.float32)
     t0 = schedule(sp.steps)[0]
     if fused:  # step 0 also carries the pending clean chunk and commits its K/V
       v_c0, v_u0, kv = run(cache, x_init, t0, True)
@@ -242,7 +242,7 @@ def generate_block(model: DiT, tables, state: StreamState, extra, sp: SamplerPar
       v_c, v_u, _ = run(new_cache, x, t, False)
       return v_c, v_u
 
-    block, _, aux = _run_steps_from(x_init, v_c0, v_u0, k_steps, sp, cfg_on, velocity_at)
+    block, aux = _denoise(x_init, v_c0, v_u0, k_steps, sp, cfg_on, velocity_at)
     new_state = state.replace(cache=new_cache, context=block, context_extra=extra,
                               has_pending=jnp.ones((), jnp.int32))
   else:
@@ -273,8 +273,8 @@ def generate_block(model: DiT, tables, state: StreamState, extra, sp: SamplerPar
         out, _ = model.forward_tokens(h, rope_all, mask_all, cross)
         return _split_v(model.velocity(out[:, w:w + cs]), b, cfg_on)
 
-    x_init = jax.random.normal(k_init, x_shape.shape, jnp.float32)
-    block, _, aux = _run_steps_from(x_init, None, None, k_steps, sp, cfg_on, velocity_at)
+    x_init = jax.random.normal(k_init, x_shape, jnp.float32)
+    block, aux = _denoise(x_init, None, None, k_steps, sp, cfg_on, velocity_at)
     new_state = state.replace(
         cache=cache,
         context=jnp.concatenate([state.context[:, cs:], block], axis=1),
@@ -283,10 +283,10 @@ def generate_block(model: DiT, tables, state: StreamState, extra, sp: SamplerPar
   return block, new_state, aux
 
 
-def _run_steps_from(x, v_c0, v_u0, k_steps, sp, cfg_on, velocity_at):
+def _denoise(x, v_c0, v_u0, k_steps, sp, cfg_on, velocity_at):
   """Denoising loop from initial noise x. If v_c0 is given, step 0's velocity is already known
   (the fused first step); steps ``start..steps-1`` run in a ``fori_loop``.
-  Returns (x_0, None, (x_in, v_cond) of the last step)."""
+  Returns (x_0, (x_in, v_cond) of the last step)."""
   t = schedule(sp.steps)
 
   def eps(i):
@@ -305,7 +305,7 @@ def _run_steps_from(x, v_c0, v_u0, k_steps, sp, cfg_on, velocity_at):
     return update(x, v_c, v_u, t[i], t[i + 1], eps(i), sp, cfg_on), (x, v_c)
 
   x, aux = jax.lax.fori_loop(start, sp.steps, body, (x, aux))
-  return x, None, aux
+  return x, aux
 
 
 def reference_block(model: DiT, history, state: StreamState, extra, sp: SamplerParams,
@@ -335,7 +335,7 @@ def reference_block(model: DiT, history, state: StreamState, extra, sp: SamplerP
     return _split_v(v, b, cfg_on)
 
   x_init = jax.random.normal(k_init, (b, cs, cfg.io_channels), jnp.float32)
-  block, _, _ = _run_steps_from(x_init, None, None, k_steps, sp, cfg_on, velocity_at)
+  block, _ = _denoise(x_init, None, None, k_steps, sp, cfg_on, velocity_at)
   return block, key
 
 
