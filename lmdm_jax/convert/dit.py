@@ -35,6 +35,7 @@ from flax import nnx
 from lmdm_jax.config import DiTConfig
 from lmdm_jax.nn.conditioners import NumberConditioner, NumberConditionerConfig
 from lmdm_jax.nn.dit import DiT
+from lmdm_jax.convert.keys import check_keys
 
 DIT_PREFIX = "model.model."
 COND_PREFIX = "conditioner.conditioners."
@@ -346,16 +347,7 @@ def _take_self_attn_qkv(ld: _Loader, sub: dict, p: str, var: nnx.Variable, prefi
 
 
 def _report(what: str, ld: _Loader, unexpected, allow_missing, allow_unexpected):
-  problems = []
-  if ld.bad_shape:
-    problems.append(f"wrongly shaped keys: {ld.bad_shape}")
-  if ld.missing and not allow_missing:
-    problems.append(f"missing keys: {ld.missing}")
-  if unexpected and not allow_unexpected:
-    problems.append(f"unexpected keys: {sorted(unexpected)}")
-  if problems:
-    raise ValueError(f"cannot load the {what}: " + "; ".join(problems) +
-                     " (pass allow_missing / allow_unexpected to accept missing or unknown keys)")
+  check_keys(what, ld.bad_shape, ld.missing, unexpected, allow_missing, allow_unexpected)
 
 
 class Converted(NamedTuple):

@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from lmdm_jax.nn.oobleck import ConvTranspose1d, OobleckVAE, SnakeBeta
+from lmdm_jax.convert.keys import check_keys
 
 PREFIXES = ("diffusion.pretransform.model.", "pretransform.model.")
 _G, _V = "weight_g", "weight_v"
@@ -125,15 +126,7 @@ def load_torch_state_dict(model: OobleckVAE, state_dict: Mapping[str, Any], *,
       take(mod.bias, f"{name}.bias", _plain(sd, f"{name}.bias", used))
 
   unexpected = sorted(set(sd) - used)
-  problems = []
-  if bad_shape:
-    problems.append(f"wrongly shaped keys: {bad_shape}")
-  if missing and not allow_missing:
-    problems.append(f"missing keys: {missing}")
-  if unexpected and not allow_unexpected:
-    problems.append(f"unexpected keys: {unexpected}")
-  if problems:
-    raise ValueError("cannot load the Oobleck state_dict: " + "; ".join(problems))
+  check_keys("Oobleck state_dict", bad_shape, missing, unexpected, allow_missing, allow_unexpected)
   for var, value in updates:
     var[...] = value
   return {"missing": missing, "unexpected": unexpected}

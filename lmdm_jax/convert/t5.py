@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from lmdm_jax.nn.t5 import T5Config, T5Encoder
+from lmdm_jax.convert.keys import check_keys
 
 IGNORED_PREFIXES = ("decoder.", "lm_head.")
 
@@ -130,15 +131,8 @@ def load_torch_state_dict(model: T5Encoder, state_dict: Mapping[str, Any], *,
     take(flax_path, key, value)
 
   unexpected = sorted(set(sd) - used)
-  problems = []
-  if bad:
-    problems.append(f"wrongly shaped or inconsistent keys: {bad}")
-  if missing and not allow_missing:
-    problems.append(f"missing keys: {missing}")
-  if unexpected and not allow_unexpected:
-    problems.append(f"unexpected keys: {unexpected}")
-  if problems:
-    raise ValueError("cannot load the T5 encoder state_dict: " + "; ".join(problems))
+  check_keys("T5 encoder state_dict", bad, missing, unexpected, allow_missing, allow_unexpected,
+             bad_label="wrongly shaped or inconsistent keys")
   for var, value in updates:
     var[...] = np.ascontiguousarray(value)
   return {"missing": missing, "unexpected": unexpected}
