@@ -93,14 +93,19 @@ class DiTConfig:
     return dataclass_from_config(cls, cfg, "model")
 
 
-def dataclass_from_config(cls, cfg, what: str):
-  """A frozen config dataclass from a ConfigDict/dict, rejecting unknown fields by name."""
+def check_fields(cls, cfg, what: str) -> dict:
+  """The config as a dict, after rejecting fields the dataclass ``cls`` does not have, by name."""
   d = dict(cfg)
   names = {f.name for f in dataclasses.fields(cls)}
   unknown = sorted(set(d) - names)
   if unknown:
     raise ValueError(f"unknown {what} config fields {unknown}; known: {sorted(names)}")
-  return cls(**d)
+  return d
+
+
+def dataclass_from_config(cls, cfg, what: str):
+  """A frozen config dataclass from a ConfigDict/dict, rejecting unknown fields by name."""
+  return cls(**check_fields(cls, cfg, what))
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:

@@ -30,6 +30,7 @@ import numpy as np
 from flax import nnx
 
 from lmdm_jax.nn.dit import DiT
+from lmdm_jax.config import check_fields
 
 PROJECTIONS = ("self_attn.to_qkv", "self_attn.to_out", "cross_attn.to_q", "cross_attn.to_kv",
                "ff_in", "ff_out")
@@ -59,11 +60,7 @@ class AdapterConfig:
 
   @classmethod
   def from_config(cls, c) -> "AdapterConfig":
-    d = dict(c)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-      raise ValueError(f"unknown adapter config fields {unknown}; known: {sorted(names)}")
+    d = check_fields(cls, c, "adapter")
     if "projections" in d:
       d["projections"] = tuple(d["projections"])
     if d.get("layers") is not None:

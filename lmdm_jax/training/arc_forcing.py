@@ -51,6 +51,7 @@ from lmdm_jax.nn import attention as A
 from lmdm_jax.nn.dit import DiT
 from lmdm_jax.nn.discriminator import ConvNeXtHead
 from lmdm_jax.training.stage1 import context_drop
+from lmdm_jax.config import dataclass_from_config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,12 +84,7 @@ class ARCConfig:
 
   @classmethod
   def from_config(cls, c) -> "ARCConfig":
-    d = dict(c)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-      raise ValueError(f"unknown arc config fields {unknown}; known: {sorted(names)}")
-    return cls(**d)
+    return dataclass_from_config(cls, c, "arc")
 
 
 def make_tx(ac: ARCConfig, lr: float) -> optax.GradientTransformation:
