@@ -14,7 +14,9 @@ def get_config(regime: str = "block_causal"):
   c.model = ml_collections.ConfigDict(dict(
       io_channels=128, embed_dim=256, depth=6, num_heads=4,
       cond_token_dim=384, project_cond_tokens=True, global_cond_dim=0,
-      input_add_dim=1 + 128, global_token="postpend", qk_norm="ln", rope_base=10000.0,
+      # input_add: [context mask | context (128) | accompaniment mask | accompaniment (128) |
+      # sketch (14)]: one model for text-to-music, sketch-to-music and jamming
+      input_add_dim=1 + 128 + (1 + 128) + 14, global_token="postpend", qk_norm="ln", rope_base=10000.0,
       ff_mult=4, timestep_features_dim=128,
       chunk=16, context_chunks=3, window_chunks=4,
       dtype="float32", param_dtype="float32"))
@@ -23,9 +25,9 @@ def get_config(regime: str = "block_causal"):
   c.conditioner = ml_collections.ConfigDict(dict(type="minilm", max_tokens=32))
   c.codec = "spectral"
   c.train = ml_collections.ConfigDict(dict(
-      batch_size=16, steps=20000, ckpt_every=500, keep=3, log_every=25, eval_every=500,
+      batch_size=8, steps=20000, ckpt_every=100, keep=3, log_every=10, eval_every=250,
       eval_batches=4, fsdp=1,
-      stage1=dict(chunks=12, lr=3e-4, warmup_steps=500, clip_norm=1.0, weight_decay=0.01,
-                  b2=0.99, ema_decay=0.999)))
+      stage1=dict(chunks=12, lr=4e-4, warmup_steps=200, clip_norm=1.0, weight_decay=0.01,
+                  b2=0.99, ema_decay=0.998)))
   c.seed = 0
   return c

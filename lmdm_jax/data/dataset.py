@@ -485,7 +485,9 @@ class LatentDataset:
 
   A batch is a dict: ``latents`` (B, n, D) float32, ``mask`` (B, n) bool, ``captions`` [B],
   ``index`` (B,) item indices, ``start`` (B,) crop starts, and when stems are present
-  ``stems`` (B, S, n, D), ``stem_mask`` (B, S) bool, ``stem_names`` [B][S].
+  ``stems`` (B, S, n, D), ``stem_mask`` (B, S) bool, ``stem_names`` [B][S]; with a ``melody.npz``
+  (``lmdm_jax.data.melody``) also ``melody`` (B, n) and ``stem_melody`` (B, S, n) MIDI pitch (NaN
+  unvoiced).
   """
 
   def __init__(self, root: str, crop_frames: int, seed: int = 0, stems: bool = True,
@@ -518,6 +520,11 @@ class LatentDataset:
     self._cdf = np.cumsum(self.probs)
     self._cdf[-1] = 1.0
     self._shards = {}
+    mel = os.path.join(root, "melody.npz")  # optional: ``python3 -m lmdm_jax.data.melody``
+    self.melody = None
+    if os.path.exists(mel):
+      with np.load(mel) as z:
+        self.melody = {k: z[k].astype(np.float32) for k in z.files}
     if preload:
       for name in sorted({r["shard"] for r in self.records}):
         self._shards[name] = self._read_shard(name)
@@ -571,6 +578,9 @@ class LatentDataset:
     stem_mask = np.zeros((batch_size, S), bool) if S else None
     stem_names = []
     captions = []
+    mel = self.melody
+    melody = np.full((batch_size, n), np.nan, np.float32) if mel is not None else None
+    stem_melody = np.full((batch_size, S, n), np.nan, np.float32) if mel is not None and S else None
     for b, i in enumerate(idx):
       r = self.records[i]
       T = r["frames"]
@@ -580,16 +590,24 @@ class LatentDataset:
       lat[b, :m] = self.latents(i)[start:start + m]
       mask[b, :m] = True
       captions.append(r["caption"])
+      if mel is not None and r["key"] in mel:
+        melody[b, :m] = mel[r["key"]][start:start + m]
       if S:
         names = []
         for k, s in enumerate(self.stem_latents(i)[:S]):
           stems[b, k, :m] = s[start:start + m]
           stem_mask[b, k] = True
           names.append(r["stems"][k].get("name", ""))
+          if stem_melody is not None and r["stems"][k]["key"] in mel:
+            stem_melody[b, k, :m] = mel[r["stems"][k]["key"]][start:start + m]
         stem_names.append(names)
     out = dict(latents=lat, mask=mask, captions=captions, index=idx.astype(np.int64), start=starts)
     if S:
       out.update(stems=stems, stem_mask=stem_mask, stem_names=stem_names)
+    if melody is not None:  # MIDI pitch per frame, NaN unvoiced (lmdm_jax.data.melody)
+      out["melody"] = melody
+      if stem_melody is not None:
+        out["stem_melody"] = stem_melody
     return out
 
   def iterate(self, batch_size: int, start_step: int = 0, steps: Optional[int] = None):
