@@ -323,3 +323,89 @@ def test_get_codec_and_cli(tmp_path, capsys):
   assert rep["items"] == 4 and rep["codec"] == f"{__name__}:RMSCodec"  # loud.wav is fine here
   ds = D.LatentDataset(str(tmp_path / "out"), crop_frames=10)
   assert ds.latents(0).dtype == np.float32
+
+
+# ---------------------------------------------------------------- melody tracks and extras
+
+
+@pytest.fixture(scope="module")
+def with_melody(built, tmp_path_factory):
+  import shutil
+
+  from lmdm_jax.data import melody
+  out = tmp_path_factory.mktemp("mel") / "out"
+  shutil.copytree(built, out)
+  melody.build(str(out), str(built.parent / "audio"), log=lambda *a: None)
+  return out
+
+
+def test_melody_tracks_and_skyline(with_melody):
+  ds = D.LatentDataset(str(with_melody), crop_frames=100, seed=0)
+  (i,) = [k for k, r in enumerate(ds.records) if r["stems"]]
+  r = ds.records[i]
+  low, high = (ds.melody[s["key"]] for s in r["stems"])
+  assert low.shape == high.shape == (r["frames"],)
+  # 330 Hz = MIDI 63.9, 660 Hz = 75.9 (yin on the stems, voiced through the tone)
+  assert abs(np.nanmedian(low) - 63.9) < 0.3 and abs(np.nanmedian(high) - 75.9) < 0.3
+  assert np.isfinite(low[2:-2]).all()
+  sky = ds.melody[r["key"]]
+  both = np.isfinite(low) & np.isfinite(high)
+  np.testing.assert_array_equal(sky[both], np.maximum(low, high)[both])
+  only_low = np.isfinite(low) & ~np.isfinite(high)  # the high stem is shorter
+  np.testing.assert_array_equal(sky[only_low], low[only_low])
+  bt = ds.batch(0, 16)
+  assert bt["melody"].shape == (16, 100) and bt["stem_melody"].shape == (16, 2, 100)
+
+
+def _extras_cfg(latent_dim=4):
+  import dataclasses
+
+  from lmdm_jax.config import DiTConfig, load_config
+  from lmdm_jax.apps.sketch import SKETCH_DIM
+  cfg = DiTConfig.from_config(load_config("tiny").model)
+  return dataclasses.replace(cfg, io_channels=latent_dim,
+                             input_add_dim=1 + latent_dim + 1 + latent_dim + SKETCH_DIM)
+
+
+def test_batcher_jam_and_sketch_extras(with_melody):
+  from lmdm_jax.apps.sketch import pitch_features
+  from lmdm_jax.training.data import Batcher
+  cfg = _extras_cfg()
+  text = lambda caps: np.zeros((len(caps), 3, cfg.cond_token_dim), np.float32)  # noqa: E731
+  ds = D.LatentDataset(str(with_melody), crop_frames=48, seed=1)
+  bat = Batcher(ds, cfg, text, p_jam=1.0, p_acc_uncond=0.0, p_acc_partial=0.0, p_sketch=1.0)
+  raw, out = ds.batch(2, 16), bat(2, 16)
+  assert out["extra"].shape == (16, 48, 1 + 4 + 14)  # [accomp mask | accomp | sketch]
+  jam = 0
+  for b in range(16):
+    m = raw["mask"][b]
+    acc, sk = out["extra"][b, :, :5], out["extra"][b, :, 5:]
+    if raw["stem_mask"][b].sum() >= 2:
+      jam += 1
+      i = [k for k in range(2) if np.array_equal(out["latents"][b], raw["stems"][b, k])]
+      assert len(i) == 1  # the target is one stem, the partner the other
+      j = 1 - i[0]
+      np.testing.assert_array_equal(acc[:, 0], m.astype(np.float32))
+      np.testing.assert_array_equal(acc[:, 1:], raw["stems"][b, j] * m[:, None])
+      np.testing.assert_array_equal(sk, pitch_features(raw["stem_melody"][b, i[0]]) * m[:, None])
+    else:  # no partner: the mix is the target, no accompaniment
+      np.testing.assert_array_equal(out["latents"][b], raw["latents"][b])
+      assert not acc.any()
+  assert jam > 0
+  # deterministic in (seed, step), different across steps
+  again = Batcher(ds, cfg, text, p_jam=1.0, p_acc_uncond=0.0, p_acc_partial=0.0, p_sketch=1.0)(2, 16)
+  np.testing.assert_array_equal(again["extra"], out["extra"])
+  # partial knowledge: each chunk knows its partner up to a frame (a prefix of the chunk)
+  part = Batcher(ds, cfg, text, p_jam=1.0, p_acc_uncond=0.0, p_acc_partial=1.0, p_sketch=0.0)(2, 16)
+  km = part["extra"][:, :, 0].reshape(16, -1, cfg.chunk)
+  assert (np.diff(km, axis=-1) <= 0).all() and 0 < km.mean() < 1
+  assert not part["extra"][:, :, 5:].any()
+
+
+def test_batcher_rejects_unknown_extra_width():
+  import dataclasses
+
+  from lmdm_jax.training.data import Batcher
+  cfg = dataclasses.replace(_extras_cfg(), input_add_dim=1 + 4 + 3)
+  with pytest.raises(ValueError, match="extra input_add channels = 3"):
+    Batcher(None, cfg, lambda c: None)
