@@ -7,6 +7,8 @@
 A run restarted with the same command resumes from its last checkpoint and continues with the
 same data order, noise and losses as an uninterrupted run (data and PRNG keys depend only on the
 seed and the step). Metrics go to <workdir>/metrics.jsonl (one JSON object per logged step).
+Every ``--sample-every`` steps the EMA model streams ``--sample-seconds`` of a held-out prompt
+into <workdir>/samples/step_NNNNNNN.wav (decoded with the config's codec; latents .npy without).
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ from lmdm_jax.training.stage1 import Stage1, Stage1Config
 def _train_defaults(conf):
   t = conf.get("train", None)
   d = dict(batch_size=8, steps=1000, ckpt_every=100, keep=3, log_every=10, eval_every=100,
-           eval_batches=2, fsdp=1, stage1={})
+           eval_batches=2, fsdp=1, sample_every=0, sample_seconds=10.0, stage1={})
   if t is not None:
     d.update({k: (dict(v) if k == "stage1" else v) for k, v in dict(t).items()})
   return d
@@ -57,6 +59,38 @@ def truncate_metrics(path: str, after_step: int) -> None:
   os.replace(tmp, path)
 
 
+def write_sample(graphdef, state, conf, cfg: DiTConfig, text, caption: str, path: str,
+                 seconds: float, seed: int = 0) -> str:
+  """Streams ``seconds`` of ``caption`` with the EMA weights of ``state``; writes a WAV (or the
+  latents as .npy when the config has no codec). Returns the written path."""
+  from lmdm_jax import sampling as S
+  from lmdm_jax.training.stage1 import model_from_state
+  model = model_from_state(graphdef, jax.device_get(state), use_ema=True)
+  sc = conf.sampler
+  n_tok = text.max_tokens if text is not None else 1
+  stream = S.Stream(model, batch=1, cross_len=n_tok, seed=seed, cfg_guidance=sc.cfg_scale != 1.0,
+                    sampler=S.SamplerParams.make(sc.steps, sc.cfg_scale, False, sc.pingpong))
+  cond = (np.asarray(text([caption]), np.float32) if text is not None
+          else np.zeros((1, 1, cfg.cond_token_dim), np.float32))
+  glob = np.zeros((1, cfg.global_cond_dim), np.float32) if cfg.global_cond_dim else None
+  stream.set_prompt(cond, glob)
+  codec = None
+  if conf.get("codec", None):
+    from lmdm_jax.codecs import get_codec
+    codec = get_codec(conf.codec)
+  rate = codec.frame_rate if codec is not None else 44100 / 2048
+  n = max(1, int(np.ceil(seconds * rate / cfg.chunk)))
+  lat = np.asarray(stream.generate(n * cfg.chunk))[0]
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  if codec is None:
+    path = os.path.splitext(path)[0] + ".npy"
+    np.save(path, lat)
+    return path
+  from lmdm_jax.data.audio import save_audio
+  save_audio(path, codec.decode(lat), codec.sample_rate)
+  return path
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   ap.add_argument("--config", default="tiny")
@@ -71,6 +105,8 @@ def main(argv=None):
   ap.add_argument("--fsdp", type=int)
   ap.add_argument("--lr", type=float)
   ap.add_argument("--seed", type=int)
+  ap.add_argument("--sample-every", type=int, help="write an audio sample every N steps (0: never)")
+  ap.add_argument("--sample-seconds", type=float)
   ap.add_argument("--no-progress", action="store_true")
   args = ap.parse_args(argv)
 
@@ -78,7 +114,8 @@ def main(argv=None):
   conf = load_config(args.config)
   cfg = DiTConfig.from_config(conf.model)
   tr = _train_defaults(conf)
-  for k in ("steps", "batch_size", "ckpt_every", "keep", "log_every", "eval_every", "fsdp"):
+  for k in ("steps", "batch_size", "ckpt_every", "keep", "log_every", "eval_every", "fsdp",
+            "sample_every", "sample_seconds"):
     if getattr(args, k) is not None:
       tr[k] = getattr(args, k)
   if args.lr is not None:
@@ -147,6 +184,12 @@ def main(argv=None):
         bar.set_postfix(loss=f"{m['loss']:.4f}", it_s=f"{rate:.2f}")
       if done % tr["ckpt_every"] == 0 or done == steps:
         ckpt.save(done, state, meta={"step": done, "config": args.config})
+      if tr["sample_every"] and done % tr["sample_every"] == 0 and jax.process_count() == 1:
+        caption = held.batch(20_000_000 + done, 1)["captions"][0]
+        out = write_sample(trainer.graphdef, state, conf, cfg, text, caption,
+                           os.path.join(args.workdir, "samples", f"step_{done:07d}.wav"),
+                           tr["sample_seconds"], seed=done)
+        bar.write(f"[train] step {done}: sample {out} ({caption!r})")
   ckpt.close()
   print(f"[train] finished at step {steps}; checkpoints in {ckpt.directory}")
 

@@ -135,3 +135,17 @@ def test_sigkill_mid_training_then_resume_matches_uninterrupted_run(tmp_path):
         f"{all(a[s] == b[s] for s in a)}")
   for s in a:
     assert a[s] == b[s], (s, a[s], b[s])
+
+
+def test_periodic_samples(tmp_path):
+  """--sample-every writes the EMA model's streamed sample (latents .npy for a codec-less config)."""
+  wd = tmp_path / "s"
+  subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--config", "tiny", "--data",
+                  "synthetic", "--workdir", str(wd), "--steps", "4", "--batch-size", "2",
+                  "--sample-every", "2", "--sample-seconds", "1", "--no-progress"],
+                 check=True, capture_output=True, timeout=600, cwd=ROOT)
+  files = sorted(os.listdir(wd / "samples"))
+  assert files == ["step_0000002.npy", "step_0000004.npy"]
+  a, b = (np.load(wd / "samples" / f) for f in files)
+  assert a.shape == b.shape and a.shape[1] == 8 and a.shape[0] >= 22 and np.isfinite(a).all()
+  assert not np.array_equal(a, b)  # different weights and seeds
