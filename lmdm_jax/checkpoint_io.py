@@ -2,7 +2,8 @@
 
 - a converted stable-audio-tools / LMDM checkpoint (``python3 -m lmdm_jax.convert``): a folder
   with the converter's metadata, restored by ``lmdm_jax.convert.dit.load_converted``;
-- a ``train.py`` work directory: ``config.json`` + ``checkpoints/`` (orbax), latest step.
+- a ``train.py`` work directory: ``config.json`` + ``checkpoints/`` (orbax), latest step;
+- a model bundle ``.npz`` (``lmdm_jax.bundle``; the bundled default model is one).
 """
 from __future__ import annotations
 
@@ -17,6 +18,10 @@ from lmdm_jax.nn.dit import DiT
 
 def load_model(path: str, use_ema: bool = False):
   """-> (DiTConfig, DiT, extras dict). Raises ValueError naming what is missing."""
+  if os.path.isfile(path) and path.endswith(".npz"):
+    from lmdm_jax import bundle
+    cfg, model, meta = bundle.load_bundle(path)
+    return cfg, model, {"step": meta.get("step"), "meta": meta}
   if not os.path.isdir(path):
     raise ValueError(f"checkpoint {path!r}: no such directory")
   if os.path.exists(os.path.join(path, "config.json")) and os.path.isdir(

@@ -1,0 +1,79 @@
+"""The bundled-model file format (lmdm_jax.bundle): round trip, half precision, bad files."""
+import numpy as np
+import pytest
+from flax import nnx
+
+from lmdm_jax import bundle
+from lmdm_jax.config import DiTConfig, load_config
+from lmdm_jax.nn.dit import DiT
+
+
+def _model(seed=1):
+  return DiT(DiTConfig.from_config(load_config("tiny").model), rngs=nnx.Rngs(seed))
+
+
+def _forward(model):
+  cfg = model.cfg
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((1, cfg.window_chunks * cfg.chunk, cfg.io_channels)).astype(np.float32)
+  add = rng.standard_normal(x.shape[:2] + (cfg.input_add_dim,)).astype(np.float32)
+  cond = rng.standard_normal((1, 3, cfg.cond_token_dim)).astype(np.float32)
+  glob = rng.standard_normal((1, cfg.global_cond_dim)).astype(np.float32)
+  return np.asarray(model(x, np.array([0.3], np.float32), cond_tokens=cond, global_cond=glob,
+                          input_add=add))
+
+
+def test_round_trip_float32_is_exact(tmp_path):
+  m = _model()
+  path = bundle.save_bundle(m, str(tmp_path / "m.npz"), {"config": "tiny", "step": 7}, np.float32)
+  cfg, m2, meta = bundle.load_bundle(path)
+  assert cfg == m.cfg and meta["step"] == 7 and meta["config"] == "tiny"
+  a, b = bundle.flat_params(m), bundle.flat_params(m2)
+  assert a.keys() == b.keys()
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k])
+  np.testing.assert_array_equal(_forward(m), _forward(m2))
+
+
+def test_half_precision_rounds_every_parameter(tmp_path):
+  m = _model()
+  path = bundle.save_bundle(m, str(tmp_path / "m.npz"), {"config": "tiny"})
+  _, m2, meta = bundle.load_bundle(path)
+  assert meta["dtype"] == "float16"
+  a, b = bundle.flat_params(m), bundle.flat_params(m2)
+  for k in a:
+    np.testing.assert_array_equal(a[k].astype(np.float16).astype(np.float32), b[k])
+  out, out2 = _forward(m), _forward(m2)
+  assert 0 < np.abs(out - out2).max() < 1e-2 * np.abs(out).max()
+
+
+def test_bad_bundles_are_named(tmp_path):
+  m = _model()
+  path = str(tmp_path / "m.npz")
+  bundle.save_bundle(m, path, {"config": "tiny"})
+  with np.load(path) as z:
+    arrays = {k: z[k] for k in z.files}
+  key = next(k for k in arrays if k.endswith("project_in/kernel"))
+  broken = dict(arrays)
+  broken[key] = broken[key][:, :-1]
+  np.savez(tmp_path / "shape.npz", **broken)
+  with pytest.raises(ValueError, match="misshapen.*project_in"):
+    bundle.load_bundle(str(tmp_path / "shape.npz"))
+  missing = {k: v for k, v in arrays.items() if k != key}
+  np.savez(tmp_path / "missing.npz", **missing)
+  with pytest.raises(ValueError, match="missing.*project_in"):
+    bundle.load_bundle(str(tmp_path / "missing.npz"))
+  np.savez(tmp_path / "plain.npz", a=np.zeros(3))
+  with pytest.raises(ValueError, match="not a model bundle"):
+    bundle.load_bundle(str(tmp_path / "plain.npz"))
+  with pytest.raises(ValueError, match="no such file"):
+    bundle.load_bundle(str(tmp_path / "nope.npz"))
+
+
+def test_load_model_accepts_a_bundle(tmp_path):
+  from lmdm_jax.checkpoint_io import load_model
+  m = _model()
+  path = bundle.save_bundle(m, str(tmp_path / "m.npz"), {"config": "tiny", "step": 3}, np.float32)
+  cfg, m2, extras = load_model(path)
+  assert cfg == m.cfg and extras["step"] == 3 and extras["meta"]["config"] == "tiny"
+  np.testing.assert_array_equal(_forward(m), _forward(m2))
