@@ -4,6 +4,7 @@ codec and text encoder, parsing time-varying prompts, and a real-time-factor clo
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import time
 
@@ -102,6 +103,11 @@ def load(config: str | None, checkpoint: str | None, seed: int, log=print, tag="
   from flax import nnx
 
   from lmdm_jax.nn.dit import DiT
+  if not checkpoint and config is None:
+    config = default_config(log)
+    from lmdm_jax.bundle import DEFAULT_BUNDLE
+    if config == "demo" and os.path.isfile(DEFAULT_BUNDLE):
+      checkpoint = DEFAULT_BUNDLE  # the trained default model shipped in the repository
   if checkpoint:
     from lmdm_jax.checkpoint_io import load_model
     cfg, model, extras = load_model(checkpoint)
@@ -111,8 +117,6 @@ def load(config: str | None, checkpoint: str | None, seed: int, log=print, tag="
     log(f"{tag} loaded {checkpoint} ({cfg.depth}x{cfg.embed_dim}, step "
         f"{extras.get('step', '?')}), config {conf.name}")
     return conf, cfg, model
-  if config is None:
-    config = default_config(log)
   conf = load_config(config)
   cfg = DiTConfig.from_config(conf.model)
   log(f"{tag} config {conf.name}: RANDOM WEIGHTS from seed {seed} (no trained checkpoint given): "
