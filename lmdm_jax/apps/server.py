@@ -1,0 +1,633 @@
+"""Jam server: a WebSocket server that streams PCM both ways, and the browser page that uses it.
+
+  python3 -m lmdm_jax.apps.server --config CONFIG_WITH_ACCOMP [--checkpoint DIR] [--port 8765]
+  then open http://127.0.0.1:8765/ (microphone or an audio file in, the model's part out)
+
+One HTTP port serves the page (``/``, ``/jam.js``, ``/worklet.js``) and the WebSocket (``/ws``).
+It binds 127.0.0.1 unless ``--host`` says otherwise (the browser only grants the microphone to a
+secure context: localhost, or https). The model, codec and text encoder are loaded once; every
+connection gets its own ``JamSession`` (its own stream state, KV cache and sampler thread).
+
+Protocol (``/ws``):
+- server -> client, first: ``{"type": "hello", "sample_rate", "channels": 1, "block_samples",
+  "frame_samples", "max_frame_samples", "max_message_bytes", "defaults", ...}``.
+- client -> server, JSON text: ``{"type": "start", "prompt", "delay_blocks", "steps", "cfg"}``
+  (all optional) -> ``{"type": "started", "delay_seconds", "delay_samples", ...}``;
+  ``{"type": "prompt", "prompt", "steps"?, "cfg"?}`` (mid-stream, no recompilation) ->
+  ``{"type": "prompt_ok"}``; ``{"type": "stop"}`` -> ``{"type": "stopped", "stats"}``;
+  ``{"type": "ping", "t"}`` -> ``{"type": "pong", "t"}``; ``{"type": "report", ...}`` (the
+  page's measurements, logged by the server) -> ``{"type": "report_ok"}``.
+- binary, both ways: little-endian float32 mono PCM at ``sample_rate``. The client is the clock:
+  every binary frame of n samples it sends (the partner, live) is answered by one binary frame of
+  n samples, the next n samples of the model's part. Output sample i is the model's music for the
+  moment of input sample i - ``delay_samples`` (the fixed generative delay; the first
+  ``delay_samples`` are silence). Samples the sampler has not produced in time are silence and
+  counted as server under-runs.
+- ``{"type": "stats", ...}`` every ``--stats-interval`` seconds while a session runs: the
+  session's delay, blocks, deadline misses, under-runs, block compute time, and the server's
+  per-frame handling time.
+- bad input never ends the connection: malformed JSON, unknown types, bad start values, binary
+  frames that are not a whole number of float32 samples, that hold NaN/inf or are too long, or
+  that run ahead of real time, get ``{"type": "error", "error": "...", "code": "..."}`` and are
+  dropped. A message over ``--max-message-bytes`` closes that connection only (close code 1009,
+  "message too big"); a vanished client's session and sampler thread are stopped.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import json
+import math
+import mimetypes
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+import urllib.parse
+
+import numpy as np
+
+WEB_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web")
+STATIC = {"/": "index.html", "/index.html": "index.html", "/jam.js": "jam.js",
+          "/worklet.js": "worklet.js"}
+PROTOCOL_VERSION = 1
+MAX_PROMPT_CHARS = 500
+
+
+class BadMessage(ValueError):
+  """A client message the server refuses (answered with an error JSON, connection kept)."""
+
+  def __init__(self, code: str, message: str):
+    super().__init__(message)
+    self.code = code
+
+
+def _log(*a):
+  print("[server]", *a, flush=True)
+
+
+# ------------------------------------------------------------------------------ shared state
+
+
+class JamServer:
+  """What all connections share: the model, codec and text encoder, and the limits."""
+
+  def __init__(self, model, codec, text, *, config_name: str = "?", random_weights: bool = True,
+               prompt: str = "", delay_blocks: int = 2, steps: int = 8, cfg_scale: float = 1.0,
+               plus_plus: bool = False, pingpong: bool = True, seed: int = 0,
+               max_sessions: int = 4, max_message_bytes: int = 1 << 20,
+               stats_interval: float = 0.5, idle_timeout: float = 30.0, any_origin: bool = False,
+               log=_log):
+    from lmdm_jax.apps.jam import JamSession  # noqa: F401 - fail early when it cannot import
+    cfg = model.cfg
+    if codec.latent_dim != cfg.io_channels:
+      raise ValueError(f"the codec's {codec.latent_dim}-dim latents do not match the model's "
+                       f"io_channels={cfg.io_channels}")
+    if cfg.extra_dim < 1 + codec.latent_dim:
+      raise ValueError(f"jamming needs accompaniment channels: the model has extra_dim="
+                       f"{cfg.extra_dim}, it needs >= 1 + latent_dim = {1 + codec.latent_dim} "
+                       f"(input_add_dim = 1 + io_channels + {1 + codec.latent_dim})")
+    self.model, self.codec, self.text = model, codec, text
+    self.config_name, self.random_weights = config_name, random_weights
+    self.defaults = dict(prompt=prompt, delay_blocks=int(delay_blocks), steps=int(steps),
+                         cfg=float(cfg_scale))
+    self.plus_plus, self.pingpong, self.seed = plus_plus, pingpong, seed
+    self.sr, self.codec_channels = codec.sample_rate, codec.channels
+    self.block_samples = cfg.chunk * codec.hop
+    self.frame_samples = 1024
+    self.max_frame_samples = self.sr  # one second per binary frame at most
+    self.max_sessions, self.max_message_bytes = int(max_sessions), int(max_message_bytes)
+    self.stats_interval, self.idle_timeout = float(stats_interval), float(idle_timeout)
+    self.any_origin = any_origin
+    self.log = log
+    self.sessions = 0  # live JamSessions (the event loop's thread only)
+    self.connections = 0
+    self.reports: list[dict] = []
+    # sessions are built one at a time (tracing the shared model, compiling its stream), in
+    # worker threads so the event loop keeps serving other connections meanwhile
+    self.setup_lock = threading.Lock()
+    self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(2, self.max_sessions),
+                                                      thread_name_prefix="jam-setup")
+
+  def hello(self) -> dict:
+    return dict(type="hello", version=PROTOCOL_VERSION, sample_rate=self.sr, channels=1,
+                encoding="float32le", block_samples=self.block_samples,
+                block_seconds=self.block_samples / self.sr, frame_samples=self.frame_samples,
+                max_frame_samples=self.max_frame_samples,
+                max_message_bytes=self.max_message_bytes, config=self.config_name,
+                random_weights=self.random_weights, defaults=self.defaults,
+                active_sessions=self.sessions, max_sessions=self.max_sessions)
+
+  # ---------------------------------------------------------------------------- sessions
+
+  def make_session(self, prompt: str, delay_blocks: int, steps: int, cfg: float):
+    """Build a JamSession (worker thread). Its stream is guarded by its own lock, so a prompt or
+    sampler change from the event loop never races the sampler thread's donated state."""
+    from lmdm_jax.apps.jam import JamSession
+    with self.setup_lock:
+      sess = JamSession(self.model, self.codec, self.text, prompt, delay_blocks=delay_blocks,
+                        steps=steps, cfg_scale=cfg, plus_plus=self.plus_plus,
+                        pingpong=self.pingpong, seed=self.seed)
+    lock = threading.Lock()
+    stream = sess.stream
+    step = stream.next_block
+
+    def next_block(extra=None):
+      with lock:
+        return step(extra)
+
+    stream.next_block = next_block
+    sess.stream_lock = lock
+    return sess
+
+  def encode_prompt(self, prompt: str):
+    if self.text is None:
+      return None
+    return np.asarray(self.text([prompt]), np.float32)
+
+  # ------------------------------------------------------------------------------- HTTP
+
+  def process_request(self, connection, request):
+    """Static files over plain HTTP; the WebSocket handshake only on /ws (same origin)."""
+    path = urllib.parse.urlsplit(request.path).path
+    upgrade = request.headers.get("Upgrade", "").lower() == "websocket"
+    if upgrade:
+      if path != "/ws":
+        return connection.respond(404, "the WebSocket is at /ws\n")
+      origin = request.headers.get("Origin")
+      host = request.headers.get("Host", "")
+      if origin is not None and not self.any_origin and origin not in (f"http://{host}",
+                                                                       f"https://{host}"):
+        return connection.respond(403, f"origin {origin} is not this server's page "
+                                  "(start the server with --any-origin to allow it)\n")
+      return None
+    name = STATIC.get(path)
+    if name is None:
+      return connection.respond(404, "not found\n")
+    try:
+      with open(os.path.join(WEB_DIR, name), "rb") as f:
+        body = f.read()
+    except OSError as e:
+      return connection.respond(500, f"cannot read {name}: {e}\n")
+    from websockets.datastructures import Headers
+    from websockets.http11 import Response
+    ctype = {"html": "text/html; charset=utf-8",
+             "js": "text/javascript; charset=utf-8"}.get(name.rsplit(".", 1)[-1]) \
+        or mimetypes.guess_type(name)[0] or "application/octet-stream"
+    headers = Headers([("Content-Type", ctype), ("Content-Length", str(len(body))),
+                       ("Cache-Control", "no-store"), ("X-Content-Type-Options", "nosniff"),
+                       ("Connection", "close")])
+    return Response(200, "OK", headers, body)
+
+  async def handler(self, ws):
+    self.connections += 1
+    try:
+      await Connection(self, ws).run()
+    finally:
+      self.connections -= 1
+
+
+# ------------------------------------------------------------------------------ connection
+
+
+def _int_field(msg, key, default, lo, hi):
+  v = msg.get(key, default)
+  if isinstance(v, bool) or not isinstance(v, (int, float)) or not float(v).is_integer():
+    raise BadMessage("bad_value", f"{key!r} must be an integer, got {v!r}")
+  v = int(v)
+  if not lo <= v <= hi:
+    raise BadMessage("bad_value", f"{key!r} must be in [{lo}, {hi}], got {v}")
+  return v
+
+
+def _float_field(msg, key, default, lo, hi):
+  v = msg.get(key, default)
+  if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+    raise BadMessage("bad_value", f"{key!r} must be a finite number, got {v!r}")
+  if not lo <= v <= hi:
+    raise BadMessage("bad_value", f"{key!r} must be in [{lo}, {hi}], got {v}")
+  return float(v)
+
+
+def _prompt_field(msg, default):
+  v = msg.get("prompt", default)
+  if not isinstance(v, str):
+    raise BadMessage("bad_value", f"'prompt' must be a string, got {type(v).__name__}")
+  if len(v) > MAX_PROMPT_CHARS:
+    raise BadMessage("bad_value", f"'prompt' is {len(v)} characters, at most "
+                     f"{MAX_PROMPT_CHARS} are allowed")
+  return v
+
+
+class Connection:
+  """One client: its messages in order, its JamSession, its stats task."""
+
+  def __init__(self, server: JamServer, ws):
+    self.srv, self.ws = server, ws
+    self.sess = None
+    self.starting = False
+    self.abandon_start = False
+    self.start_task = None
+    self.counted = False  # this connection holds one of the server's session slots
+    self.pushed = 0  # input samples pushed into the session
+    self.frames = 0
+    self.rejected = 0
+    self.handle_ms: list[float] = []
+    self.in_sq = 0.0  # sum of squares of the input (is anything coming in?)
+    self.out_sq = 0.0
+    self.last_audio = time.monotonic()
+    self.peer = getattr(ws, "remote_address", None)
+
+  async def send_json(self, **msg):
+    await self.ws.send(json.dumps(msg, allow_nan=False))
+
+  async def error(self, code: str, message: str):
+    self.rejected += 1
+    await self.send_json(type="error", code=code, error=message)
+
+  async def run(self):
+    import websockets
+    srv = self.srv
+    srv.log(f"connection from {self.peer} ({srv.connections} open)")
+    stats_task = asyncio.create_task(self._stats_loop())
+    reason = "closed"
+    try:
+      await self.send_json(**srv.hello())
+      async for msg in self.ws:
+        try:
+          if isinstance(msg, str):
+            await self.on_text(msg)
+          else:
+            await self.on_binary(msg)
+        except BadMessage as e:
+          await self.error(e.code, str(e))
+        except websockets.ConnectionClosed:
+          raise
+        except Exception as e:  # noqa: BLE001 - a server-side failure ends the session only
+          srv.log(f"error handling a message from {self.peer}: {type(e).__name__}: {e}\n"
+                  + traceback.format_exc())
+          await self.error("internal", f"{type(e).__name__}: {e}")
+          await self._stop_session("server error")
+    except websockets.ConnectionClosed as e:
+      reason = f"connection closed ({e.rcvd.code if e.rcvd else 'no close frame'})"
+    finally:
+      stats_task.cancel()
+      if self.start_task is not None and not self.start_task.done():
+        self.abandon_start = True
+        await asyncio.wait([self.start_task])  # its session, once built, is closed there
+      await self._stop_session(reason)
+      proto = getattr(self.ws, "protocol", self.ws)  # (close_code: websockets >= 13 keeps it there)
+      code, why = getattr(proto, "close_code", None), getattr(proto, "close_reason", "")
+      srv.log(f"connection from {self.peer} ended: close code {code} {why or ''}".rstrip())
+
+  # ----------------------------------------------------------------------------- control
+
+  async def on_text(self, text: str):
+    try:
+      msg = json.loads(text)
+    except ValueError as e:
+      raise BadMessage("bad_json", f"malformed JSON: {e}") from None
+    if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
+      raise BadMessage("bad_message", "a control message is a JSON object with a string 'type'")
+    kind = msg["type"]
+    handler = {"start": self.on_start, "prompt": self.on_prompt, "stop": self.on_stop,
+               "ping": self.on_ping, "report": self.on_report, "status": self.on_status
+               }.get(kind)
+    if handler is None:
+      raise BadMessage("unknown_type", f"unknown message type {kind[:40]!r}; expected start, "
+                       "prompt, stop, ping, status or report")
+    await handler(msg)
+
+  async def on_start(self, msg):
+    srv = self.srv
+    if self.starting:
+      raise BadMessage("already_started", "a session is still being set up on this connection")
+    if self.sess is not None:
+      raise BadMessage("already_started", "a session is already running on this connection; "
+                       "send stop first")
+    d = srv.defaults
+    prompt = _prompt_field(msg, d["prompt"])
+    delay = _int_field(msg, "delay_blocks", d["delay_blocks"], 1, 16)
+    steps = _int_field(msg, "steps", d["steps"], 1, 64)
+    cfg = _float_field(msg, "cfg", d["cfg"], 0.0, 20.0)
+    if srv.sessions >= srv.max_sessions:
+      raise BadMessage("busy", f"the server runs {srv.sessions} sessions, its limit "
+                       f"(--max-sessions {srv.max_sessions})")
+    srv.sessions += 1
+    self.counted = True
+    self.starting = True
+    self.abandon_start = False
+    # built in a worker thread while this connection's other messages (ping, stop, ...) go on
+    self.start_task = asyncio.create_task(self._start(prompt, delay, steps, cfg))
+
+  async def _start(self, prompt, delay, steps, cfg):
+    import websockets
+    srv = self.srv
+    t0 = time.perf_counter()
+    try:
+      sess = await asyncio.get_running_loop().run_in_executor(
+          srv.pool, srv.make_session, prompt, delay, steps, cfg)
+    except Exception as e:  # noqa: BLE001
+      self.starting = False
+      self._release()
+      srv.log(f"session for {self.peer} failed to start: {type(e).__name__}: {e}")
+      try:
+        await self.error("start_failed", f"could not start a session: {type(e).__name__}: {e}")
+      except websockets.ConnectionClosed:
+        pass
+      return
+    self.starting = False
+    self.sess, self.pushed, self.frames, self.handle_ms = sess, 0, 0, []
+    if self.abandon_start:  # stop arrived, or the client left, while it was being built
+      await self._stop_session("stopped while starting")
+      return
+    self.in_sq = self.out_sq = 0.0
+    self.last_audio = time.monotonic()
+    setup = time.perf_counter() - t0
+    srv.log(f"session started for {self.peer}: prompt {prompt!r}, delay {sess.delay_seconds:.3f} s"
+            f" ({delay} blocks), {steps} steps, cfg {cfg:g}, set up in {setup:.1f} s")
+    try:
+      await self.send_json(type="started", prompt=prompt, delay_blocks=delay, steps=steps, cfg=cfg,
+                           delay_seconds=sess.delay_seconds, delay_samples=sess.delay_samples,
+                           decoder_latency_samples=sess.decoder_latency,
+                           block_seconds=sess.block_seconds, sample_rate=srv.sr,
+                           setup_seconds=setup)
+    except websockets.ConnectionClosed:
+      pass  # run() stops the session
+
+  def _release(self):
+    if self.counted:
+      self.counted = False
+      self.srv.sessions -= 1
+
+  async def on_prompt(self, msg):
+    sess = self._need_session()
+    srv = self.srv
+    prompt = _prompt_field(msg, None) if "prompt" in msg else None
+    steps = _int_field(msg, "steps", 0, 1, 64) if "steps" in msg else None
+    cfg = _float_field(msg, "cfg", 0, 0.0, 20.0) if "cfg" in msg else None
+    if cfg is not None and not sess.stream.cfg_guidance and cfg != 1.0:
+      raise BadMessage("bad_value", "this session runs without classifier-free guidance (it "
+                       "started with cfg 1); start a new one with cfg != 1 to change it")
+    loop = asyncio.get_running_loop()
+
+    def apply():
+      cond = srv.encode_prompt(prompt) if prompt is not None else None
+      with sess.stream_lock:
+        if cond is not None:
+          glob = (np.zeros((1, sess.cfg.global_cond_dim), np.float32)
+                  if sess.cfg.global_cond_dim else None)
+          sess.stream.set_prompt(cond, glob)
+        kw = {}
+        if steps is not None:
+          kw["steps"] = steps
+        if cfg is not None:
+          kw["cfg_scale"] = cfg
+        if kw:
+          sess.stream.set_sampler(**kw)
+
+    await loop.run_in_executor(srv.pool, apply)
+    await self.send_json(type="prompt_ok", prompt=prompt, steps=steps, cfg=cfg,
+                         block=int(sess.blocks))
+
+  async def on_stop(self, msg):
+    if self.starting:
+      self.abandon_start = True
+      await self.send_json(type="stopped", reason="stopped while starting", stats=None)
+      return
+    if self.sess is None:
+      raise BadMessage("no_session", "no session to stop")
+    stats = self._stats()
+    await self._stop_session("stop")
+    await self.send_json(type="stopped", stats=stats)
+
+  async def on_ping(self, msg):
+    t = msg.get("t")
+    if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float))
+                          or not math.isfinite(t)):
+      raise BadMessage("bad_value", "'t' must be a finite number")
+    await self.send_json(type="pong", t=t, server_time=time.time())
+
+  async def on_status(self, msg):
+    await self.send_json(type="status", active_sessions=self.srv.sessions,
+                         connections=self.srv.connections,
+                         session=None if self.sess is None else self._stats())
+
+  async def on_report(self, msg):
+    text = json.dumps(msg, allow_nan=False, default=str)
+    if len(text) > 64 << 10:
+      raise BadMessage("bad_value", "a report is at most 64 KiB")
+    self.srv.reports.append(msg)
+    del self.srv.reports[:-20]
+    self.srv.log("client report " + text)
+    await self.send_json(type="report_ok")
+
+  def _need_session(self):
+    if self.sess is None:
+      if self.starting:
+        raise BadMessage("starting", "the session is still being set up: wait for \"started\"")
+      raise BadMessage("no_session", "no session: send {\"type\": \"start\"} first")
+    return self.sess
+
+  # ------------------------------------------------------------------------------- audio
+
+  async def on_binary(self, data: bytes):
+    t0 = time.perf_counter()
+    srv = self.srv
+    n_bytes = len(data)
+    if n_bytes == 0 or n_bytes % 4:
+      raise BadMessage("bad_frame", f"a binary frame is little-endian float32 mono PCM: "
+                       f"{n_bytes} bytes is not a positive multiple of 4")
+    n = n_bytes // 4
+    if n > srv.max_frame_samples:
+      raise BadMessage("bad_frame", f"a frame of {n} samples is too long: at most "
+                       f"{srv.max_frame_samples} ({srv.max_frame_samples / srv.sr:.2f} s) per frame")
+    x = np.frombuffer(data, "<f4")
+    if not np.all(np.isfinite(x)):
+      raise BadMessage("bad_frame", f"the frame holds {int((~np.isfinite(x)).sum())} NaN/inf "
+                       "samples; dropped")
+    sess = self._need_session()
+    now = sess.now()
+    ahead = (self.pushed + n) / srv.sr - now
+    slack = max(2.0, 2 * sess.block_seconds)
+    if self.pushed and ahead > slack:
+      raise BadMessage("ahead", f"input runs {ahead:.2f} s ahead of real time (allowed "
+                       f"{slack:.2f} s): send audio as it is played; frame dropped")
+    audio = np.repeat(x[None].astype(np.float32), srv.codec_channels, axis=0)
+    try:
+      sess.push(audio)
+      y = sess.pull(n)
+    except RuntimeError as e:
+      cause = e.__cause__ or e
+      await self._stop_session("sampler failed")
+      raise BadMessage("sampler_failed", f"the session's sampler failed: "
+                       f"{type(cause).__name__}: {cause}; session stopped") from None
+    y = y.mean(axis=0) if y.shape[0] > 1 else y[0]
+    self.pushed += n
+    self.frames += 1
+    self.in_sq += float(np.dot(x, x))
+    self.out_sq += float(np.dot(y, y))
+    self.last_audio = time.monotonic()
+    await self.ws.send(np.ascontiguousarray(y, "<f4").tobytes())
+    self.handle_ms.append(1000 * (time.perf_counter() - t0))
+    if len(self.handle_ms) > 2000:
+      del self.handle_ms[:1000]
+
+  # ------------------------------------------------------------------------- stats, stop
+
+  def _stats(self) -> dict:
+    sess, srv = self.sess, self.srv
+    st = {k: (float(v) if isinstance(v, (float, np.floating)) else v)
+          for k, v in sess.stats().items()}
+    hm = np.asarray(self.handle_ms[-500:]) if self.handle_ms else np.zeros(1)
+    n = max(self.pushed, 1)
+    st.update(type="stats", delay_samples=sess.delay_samples, frames=self.frames,
+              input_seconds=self.pushed / srv.sr, session_clock=sess.now(),
+              input_lead_seconds=self.pushed / srv.sr - sess.now(),
+              input_rms=math.sqrt(self.in_sq / n), output_rms=math.sqrt(self.out_sq / n),
+              frame_handling_ms_mean=float(hm.mean()), frame_handling_ms_max=float(hm.max()),
+              rejected_messages=self.rejected, active_sessions=srv.sessions)
+    for k, v in list(st.items()):
+      if isinstance(v, float) and not math.isfinite(v):
+        st[k] = None
+    return st
+
+  async def _stats_loop(self):
+    srv = self.srv
+    while True:
+      await asyncio.sleep(srv.stats_interval)
+      if self.sess is None:
+        continue
+      if time.monotonic() - self.last_audio > srv.idle_timeout:
+        await self._stop_session("idle")
+        await self.send_json(type="stopped", reason=f"no audio for {srv.idle_timeout:g} s")
+        continue
+      await self.send_json(**self._stats())
+
+  async def _stop_session(self, why: str):
+    sess, self.sess = self.sess, None
+    if not self.starting:
+      self._release()
+    if sess is None:
+      return
+
+    def close():
+      try:
+        sess.close()
+      except Exception as e:  # noqa: BLE001 - the sampler's own failure, already reported
+        return f"{type(e).__name__}: {e.__cause__ or e}"
+      return None
+
+    err = await asyncio.get_running_loop().run_in_executor(None, close)
+    alive = sess._thread is not None and sess._thread.is_alive()
+    self.srv.log(f"session of {self.peer} stopped ({why}): {sess.blocks} blocks, "
+                 f"{sess.deadline_misses} deadline misses, {sess.underruns} under-runs"
+                 + (f", sampler error {err}" if err else "")
+                 + (" - WARNING: its sampler thread is still running" if alive else ""))
+
+
+# ------------------------------------------------------------------------------------ main
+
+
+async def serve(srv: JamServer, host: str, port: int, ready=None):
+  """Serve until cancelled (or SIGINT/SIGTERM). ``ready(port)`` is called once listening."""
+  from websockets.asyncio.server import serve as ws_serve
+  stop = asyncio.get_running_loop().create_future()
+  loop = asyncio.get_running_loop()
+  for sig in (signal.SIGINT, signal.SIGTERM):
+    try:
+      loop.add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))
+    except (NotImplementedError, RuntimeError, ValueError):
+      pass
+  async with ws_serve(srv.handler, host, port, process_request=srv.process_request,
+                      max_size=srv.max_message_bytes, compression=None, max_queue=64,
+                      ping_interval=20, ping_timeout=20, close_timeout=5) as server:
+    bound = server.sockets[0].getsockname()[1]
+    shown = f"[{host}]" if ":" in host else host
+    srv.log(f"listening on http://{shown}:{bound}/ (WebSocket at ws://{shown}:{bound}/ws)")
+    if ready is not None:
+      ready(bound)
+    await stop
+    srv.log("shutting down")
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  ap.add_argument("--config", default=None, help="a config with accompaniment channels "
+                  "(extra_dim >= 1 + latent_dim)")
+  ap.add_argument("--checkpoint", default=None)
+  ap.add_argument("--prompt", default="", help="default text prompt (the page can change it)")
+  ap.add_argument("--codec", default=None)
+  ap.add_argument("--delay-blocks", type=int, default=2)
+  ap.add_argument("--steps", type=int, default=None)
+  ap.add_argument("--cfg-scale", type=float, default=None)
+  ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: "
+                  "this machine only)")
+  ap.add_argument("--port", type=int, default=8765, help="0 picks a free port")
+  ap.add_argument("--max-sessions", type=int, default=4)
+  ap.add_argument("--max-message-bytes", type=int, default=1 << 20,
+                  help="a larger message closes its connection (code 1009)")
+  ap.add_argument("--stats-interval", type=float, default=0.5)
+  ap.add_argument("--idle-timeout", type=float, default=30.0,
+                  help="stop a session that gets no audio for this long (seconds)")
+  ap.add_argument("--any-origin", action="store_true",
+                  help="accept WebSocket connections from pages of other origins")
+  ap.add_argument("--compile-cache", default=os.path.join(
+      os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "lmdm_jax", "xla"),
+      help="JAX's persistent compilation cache: every session compiles its own block step, the "
+      "cache turns the second and later ones into loads (seconds -> a fraction); 'none' = off")
+  ap.add_argument("--blas-threads", type=int, default=1,
+                  help="threads per NumPy BLAS call (the codec's encoder: small matrices, called "
+                  "from every session's thread; more threads than 1 only contend, and on a busy "
+                  "machine slow the encoder down by 10x or more); 0 = leave as is")
+  args = ap.parse_args(argv)
+  from lmdm_jax.apps import common as C
+  tag = "[server]"
+  t0 = time.perf_counter()
+  if args.blas_threads > 0:
+    try:
+      import threadpoolctl
+      threadpoolctl.threadpool_limits(limits=args.blas_threads, user_api="blas")
+    except ImportError:
+      pass
+  if args.compile_cache and args.compile_cache.lower() != "none":
+    import jax
+    jax.config.update("jax_compilation_cache_dir", args.compile_cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  conf, cfg, model = C.load(args.config or "demo", args.checkpoint, args.seed, tag=tag)
+  codec = C.load_codec(conf, cfg, args.codec, tag=tag)
+  if codec is None:
+    print(f"{tag} error: jamming needs a codec that matches the model", file=sys.stderr)
+    return 2
+  sc = conf.sampler
+  try:
+    srv = JamServer(model, codec, C.text_encoder(conf, cfg), config_name=conf.name,
+                    random_weights=not args.checkpoint, prompt=args.prompt,
+                    delay_blocks=args.delay_blocks, steps=args.steps or sc.steps,
+                    cfg_scale=sc.cfg_scale if args.cfg_scale is None else args.cfg_scale,
+                    plus_plus=sc.plus_plus, pingpong=sc.pingpong, seed=args.seed,
+                    max_sessions=args.max_sessions, max_message_bytes=args.max_message_bytes,
+                    stats_interval=args.stats_interval, idle_timeout=args.idle_timeout,
+                    any_origin=args.any_origin)
+  except ValueError as e:
+    print(f"{tag} error: {e}", file=sys.stderr)
+    return 2
+  C.warm_decoder(codec, cfg.chunk)
+  print(f"{tag} model ready in {time.perf_counter() - t0:.1f} s: {codec.sample_rate} Hz, blocks "
+        f"of {srv.block_samples / srv.sr:.3f} s", flush=True)
+  try:
+    asyncio.run(serve(srv, args.host, args.port))
+  except OSError as e:
+    print(f"{tag} error: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
+    return 2
+  finally:
+    srv.pool.shutdown(wait=False, cancel_futures=True)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
