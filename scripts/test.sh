@@ -17,4 +17,11 @@ if ! command -v fluidsynth >/dev/null 2>&1 || [ ! -f /usr/share/sounds/sf2/Fluid
       || echo "warning: could not install fluidsynth; corpus rendering tests will skip"
   fi
 fi
+# Chromium runs the jam page headless end to end (tests/test_jam_server.py).
+if ! command -v chromium >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+      || echo "warning: could not install chromium; the browser jam test will skip"
+  fi
+fi
 "$PY" -m pytest -q tests "$@"
