@@ -1,0 +1,29 @@
+"""`arc_demo`: ARC-Forcing post-training of the bundled `demo` model on this CPU (< 1 hour).
+
+The model, sampler and conditioner are `demo`'s (the base comes from a `train.py --config demo`
+work directory). ARC settings follow LMDM_REFERENCE §4 (betas .9/.95, wd .01, clip 1.0, loss
+weights 1/1/2, p_uncond .25, p_partial .1), resized for a CPU-hour run: rank-16 LoRA on every
+projection, 4 rollout blocks from real context, a 4-step schedule with the exit step
+k ~ U{1..4} (so the adapted model is trained for few-step sampling), discriminator features
+after block 3 of 6 with a small ConvNeXt head, and learning rates raised from the reference's
+1e-6 (a 0.34B model over days) to 2e-4 (an 8M model over a few hundred steps).
+"""
+from lmdm_jax.config import load_config
+
+
+def get_config(arg: str = ""):
+  c = load_config("demo")
+  c.name = "arc_demo"
+  c.sampler.steps = 4  # the adapted model samples with the schedule it was trained on
+  c.adapter = dict(rank=16, alpha=16.0,
+                   projections=("self_attn.to_qkv", "self_attn.to_out", "cross_attn.to_q",
+                                "cross_attn.to_kv", "ff_in", "ff_out"), layers=None)
+  c.head = dict(channels=64, c_mults=(1, 2), strides=(1, 2), num_blocks=(1, 1))
+  c.arc = dict(rollout_blocks=4, steps=4, max_k=4, p_uncond=0.25, p_partial=0.1, p_cfg=0.1,
+               disc_exit_layer=3, disc_noise="logsnr_uniform",
+               lr_g=2e-4, lr_d=2e-4, b1=0.9, b2=0.95,
+               eps=1e-8, weight_decay=0.01, clip_norm=1.0, w_g=1.0, w_d=1.0, w_contrastive=2.0,
+               remat=True)
+  c.arc_train = dict(batch_size=4, steps=400, ckpt_every=25, keep=3, log_every=5)
+  c.disc_backbone = None
+  return c
