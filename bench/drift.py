@@ -117,15 +117,18 @@ def load_models(args, conf, log=print):
 
 
 def stream_all(models, cfg, ctx, cond, gen_frames, steps, cfg_scale, seed, log=print):
-  """{name: (B, gen_frames, C) latents}: one compiled Stream, parameters swapped per model."""
+  """{name: (B, gen_frames, C) latents}: one compiled Stream, parameters swapped per model.
+  ``steps``: an int, or {name: int} (the step count is a runtime value: no recompilation)."""
   b = ctx.shape[0]
   guided = cfg_scale != 1.0
-  sp = S.SamplerParams.make(steps=steps, cfg_scale=cfg_scale, plus_plus=False, pingpong=True)
+  steps = steps if isinstance(steps, dict) else {n: steps for n in models}
   first = next(iter(models.values()))
   stream = S.Stream(first, batch=b, regime="block_causal", cfg_guidance=guided,
-                    cross_len=cond.shape[1], seed=seed, sampler=sp)
+                    cross_len=cond.shape[1], seed=seed)
   out = {}
   for name, model in models.items():
+    stream.sampler = S.SamplerParams.make(steps=steps[name], cfg_scale=cfg_scale, plus_plus=False,
+                                          pingpong=True)
     stream.params = nnx.split(model)[1]
     stream.state = S.init_state(cfg, "block_causal", b, guided, cond.shape[1], seed)
     stream.set_prompt(cond)
@@ -152,6 +155,7 @@ def main(argv=None):
   ap.add_argument("--codec", help="codec name for audio indicators (lmdm_jax.codecs.get_codec)")
   ap.add_argument("--batch", type=int, default=8, help="held-out streams per model")
   ap.add_argument("--steps", type=int, help="denoising steps (default: the config's sampler)")
+  ap.add_argument("--base-steps", type=int, help="the base model's steps (default: --steps)")
   ap.add_argument("--cfg-scale", type=float, default=1.0)
   ap.add_argument("--row-seconds", type=float, default=5.0)
   ap.add_argument("--seed", type=int, default=0)
@@ -175,12 +179,18 @@ def main(argv=None):
   n_blocks = int(np.ceil(args.seconds * rate / cs))
   gen_frames = n_blocks * cs
   steps = args.steps or int(conf.sampler.steps)
+  steps = {n: (args.base_steps or steps) if n == "base" else steps for n in models}
   print(f"[drift] {n_blocks} blocks of {cs} frames = {gen_frames / rate:.1f} s at {rate:.2f} "
         f"frames/s past {K * cs} context frames; {args.batch} held-out streams; {steps} steps, "
         f"cfg {args.cfg_scale}")
 
   held = make_source(args.data, K * cs + gen_frames, cfg, conf.get("seed", 0), holdout=True)
-  raw = Batcher(held, cfg)(0, args.batch)
+  text = None
+  if cfg.cond_token_dim and conf.get("conditioner", None) is not None:
+    from lmdm_jax import text as text_lib
+    text = text_lib.from_config(conf)  # the prompts the model was trained with (held-out captions)
+  # plain continuation of the mix: no jam/sketch channels
+  raw = Batcher(held, cfg, text, p_jam=0.0, p_sketch=0.0)(0, args.batch)
   lat_real = raw["latents"]
   valid = raw["frame_mask"][:, K * cs:] > 0
   ctx = jnp.asarray(lat_real[:, :K * cs])
