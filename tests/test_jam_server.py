@@ -230,7 +230,8 @@ def test_malformed_control_messages_keep_the_connection(server):
                ('{"type": "start", "steps": true}', "bad_value"),
                ('{"type": "start", "cfg": 1e999}', "bad_value"),
                ('{"type": "start", "prompt": ' + json.dumps("x" * 5000) + "}", "bad_value"),
-               ('{"type": "ping", "t": "now"}', "bad_value"),
+               ('{"type": "ping", "t": "now"}', "bad_value"), ('{"type": "ping", "t": NaN}', "bad_json"),
+               ('{"type": "report", "x": Infinity}', "bad_json"),
                (b"\x00\x00\x00", "bad_frame"), (b"", "bad_frame"),
                (np.zeros(FRAME, "<f4").tobytes(), "no_session"),
                (b"\xff\xff\xc0\x7f" * 8, "bad_frame")]  # NaNs

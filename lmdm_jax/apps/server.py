@@ -193,6 +193,10 @@ class JamServer:
 # ------------------------------------------------------------------------------ connection
 
 
+def _no_constant(name):
+  raise ValueError(f"{name} is not JSON")
+
+
 def _int_field(msg, key, default, lo, hi):
   v = msg.get(key, default)
   if isinstance(v, bool) or not isinstance(v, (int, float)) or not float(v).is_integer():
@@ -287,7 +291,7 @@ class Connection:
 
   async def on_text(self, text: str):
     try:
-      msg = json.loads(text)
+      msg = json.loads(text, parse_constant=_no_constant)
     except ValueError as e:
       raise BadMessage("bad_json", f"malformed JSON: {e}") from None
     if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
@@ -496,16 +500,20 @@ class Connection:
     return st
 
   async def _stats_loop(self):
+    import websockets
     srv = self.srv
-    while True:
-      await asyncio.sleep(srv.stats_interval)
-      if self.sess is None:
-        continue
-      if time.monotonic() - self.last_audio > srv.idle_timeout:
-        await self._stop_session("idle")
-        await self.send_json(type="stopped", reason=f"no audio for {srv.idle_timeout:g} s")
-        continue
-      await self.send_json(**self._stats())
+    try:
+      while True:
+        await asyncio.sleep(srv.stats_interval)
+        if self.sess is None:
+          continue
+        if time.monotonic() - self.last_audio > srv.idle_timeout:
+          await self._stop_session("idle")
+          await self.send_json(type="stopped", reason=f"no audio for {srv.idle_timeout:g} s")
+          continue
+        await self.send_json(**self._stats())
+    except websockets.ConnectionClosed:
+      pass  # run() cleans up
 
   async def _stop_session(self, why: str):
     sess, self.sess = self.sess, None

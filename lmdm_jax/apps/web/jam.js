@@ -11,6 +11,7 @@ const AUTOTEST = params.get("autotest") === "1";
 
 const S = {
   ws: null, hello: null, ctx: null, capture: null, player: null, source: null, media: null,
+  begin: null,
   monitorGain: null, running: false, sessionStarted: false,
   sr: 22050, delaySamples: 0, delaySeconds: null,
   sent: 0, received: 0, sendLog: [],  // [{idx, n, t}] of frames sent (t: performance.now())
@@ -76,6 +77,7 @@ function onControl(m) {
       S.delaySamples = m.delay_samples; S.delaySeconds = m.delay_seconds;
       S.sessionStarted = true;
       S.capture.port.postMessage({ type: "enable" });
+      if (S.begin) { S.begin(); S.begin = null; }  // a file starts playing with the session
       setStatus(`jamming (set up in ${m.setup_seconds.toFixed(1)} s)`);
       $("apply").disabled = false;
       break;
@@ -84,7 +86,13 @@ function onControl(m) {
       if (typeof m.t === "number") { S.rttLast = performance.now() - m.t; S.pings.push(S.rttLast); }
       break;
     case "prompt_ok": log(`prompt changed at block ${m.block}`); break;
-    case "stopped": if (m.reason) log(`server stopped the session: ${m.reason}`); break;
+    case "stopped":
+      if (m.reason && S.running) {
+        log(`server stopped the session: ${m.reason}`);
+        stopAudio(); setStatus("stopped by the server");
+        $("stop").disabled = true; $("apply").disabled = true; $("start").disabled = false;
+      }
+      break;
     case "error": S.errors.push(m); log(`server: ${m.code}: ${m.error}`); break;
     case "report_ok": break;
     default: log(`unknown message ${m.type}`);
@@ -172,7 +180,7 @@ async function start() {
     S.monitorGain = S.ctx.createGain();
     S.monitorGain.gain.value = $("monitor").checked ? 1 : 0;
     S.source.connect(S.monitorGain).connect(S.ctx.destination);
-    src.begin();
+    S.begin = src.begin;
     await S.ctx.resume();
     Object.assign(S, { sent: 0, received: 0, sendLog: [], latencies: [], firstSendT: null,
       firstGeneratedT: null, generatedNonzero: 0, generatedMax: 0, inSq: 0, outSq: 0, outGen: 0,
@@ -195,7 +203,8 @@ function stopAudio() {
   if (S.capture) S.capture.port.postMessage({ type: "disable" });
   if (S.media) S.media.getTracks().forEach((t) => t.stop());
   if (S.ctx) S.ctx.close().catch(() => {});
-  Object.assign(S, { ctx: null, capture: null, player: null, source: null, media: null });
+  Object.assign(S, { ctx: null, capture: null, player: null, source: null, media: null,
+    begin: null });
 }
 
 function stop() {
