@@ -81,7 +81,6 @@ class JamServer:
                max_sessions: int = 4, max_message_bytes: int = 1 << 20,
                stats_interval: float = 0.5, idle_timeout: float = 30.0, any_origin: bool = False,
                log=_log):
-    from lmdm_jax.apps.jam import JamSession  # noqa: F401 - fail early when it cannot import
     cfg = model.cfg
     if codec.latent_dim != cfg.io_channels:
       raise ValueError(f"the codec's {codec.latent_dim}-dim latents do not match the model's "
