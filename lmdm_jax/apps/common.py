@@ -28,7 +28,10 @@ class TimedPrompt:
   text: str
 
 
-def parse_prompts(specs, default: str = "solo piano, calm") -> list[TimedPrompt]:
+DEFAULT_PROMPT = "Piano playing a calm piece. C major, 3/4 time, 72 BPM."
+
+
+def parse_prompts(specs, default: str = DEFAULT_PROMPT) -> list[TimedPrompt]:
   """``["0:solo piano, calm", "20:string quartet, lively"]`` -> sorted ``TimedPrompt``s.
 
   A spec without a colon starts at 0 s. With a colon, the part before the first colon must be a
