@@ -8,6 +8,7 @@ rebuilt by the model constructor. Loading checks every stored leaf against the m
 from the stored config: missing, unexpected or misshapen leaves are errors naming them.
 
   python3 -m lmdm_jax.bundle runs/demo --out lmdm_jax/assets/demo_model.npz   # export (EMA)
+  python3 -m lmdm_jax.bundle --arc runs/arc_demo --out lmdm_jax/assets/demo_arc.npz   # ARC merged
 """
 from __future__ import annotations
 
@@ -103,17 +104,37 @@ def export_workdir(workdir: str, out: str, use_ema: bool = True, dtype=np.float1
   return save_bundle(model, out, meta, dtype)
 
 
+def export_arc(arc_workdir: str, out: str, dtype=np.float16, extra_meta: dict | None = None) -> str:
+  """An arc.py run (its recorded base + latest adapter) -> bundle with the adapter merged."""
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  if root not in sys.path:
+    sys.path.insert(0, root)
+  from arc import load_arc_model
+  with open(os.path.join(arc_workdir, "arc_config.json")) as f:
+    rec = json.load(f)
+  model = load_arc_model(arc_workdir, merge=True)
+  meta = dict(config=rec["config"], weights="base + merged ARC-Forcing adapter",
+              source=os.path.abspath(arc_workdir), base=rec.get("base"))
+  meta.update(extra_meta or {})
+  return save_bundle(model, out, meta, dtype)
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("workdir", help="a train.py work directory")
+  ap.add_argument("workdir", help="a train.py work directory (or, with --arc, an arc.py one)")
+  ap.add_argument("--arc", action="store_true", help="workdir is an arc.py run: merge its adapter")
   ap.add_argument("--out", default=DEFAULT_BUNDLE)
   ap.add_argument("--raw", action="store_true", help="the raw weights instead of the EMA")
   ap.add_argument("--float32", action="store_true", help="store float32 (default float16)")
   ap.add_argument("--meta", default="{}", help="extra JSON metadata to record")
   args = ap.parse_args(argv)
-  out = export_workdir(args.workdir, args.out, use_ema=not args.raw,
-                       dtype=np.float32 if args.float32 else np.float16,
-                       extra_meta=json.loads(args.meta))
+  dtype = np.float32 if args.float32 else np.float16
+  if args.arc:
+    out = export_arc(args.workdir, args.out, dtype, json.loads(args.meta))
+  else:
+    out = export_workdir(args.workdir, args.out, use_ema=not args.raw, dtype=dtype,
+                         extra_meta=json.loads(args.meta))
   print(f"[bundle] wrote {out} ({os.path.getsize(out) / 2**20:.1f} MiB)")
 
 
