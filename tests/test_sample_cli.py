@@ -140,3 +140,19 @@ def test_sigint_mid_stream_leaves_valid_wav(config, tmp_path):
   assert info.frames % HOP == 0  # the decoder was flushed: whole latent frames
   audio, _ = sf.read(str(out))
   assert len(audio) == info.frames and np.all(np.isfinite(audio))
+
+
+def test_main_command_streams_the_bundled_model(tmp_path):
+  """The README's first command (no flags): the bundled trained model, MiniLM prompt, WAV out."""
+  from lmdm_jax.bundle import DEFAULT_BUNDLE, read_meta
+  assert os.path.isfile(DEFAULT_BUNDLE), "the bundled default model is part of the repository"
+  out = tmp_path / "default.wav"
+  r = run_sample("--seconds", "1.5", "--out", str(out), timeout=600)
+  assert r.returncode == 0, r.stdout + r.stderr
+  assert "RANDOM WEIGHTS" not in r.stdout
+  assert f"loaded {DEFAULT_BUNDLE}" in r.stdout and "config demo" in r.stdout, r.stdout
+  meta = read_meta(DEFAULT_BUNDLE)
+  assert meta["config"] == "demo" and meta["step"] > 0
+  audio, sr = sf.read(str(out))
+  assert sr == SR and len(audio) == int(np.ceil(1.5 / (CHUNK * HOP / SR))) * CHUNK * HOP
+  assert np.all(np.isfinite(audio)) and np.abs(audio).max() > 0
