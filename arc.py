@@ -3,6 +3,7 @@
   python3 arc.py --config arc_tiny --data synthetic --workdir runs/arc_tiny --steps 20
   python3 arc.py --config arc_tiny --base runs/tiny --data synthetic --workdir runs/arc_tiny
   python3 arc.py --config configs/my_arc.py --base runs/demo --data data_cache/latents ...
+  python3 arc.py ... --fsdp 4            # shard base/adapter/head/optimizers over 4 of the devices
 
 --base is a train.py workdir (or its checkpoints/ folder): the base parameters are read from its
 latest (or --base-step) orbax checkpoint, {"params", "rest", "opt", "step"}, by a partial restore
@@ -13,6 +14,12 @@ command resumes from its last checkpoint with the same data order, rollouts and 
 uninterrupted run (data, PRNG keys and the G/D phase depend only on the seed and the step).
 Metrics: <workdir>/arc_metrics.jsonl. ``load_arc_model(workdir)`` returns the base with the
 adapter merged in, for inference (e.g. bench/drift.py).
+
+Scale: the same sharding as stage 1 (train.py, ``lmdm_jax.training.sharding``): a (data, fsdp)
+mesh over all devices (``--fsdp``, default 1 = data parallel; multi-host via the same
+``init_distributed``); the batch is split over the mesh, the frozen base, adapter, head and both
+optimizer states are FSDP-sharded over ``fsdp`` by the same rules, and checkpoints restore into
+that layout. One device is a mesh of one (the same code path).
 """
 from __future__ import annotations
 
@@ -22,7 +29,6 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
@@ -32,7 +38,8 @@ from lmdm_jax.nn import adapters
 from lmdm_jax.nn.dit import DiT
 from lmdm_jax.nn.discriminator import HeadConfig
 from lmdm_jax.testing import random_model
-from lmdm_jax.training.arc_forcing import ARCConfig, ARCForcing, make_head
+from lmdm_jax.training import sharding
+from lmdm_jax.training.arc_forcing import ARCConfig, ARCForcing, jit_step, make_head
 from lmdm_jax.training.checkpoints import Checkpointer, abstract_like
 from lmdm_jax.training.data import Batcher, make_source
 
@@ -45,8 +52,10 @@ def _ckpt_dir(path: str) -> str:
   return sub if os.path.isdir(sub) else path
 
 
-def load_base_params(path: str, cfg: DiTConfig, step: int | None = None, seed: int = 0):
-  """(params, rest, step) of a DiT from a train.py checkpoint, restoring only those two items."""
+def load_base_params(path: str, cfg: DiTConfig, step: int | None = None, seed: int = 0,
+                     mesh=None):
+  """(params, rest, step) of a DiT from a train.py checkpoint, restoring only those two items
+  (onto ``mesh`` with the stage-1 shardings, or the first device)."""
   d = _ckpt_dir(path)
   if step is None:
     ck = Checkpointer(d)
@@ -57,8 +66,12 @@ def load_base_params(path: str, cfg: DiTConfig, step: int | None = None, seed: i
                             "<workdir>/checkpoints/<step>/state)")
   _, params, rest = nnx.split(nnx.eval_shape(lambda: DiT(cfg, rngs=nnx.Rngs(seed))), nnx.Param, ...)
   target = {"params": abstract_like(params), "rest": abstract_like(rest)}
-  dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=dev), target)
+  if mesh is None:
+    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shardings = jax.tree.map(lambda _: dev, target)
+  else:
+    shardings = sharding.state_shardings(target, mesh)
+  restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s), shardings)
   out = ocp.PyTreeCheckpointer().restore(
       os.path.join(d, str(step), "state"),
       args=ocp.args.PyTreeRestore(target, restore_args=restore_args, partial_restore=True))
@@ -66,7 +79,7 @@ def load_base_params(path: str, cfg: DiTConfig, step: int | None = None, seed: i
 
 
 def _sections(conf):
-  tr = dict(batch_size=2, steps=20, ckpt_every=10, keep=3, log_every=1)
+  tr = dict(batch_size=2, steps=20, ckpt_every=10, keep=3, log_every=1, fsdp=1)
   if conf.get("arc_train", None) is not None:
     tr.update(dict(conf.arc_train))
   return (adapters.AdapterConfig.from_config(conf.get("adapter", {}) or {}),
@@ -75,12 +88,13 @@ def _sections(conf):
 
 
 def build(conf, seed: int = 0, base: str | None = None, base_step: int | None = None,
-          disc_ckpt: str | None = None, log=print):
-  """(trainer, state, frozen) for a config with model/adapter/head/arc sections."""
+          disc_ckpt: str | None = None, log=print, mesh=None):
+  """(trainer, state, frozen) for a config with model/adapter/head/arc sections; with ``mesh``,
+  state and frozen arrays are laid out on it with the stage-1 rules (``sharding.place``)."""
   cfg = DiTConfig.from_config(conf.model)
   ac_adapter, hc, ac, _ = _sections(conf)
   if base:
-    params, rest, step = load_base_params(base, cfg, base_step, seed)
+    params, rest, step = load_base_params(base, cfg, base_step, seed, mesh)
     model = nnx.merge(nnx.split(DiT(cfg, rngs=nnx.Rngs(seed)), nnx.Param, ...)[0], params, rest)
     log(f"[arc] base parameters from {_ckpt_dir(base)} step {step}")
   else:
@@ -92,7 +106,7 @@ def build(conf, seed: int = 0, base: str | None = None, base_step: int | None = 
   if spec:
     dcfg = DiTConfig.from_config(load_config(spec).model)
     if disc_ckpt:
-      dp, dr, _ = load_base_params(disc_ckpt, dcfg)
+      dp, dr, _ = load_base_params(disc_ckpt, dcfg, mesh=mesh)
       disc = nnx.merge(nnx.split(DiT(dcfg, rngs=nnx.Rngs(0)), nnx.Param, ...)[0], dp, dr)
     else:
       disc = random_model(dcfg, seed=seed + 2)
@@ -100,6 +114,9 @@ def build(conf, seed: int = 0, base: str | None = None, base_step: int | None = 
   head = make_head(disc.cfg if disc is not None else cfg, hc, seed=seed + 3)
   trainer = ARCForcing(model, ac, head, disc)
   state, frozen = trainer.init(model, head, disc)
+  if mesh is not None:
+    state, _ = sharding.place(state, mesh)
+    frozen, _ = sharding.place(frozen, mesh)
   log(f"[arc] adapter {adapters.count_adapter_params(state['adapter']):,} params (rank "
       f"{ac_adapter.rank}, {len(ac_adapter.projections)} projections); head "
       f"{sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state['head'])):,}; rollout "
@@ -107,21 +124,28 @@ def build(conf, seed: int = 0, base: str | None = None, base_step: int | None = 
   return trainer, state, frozen
 
 
-def make_step_fns(trainer: ARCForcing, compiler_options=None):
-  """Jitted G and D steps (state donated), compiled on first use."""
-  g = jax.jit(trainer.g_step, donate_argnums=(0,))
-  d = jax.jit(trainer.d_step, donate_argnums=(0,))
-  if compiler_options:
-    cache = {}
+def make_step_fns(trainer: ARCForcing, compiler_options=None, mesh=None):
+  """The G and D steps under the stage-1 ``mesh`` (default: all devices, fsdp 1), each jitted
+  (``arc_forcing.jit_step``, state donated) and compiled on first use. Each call lays its state,
+  frozen arrays and batch (host or device arrays) out on the mesh first (a no-op for arrays
+  already there, e.g. from ``build(..., mesh=mesh)`` or a previous step)."""
+  mesh = mesh if mesh is not None else sharding.make_mesh()
+  jitted, compiled = {}, {}
 
-    def wrap(name, fn):
-      def call(*a):
-        if name not in cache:
-          cache[name] = fn.lower(*a).compile(compiler_options=compiler_options)
-        return cache[name](*a)
-      return call
-    return wrap("g", g), wrap("d", d)
-  return g, d
+  def make(phase):
+    def call(state, frozen, batch, key):
+      sharding.check_batch(len(batch["latents"]), mesh)
+      if phase not in jitted:
+        jitted[phase] = jit_step(trainer, phase, state, frozen, mesh)
+      fn, shardings = jitted[phase]
+      args = jax.device_put((state, frozen, dict(batch), key), shardings)
+      if compiler_options:
+        if phase not in compiled:
+          compiled[phase] = fn.lower(*args).compile(compiler_options=compiler_options)
+        fn = compiled[phase]
+      return fn(*args)
+    return call
+  return make("g"), make("d")
 
 
 def train_loop(trainer: ARCForcing, fns, state, frozen, batches, batch_size: int, start: int,
@@ -131,7 +155,7 @@ def train_loop(trainer: ARCForcing, fns, state, frozen, batches, batch_size: int
   g_fn, d_fn = fns
   base_key = jax.random.key(seed)
   for step in range(start, steps):
-    b = {k: jnp.asarray(v) for k, v in batches(step, batch_size).items()}
+    b = {k: np.asarray(v) for k, v in batches(step, batch_size).items()}  # split by the step fn
     fn = g_fn if trainer.phase(step) == "g" else d_fn
     state, m = fn(state, frozen, b, jax.random.fold_in(base_key, step))
     done = step + 1
@@ -181,11 +205,13 @@ def main(argv=None):
   ap.add_argument("--keep", type=int)
   ap.add_argument("--log-every", type=int)
   ap.add_argument("--seed", type=int)
+  ap.add_argument("--fsdp", type=int, help="devices per FSDP group (train.py's --fsdp)")
   args = ap.parse_args(argv)
 
+  sharding.init_distributed()
   conf = load_config(args.config)
   _, _, _, tr = _sections(conf)
-  for k in ("steps", "batch_size", "ckpt_every", "keep", "log_every"):
+  for k in ("steps", "batch_size", "ckpt_every", "keep", "log_every", "fsdp"):
     if getattr(args, k) is not None:
       tr[k] = getattr(args, k)
   seed = conf.get("seed", 0) if args.seed is None else args.seed
@@ -205,7 +231,11 @@ def main(argv=None):
   with open(rec_path, "w") as f:
     json.dump(rec, f, indent=1, default=str)
 
-  trainer, state, frozen = build(conf, seed, args.base, args.base_step, args.disc_ckpt)
+  mesh = sharding.make_mesh(fsdp=tr["fsdp"])
+  sharding.check_batch(tr["batch_size"], mesh)
+  print(f"[arc] mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']} "
+        f"({jax.process_count()} process(es))")
+  trainer, state, frozen = build(conf, seed, args.base, args.base_step, args.disc_ckpt, mesh=mesh)
   cfg = trainer.cfg
   source = make_source(args.data, trainer.frames, cfg, seed)
   batches = Batcher(source, cfg)
@@ -217,7 +247,7 @@ def main(argv=None):
     print(f"[arc] resumed from step {start} ({ckpt.directory})")
   metrics_path = os.path.join(args.workdir, METRICS)
   truncate_metrics(metrics_path, start)
-  fns = make_step_fns(trainer)
+  fns = make_step_fns(trainer, mesh=mesh)
   steps = tr["steps"]
   t0 = [time.perf_counter()]
   with open(metrics_path, "a") as mf:

@@ -32,6 +32,11 @@ LMDM_REFERENCE §4, in our exact streaming semantics:
   betas .9/.95, wd .01, clip 1.0). Gradients are taken w.r.t. the adapter (G) or the head (D)
   only; optimizer states exist only for those leaves; base parameters are arguments that are
   never updated.
+- **Scale**: the same sharding as stage 1 (``training.sharding``): under the (data, fsdp) mesh the
+  batch is split over both axes, and the frozen base (and a separate discriminator backbone), the
+  adapter, the head and both optimizer states are each laid out by ``sharding.state_shardings``
+  (FSDP over ``fsdp`` along a leaf's largest divisible dimension). ``jit_step`` builds either step
+  with those in/out shardings; one device is a mesh of one.
 """
 from __future__ import annotations
 
@@ -50,6 +55,7 @@ from lmdm_jax.nn import adapters
 from lmdm_jax.nn import attention as A
 from lmdm_jax.nn.dit import DiT
 from lmdm_jax.nn.discriminator import ConvNeXtHead
+from lmdm_jax.training import sharding
 from lmdm_jax.training.stage1 import context_drop
 from lmdm_jax.config import dataclass_from_config
 
@@ -410,11 +416,38 @@ def make_head(cfg_or_dim, hc, seed: int = 0) -> ConvNeXtHead:
   return ConvNeXtHead(din, hc, rngs=nnx.Rngs(seed))
 
 
-def step_memory(trainer: ARCForcing, state, frozen, batch, phase: str = "g") -> dict:
+def jit_step(trainer: ARCForcing, phase: str, state, frozen, mesh, donate: bool = True):
+  """The G (``phase`` "g") or D ("d") update step jitted under the stage-1 ``mesh``: state
+  (adapter, head, opt_g, opt_d) and frozen arrays with ``sharding.state_shardings``, the batch
+  with ``sharding.batch_sharding``, the key and metrics replicated; the new state keeps the
+  state's shardings. ``state``/``frozen`` give the tree structure (arrays or ShapeDtypeStructs).
+  Returns (jitted fn, (state shardings, frozen shardings, batch sharding, replicated))."""
+  if phase not in ("g", "d"):
+    raise ValueError(f"phase: 'g' or 'd', got {phase!r}")
+  ssh = sharding.state_shardings(state, mesh)
+  fsh = sharding.state_shardings(frozen, mesh)
+  bsh, rep = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+  fn = jax.jit(trainer.g_step if phase == "g" else trainer.d_step,
+               donate_argnums=(0,) if donate else (), in_shardings=(ssh, fsh, bsh, rep),
+               out_shardings=(ssh, rep))
+  return fn, (ssh, fsh, bsh, rep)
+
+
+def step_memory(trainer: ARCForcing, state, frozen, batch, phase: str = "g", mesh=None) -> dict:
   """Compiled memory of one update step (bytes): XLA's temp (activations, residuals), argument
-  and output sizes, from ``compiled.memory_analysis()`` (no execution)."""
-  fn = trainer.g_step if phase == "g" else trainer.d_step
-  compiled = jax.jit(fn).lower(state, frozen, batch, jax.random.key(0)).compile()
+  and output sizes, from ``compiled.memory_analysis()`` (no execution), under ``mesh`` (default:
+  a mesh of the first device). Sizes are per device."""
+  mesh = mesh if mesh is not None else sharding.make_mesh(devices=jax.devices()[:1])
+  fn, (ssh, fsh, bsh, _) = jit_step(trainer, phase, state, frozen, mesh, donate=False)
+
+  def abstract(tree, shardings):
+    return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sh),
+                        tree, shardings)
+
+  batch = dict(batch)
+  compiled = fn.lower(abstract(state, ssh), abstract(frozen, fsh),
+                      abstract(batch, jax.tree.map(lambda _: bsh, batch)),
+                      jax.random.key(0)).compile()
   ma = compiled.memory_analysis()
   return {"temp": int(ma.temp_size_in_bytes), "args": int(ma.argument_size_in_bytes),
           "out": int(ma.output_size_in_bytes)}

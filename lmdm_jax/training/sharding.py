@@ -2,7 +2,10 @@
 
 Batches are split over both axes; every parameter and optimizer-state leaf is sharded FSDP-style
 over ``fsdp`` along its largest dimension divisible by that axis (replicated otherwise). With
-fsdp = 1 this is plain data parallelism; on one device everything is replicated.
+fsdp = 1 this is plain data parallelism; on one device everything is replicated. The same rules
+lay out stage 1 (train.py: params, rest, optimizer state) and ARC-Forcing (arc.py: the frozen
+base, adapter, discriminator head and both optimizer states): ``state_shardings`` / ``place``
+for any pytree of arrays, ``batch_sharding`` for batches.
 Multi-host: ``init_distributed()`` calls ``jax.distributed.initialize()`` when the usual
 coordinator environment variables are set (or always, with ``force=True``).
 """
@@ -46,6 +49,13 @@ def leaf_spec(shape, fsdp: int) -> P:
 def state_shardings(state, mesh: Mesh):
   fsdp = mesh.shape["fsdp"]
   return jax.tree.map(lambda x: NamedSharding(mesh, leaf_spec(np.shape(x), fsdp)), state)
+
+
+def place(tree, mesh: Mesh):
+  """(tree laid out on ``mesh`` with ``state_shardings``, those shardings). Leaves already so
+  placed are returned as they are (no copy)."""
+  shardings = state_shardings(tree, mesh)
+  return jax.device_put(tree, shardings), shardings
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
