@@ -48,6 +48,7 @@ METRICS = "arc_metrics.jsonl"
 
 
 def _ckpt_dir(path: str) -> str:
+  path = os.path.abspath(path)  # orbax refuses relative checkpoint paths
   sub = os.path.join(path, "checkpoints")
   return sub if os.path.isdir(sub) else path
 
@@ -55,7 +56,8 @@ def _ckpt_dir(path: str) -> str:
 def load_base_params(path: str, cfg: DiTConfig, step: int | None = None, seed: int = 0,
                      mesh=None):
   """(params, rest, step) of a DiT from a train.py checkpoint, restoring only those two items
-  (onto ``mesh`` with the stage-1 shardings, or the first device)."""
+  (onto ``mesh`` with the stage-1 shardings, or the first device). The checkpoint's EMA weights
+  are the base when it has them (they are what the bundled model ships), else its raw params."""
   d = _ckpt_dir(path)
   if step is None:
     ck = Checkpointer(d)
@@ -72,10 +74,24 @@ def load_base_params(path: str, cfg: DiTConfig, step: int | None = None, seed: i
   else:
     shardings = sharding.state_shardings(target, mesh)
   restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s), shardings)
-  out = ocp.PyTreeCheckpointer().restore(
-      os.path.join(d, str(step), "state"),
-      args=ocp.args.PyTreeRestore(target, restore_args=restore_args, partial_restore=True))
-  return out["params"], out["rest"], int(step)
+  item = os.path.join(d, str(step), "state")
+  ckptr = ocp.PyTreeCheckpointer()
+  name = "ema" if "ema" in _top_keys(ckptr, item) else "params"
+  out = ckptr.restore(item, args=ocp.args.PyTreeRestore(
+      {name: target["params"], "rest": target["rest"]},
+      restore_args={name: restore_args["params"], "rest": restore_args["rest"]},
+      partial_restore=True))
+  return out[name], out["rest"], int(step)
+
+
+def _top_keys(ckptr, item) -> set:
+  """Top-level keys of a saved pytree (empty if this orbax version does not say)."""
+  m = ckptr.metadata(item)
+  tree = getattr(m, "item_metadata", None) or getattr(m, "tree", None) or m
+  try:
+    return set(tree.keys())
+  except (AttributeError, TypeError):
+    return set()
 
 
 def _sections(conf):

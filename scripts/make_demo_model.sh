@@ -20,11 +20,11 @@ python3 -m lmdm_jax.data.dataset --audio data_cache/corpus/audio --out data_cach
 python3 train.py --config demo --data data_cache/latents_spectral --workdir runs/demo --steps "$STEPS"
 python3 -m lmdm_jax.bundle runs/demo --out lmdm_jax/assets/demo_model.npz
 # 4. ARC-Forcing on the frozen stage-1 model (resumes from runs/arc_demo)
-python3 arc.py --config arc_demo --base "$PWD/runs/demo" --data data_cache/latents_spectral \
+python3 arc.py --config arc_demo --base runs/demo --data data_cache/latents_spectral \
   --workdir runs/arc_demo --steps "$ARC_STEPS"
 python3 -m lmdm_jax.bundle --arc runs/arc_demo --out lmdm_jax/assets/demo_arc.npz
 # 5. what they sound like
 python3 bench/music_eval.py --checkpoint base=lmdm_jax/assets/demo_model.npz \
   --checkpoint arc=lmdm_jax/assets/demo_arc.npz
-python3 bench/drift.py --config arc_demo --base "$PWD/runs/demo" --arc runs/arc_demo \
+python3 bench/drift.py --config arc_demo --base runs/demo --arc runs/arc_demo \
   --data data_cache/latents_spectral --codec spectral --seconds 60 --base-steps 8 --cfg-scale 1
