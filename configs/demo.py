@@ -2,8 +2,10 @@
 
 Latents: the weight-free `spectral` codec (22.05 kHz mono, 43.07 frames/s, 128 dims). Prompts:
 all-MiniLM-L6-v2 token states (384 wide, up to 32 tokens). 16-frame chunks (0.37 s), K = 3
-context chunks. Width 256, depth 6, 4 heads (head_dim 64, rotary on 32 dims): about 5.1M
-parameters, sized to stream faster than real time on a 2-core CPU with CFG and decoding.
+context chunks. Width 256, depth 6, 4 heads (head_dim 64, rotary on 32 dims): 8,316,480
+parameters, sized to stream faster than real time on a 2-core CPU with CFG and decoding. Extra
+input_add channels for jamming (accompaniment mask + latents) and sketches (14 pitch features):
+the bundled model (lmdm_jax/assets/demo_model.npz) is this config.
 """
 import ml_collections
 

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # How the bundled default model (lmdm_jax/assets/demo_model.npz) is made, end to end, on CPU.
 # Every stage is resumable: rerun the script after an interruption and it continues.
-#   STEPS=1300 ARC_STEPS=500 bash scripts/make_demo_model.sh
+#   STEPS=1800 ARC_STEPS=1500 bash scripts/make_demo_model.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-STEPS=${STEPS:-1300}
-ARC_STEPS=${ARC_STEPS:-500}
+STEPS=${STEPS:-1800}
+ARC_STEPS=${ARC_STEPS:-1500}
 HOURS=${HOURS:-3}
 
 # 1. real music: music21 scores -> FluidSynth (mixes + aligned stems, captions from metadata)
@@ -22,9 +22,9 @@ python3 -m lmdm_jax.bundle runs/demo --out lmdm_jax/assets/demo_model.npz
 # 4. ARC-Forcing on the frozen stage-1 model (resumes from runs/arc_demo)
 python3 arc.py --config arc_demo --base runs/demo --data data_cache/latents_spectral \
   --workdir runs/arc_demo --steps "$ARC_STEPS"
-python3 -m lmdm_jax.bundle --arc runs/arc_demo --out lmdm_jax/assets/demo_arc.npz
+python3 -m lmdm_jax.bundle --arc runs/arc_demo --out runs/demo_arc.npz
 # 5. what they sound like
 python3 bench/music_eval.py --checkpoint base=lmdm_jax/assets/demo_model.npz \
-  --checkpoint arc=lmdm_jax/assets/demo_arc.npz
+  --checkpoint arc=runs/demo_arc.npz
 python3 bench/drift.py --config arc_demo --base runs/demo --arc runs/arc_demo \
   --data data_cache/latents_spectral --codec spectral --seconds 60 --base-steps 8 --cfg-scale 1
