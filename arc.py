@@ -254,7 +254,8 @@ def main(argv=None):
   trainer, state, frozen = build(conf, seed, args.base, args.base_step, args.disc_ckpt, mesh=mesh)
   cfg = trainer.cfg
   source = make_source(args.data, trainer.frames, cfg, seed)
-  batches = Batcher(source, cfg)
+  # plain mixes with the config's prompts: the rollouts leave the extra channels at zero
+  batches = Batcher.for_config(source, conf, cfg, p_jam=0.0, p_sketch=0.0)
   ckpt = Checkpointer(os.path.join(args.workdir, ARC_DIR), keep=tr["keep"])
   start = 0
   if ckpt.latest_step() is not None:

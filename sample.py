@@ -90,7 +90,7 @@ def run(args):
   from lmdm_jax.data.audio import WavWriter
   conf, cfg, model = C.load(args.config, args.checkpoint, args.seed)
   codec = C.load_codec(conf, cfg, args.codec)
-  frame_rate = codec.frame_rate if codec is not None else 44100 / 2048
+  frame_rate = C.frame_rate(codec)
   sc = conf.sampler
   steps = args.steps or sc.steps
   cfg_scale = sc.cfg_scale if args.cfg_scale is None else args.cfg_scale

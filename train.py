@@ -74,12 +74,9 @@ def write_sample(graphdef, state, conf, cfg: DiTConfig, text, caption: str, path
           else np.zeros((1, 1, cfg.cond_token_dim), np.float32))
   glob = np.zeros((1, cfg.global_cond_dim), np.float32) if cfg.global_cond_dim else None
   stream.set_prompt(cond, glob)
-  codec = None
-  if conf.get("codec", None):
-    from lmdm_jax.codecs import get_codec
-    codec = get_codec(conf.codec)
-  rate = codec.frame_rate if codec is not None else 44100 / 2048
-  n = max(1, int(np.ceil(seconds * rate / cfg.chunk)))
+  from lmdm_jax.apps import common as C
+  codec = C.load_codec(conf, cfg, None, log=lambda *_: None)  # None: write latents
+  n = max(1, int(np.ceil(seconds * C.frame_rate(codec) / cfg.chunk)))
   lat = np.asarray(stream.generate(n * cfg.chunk))[0]
   os.makedirs(os.path.dirname(path), exist_ok=True)
   if codec is None:

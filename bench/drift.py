@@ -185,12 +185,8 @@ def main(argv=None):
         f"cfg {args.cfg_scale}")
 
   held = make_source(args.data, K * cs + gen_frames, cfg, conf.get("seed", 0), holdout=True)
-  text = None
-  if cfg.cond_token_dim and conf.get("conditioner", None) is not None:
-    from lmdm_jax import text as text_lib
-    text = text_lib.from_config(conf)  # the prompts the model was trained with (held-out captions)
-  # plain continuation of the mix: no jam/sketch channels
-  raw = Batcher(held, cfg, text, p_jam=0.0, p_sketch=0.0)(0, args.batch)
+  # held-out captions through the config's text encoder; plain continuations of the mix
+  raw = Batcher.for_config(held, conf, cfg, p_jam=0.0, p_sketch=0.0)(0, args.batch)
   lat_real = raw["latents"]
   valid = raw["frame_mask"][:, K * cs:] > 0
   ctx = jnp.asarray(lat_real[:, :K * cs])

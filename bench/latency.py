@@ -36,7 +36,7 @@ def main():
   cond = (np.asarray(text(["solo piano, calm"])) if text is not None
           else np.zeros((1, 1, cfg.cond_token_dim), np.float32))
   stream.set_prompt(cond, np.zeros((1, cfg.global_cond_dim), np.float32) if cfg.global_cond_dim else None)
-  fr = codec.frame_rate if codec is not None else 44100 / 2048
+  fr = C.frame_rate(codec)
   block_s = cfg.chunk / fr
   jax.block_until_ready(stream.next_block())
   dec = None

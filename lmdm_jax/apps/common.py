@@ -29,6 +29,11 @@ class TimedPrompt:
 
 
 DEFAULT_PROMPT = "Piano playing a calm piece. C major, 3/4 time, 72 BPM."
+SAO_FRAME_RATE = 44100 / 2048  # latent frames/s of the SAO VAE: the time base when no codec decodes
+
+
+def frame_rate(codec) -> float:
+  return codec.frame_rate if codec is not None else SAO_FRAME_RATE
 
 
 def parse_prompts(specs, default: str = DEFAULT_PROMPT) -> list[TimedPrompt]:

@@ -88,6 +88,12 @@ class Batcher:
     self.p_jam, self.p_acc_uncond, self.p_acc_partial, self.p_sketch = (
         p_jam, p_acc_uncond, p_acc_partial, p_sketch)
 
+  @classmethod
+  def for_config(cls, source, conf, cfg: DiTConfig, **kw) -> "Batcher":
+    """A Batcher with the config's own text encoder (``conf.conditioner``), as train.py uses."""
+    from lmdm_jax import text as text_lib
+    return cls(source, cfg, text_lib.from_config(conf) if cfg.cond_token_dim else None, **kw)
+
   def encode_text(self, captions) -> np.ndarray:
     new = [c for c in dict.fromkeys(captions) if c not in self._text_cache]
     if new:
