@@ -5,6 +5,8 @@ Three stages:
   python scripts/fit_default_codec.py render       # music21 scores -> MIDI -> FluidSynth -> WAV
   python scripts/fit_default_codec.py export-flac  # train WAVs -> 16-bit FLAC (the fit's input)
   python scripts/fit_default_codec.py fit          # FLAC -> PCA basis + small nets -> assets
+  python scripts/fit_default_codec.py refit-decoder --extra data_cache/corpus/audio
+                                                   # a larger decoder for the SAME latents
 
 ``render`` needs ``apt-get install fluidsynth fluid-soundfont-gm`` and ``pip install music21
 mido``; it writes 22.05 kHz mono clips (<= 75 s per piece) into
@@ -16,6 +18,11 @@ asset was trained with the defaults on one NVIDIA H100 (jax 0.11.2, about 1 min 
 A CPU rerun (estimated about an hour on 2 cores; not done) gives the same PCA and a network of
 the same recipe, but not bit-identical weights, since GPU and CPU float rounding differ. The
 asset records its recipe in its ``recipe`` field.
+
+``refit-decoder`` keeps an asset's encoder (PCA basis, encoder net, latent statistics) bit for
+bit and trains only a new decoder net (deeper, residual, optionally on more audio), so latents
+already encoded and models already trained on them stay valid. Held-out pieces (the ``heldout``
+split's names) are excluded from the extra audio.
 """
 from __future__ import annotations
 
@@ -349,6 +356,160 @@ def train_net(wavs, mean, basis, scale, *, latent_dim: int, enc_layers: int, dec
   return out
 
 
+def _decoder_data(paths, codec, eps):
+  """Encode every file (22.05 kHz mono) with ``codec``: lists of (latents, target log-mags)."""
+  from lmdm_jax.codecs.spectral import HOP, log_magnitude
+  from lmdm_jax.data.audio import AudioFileError, load_audio
+
+  zs, ts, skipped = [], [], 0
+  for i, path in enumerate(paths):
+    try:
+      y = load_audio(path, SR, 1)[0]
+    except AudioFileError as e:  # silent / unreadable: counted, not fatal
+      print(f"  skipped {path}: {e}", flush=True)
+      skipped += 1
+      continue
+    y = y[: len(y) // HOP * HOP]
+    zs.append(codec.encode(y[None]).astype(np.float16))
+    ts.append(log_magnitude(y, eps).astype(np.float16))
+    if (i + 1) % 20 == 0:
+      print(f"  encoded {i + 1}/{len(paths)} files", flush=True)
+  return zs, ts, skipped
+
+
+def train_decoder(codec, zs, ts, *, layers: int, hidden: int, kernel: int, residual: bool,
+                  steps: int, batch: int, crop: int, lr: float, noise: float, hi_weight: float,
+                  hi_eps: float = 1e-3, seed: int = 0, eval_set=None, log_every: int = 250):
+  """Train a decoder net for ``codec``'s fixed latents (deterministic: seeded data order).
+
+  log-magnitude = the asset's PCA reconstruction + ``layers`` 'valid' temporal convs (odd
+  ``kernel``, GELU, a skip connection on square layers when ``residual``) + a zero-initialised
+  linear layer. Inputs get Gaussian noise of ``noise`` per-channel std (standardized units:
+  the generator's error budget). Loss as in ``train_net`` (log-spectral MSE + ``hi_weight`` x the
+  same with a -60 dBFS floor). Returns the asset arrays ``net_conv*``, ``net_out_*``.
+  """
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  k, eps = codec.latent_dim, codec.eps
+  lat_std, lat_mean = jnp.asarray(codec.lat_std), jnp.asarray(codec.lat_mean)
+  basis_t = jnp.asarray(codec.basis[:, :k].T)
+  scale, mean = jnp.asarray(codec.scale[:k]), jnp.asarray(codec.mean)
+  n_bins = basis_t.shape[1]
+  rad = (kernel - 1) // 2 * layers
+  keys = jax.random.split(jax.random.PRNGKey(seed), layers)
+  convs, c_in = [], k
+  for i in range(layers):
+    convs.append((jax.random.normal(keys[i], (kernel, c_in, hidden)) / np.sqrt(kernel * c_in),
+                  jnp.zeros(hidden)))
+    c_in = hidden
+  params = {"convs": convs, "out_w": jnp.zeros((hidden, n_bins)), "out_b": jnp.zeros(n_bins)}
+
+  def decode(p, z):  # standardized (N, T + 2 rad, K) -> (N, T, F); the codec's _decode_logmag
+    lat = z * lat_std + lat_mean
+    base = (lat * scale) @ basis_t + mean
+    h = lat
+    for w, b in p["convs"]:
+      y = jax.nn.gelu(_conv_valid(h, w, b))
+      if residual and w.shape[1] == w.shape[2]:
+        y = y + h[:, (kernel - 1) // 2:(kernel - 1) // 2 + y.shape[1]]
+      h = y
+    return base[:, rad:base.shape[1] - rad] + h @ p["out_w"] + p["out_b"]
+
+  hi = lambda v: jnp.log(jnp.maximum(jnp.exp(v) - eps, 0.0) + hi_eps)
+
+  def loss_fn(p, z, t):
+    y = decode(p, z)
+    rec = jnp.mean((y - t) ** 2)
+    return rec + hi_weight * jnp.mean((hi(y) - hi(t)) ** 2), rec
+
+  sched = optax.cosine_onecycle_schedule(steps, lr, pct_start=0.05)
+  opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(sched))
+  state = opt.init(params)
+
+  @jax.jit
+  def step(p, s, z, t):
+    (_, rec), g = jax.value_and_grad(loss_fn, has_aux=True)(p, z, t)
+    upd, s = opt.update(g, s, p)
+    return optax.apply_updates(p, upd), s, rec
+
+  dec1 = jax.jit(lambda p, z: decode(p, z[None])[0])
+
+  def held_rmse(p):  # log-magnitude RMSE (nat) on the evaluation clips, silence-padded edges
+    err = []
+    for z, t in eval_set:
+      pad = np.repeat(codec.silence[None], rad, 0)
+      y = np.asarray(dec1(p, jnp.asarray(np.concatenate([pad, z, pad]))))
+      err.append(np.mean((y - t) ** 2))
+    return float(np.sqrt(np.mean(err)))
+
+  rng = np.random.default_rng(seed)
+  win = crop + 2 * rad
+  lengths = np.array([max(len(z) - win, 0) for z in zs])
+  probs = lengths / lengths.sum()
+  run, t0 = None, time.time()
+  for i in range(steps):
+    idx = rng.choice(len(zs), batch, p=probs)
+    off = (rng.random(batch) * lengths[idx]).astype(int)
+    z = np.stack([zs[j][o:o + win] for j, o in zip(idx, off)]).astype(np.float32)
+    z += noise * rng.standard_normal(z.shape).astype(np.float32)
+    t = np.stack([ts[j][o + rad:o + rad + crop] for j, o in zip(idx, off)]).astype(np.float32)
+    params, state, rec = step(params, state, jnp.asarray(z), jnp.asarray(t))
+    run = float(rec) if run is None else 0.98 * run + 0.02 * float(rec)
+    if (i + 1) % log_every == 0 or i == steps - 1:
+      held = f"  held-out log-mag RMSE {held_rmse(params):.4f}" if eval_set else ""
+      print(f"step {i + 1:6d}  recon mse {run:.4f} (with latent noise){held}"
+            f"  {time.time() - t0:.0f} s", flush=True)
+  out = {}
+  for i, (w, b) in enumerate(params["convs"]):
+    out[f"net_conv{i}_w"], out[f"net_conv{i}_b"] = np.asarray(w), np.asarray(b)
+  out["net_out_w"], out["net_out_b"] = np.asarray(params["out_w"]), np.asarray(params["out_b"])
+  return out
+
+
+def refit_decoder(args) -> None:
+  from lmdm_jax.codecs.spectral import SpectralCodec, log_magnitude
+
+  src = args.asset
+  codec = SpectralCodec(src)
+  held_paths = list_wavs(args.heldout) if os.path.isdir(args.heldout) else []
+  held = {os.path.splitext(os.path.basename(p))[0] for p in held_paths}
+  paths = list_wavs(args.data)
+  for d in args.extra:
+    extra = sorted(os.path.join(d, f) for f in os.listdir(d)
+                   if f.endswith((".wav", ".flac", ".ogg", ".mp3")))
+    kept = [p for p in extra if os.path.splitext(os.path.basename(p))[0] not in held]
+    print(f"{d}: {len(kept)} files ({len(extra) - len(kept)} held-out pieces excluded)")
+    paths += kept
+  t0 = time.time()
+  zs, ts, skipped = _decoder_data(paths, codec, codec.eps)
+  print(f"encoded {len(zs)} files ({skipped} skipped), {sum(len(z) for z in zs)} frames,"
+        f" {time.time() - t0:.0f} s", flush=True)
+  eval_set = []
+  for path in held_paths:  # the bench's clips: 20 s from 10 s in
+    y = load_wav(path)
+    y = y[int(10 * SR):int(30 * SR)] if len(y) >= 30 * SR else y
+    y = y[: len(y) // 512 * 512]
+    eval_set.append((codec.encode(y[None]), log_magnitude(y, codec.eps)))
+  net = train_decoder(codec, zs, ts, layers=args.dec_layers, hidden=args.hidden,
+                      kernel=args.kernel, residual=not args.no_residual, steps=args.steps,
+                      batch=args.batch, crop=args.crop, lr=args.lr, noise=args.noise,
+                      hi_weight=args.hi_weight, eval_set=eval_set or None,
+                      log_every=args.log_every)
+  with np.load(src) as z:
+    arrays = {k: z[k] for k in z.files if not k.startswith(("net_conv", "net_out"))}
+  arrays.update({k: v.astype(np.float16 if k.endswith("_w") else np.float32)
+                 for k, v in net.items()})
+  arrays["net_residual"] = np.bool_(not args.no_residual)
+  arrays["recipe"] = np.array(str(arrays.get("recipe", "")) + "; then python"
+                              " scripts/fit_default_codec.py " + " ".join(sys.argv[1:]))
+  tmp = args.out + ".tmp.npz"
+  np.savez(tmp, **arrays)
+  os.replace(tmp, args.out)
+  print(f"wrote {args.out} ({os.path.getsize(args.out) / 1e6:.2f} MB)")
+
+
 def fit(args) -> None:
   wavs = list_wavs(args.data)
   if not wavs:
@@ -414,6 +575,28 @@ def main() -> None:
   f.add_argument("--penalty", type=float, default=0.02)
   f.add_argument("--noise", type=float, default=0.1)
   f.set_defaults(fn=fit)
+  d = sub.add_parser("refit-decoder", help="train a new decoder net for an asset's latents")
+  d.add_argument("--asset", default=os.path.join(ROOT, "lmdm_jax", "codecs", "assets",
+                                                 "spectral_default.npz"))
+  d.add_argument("--out", default=os.path.join(ROOT, "lmdm_jax", "codecs", "assets",
+                                               "spectral_default.npz"))
+  d.add_argument("--data", default=os.path.join(DATA_DIR, "train_flac"))
+  d.add_argument("--extra", nargs="*", default=[], help="more audio folders (held-out names"
+                 " excluded), e.g. data_cache/corpus/audio")
+  d.add_argument("--heldout", default=os.path.join(DATA_DIR, "heldout"),
+                 help="held-out audio: excluded from --extra, RMSE reported on it")
+  d.add_argument("--dec-layers", type=int, default=4)
+  d.add_argument("--hidden", type=int, default=512)
+  d.add_argument("--kernel", type=int, default=3)
+  d.add_argument("--no-residual", action="store_true")
+  d.add_argument("--steps", type=int, default=3000)
+  d.add_argument("--batch", type=int, default=32)
+  d.add_argument("--crop", type=int, default=48)
+  d.add_argument("--lr", type=float, default=1e-3)
+  d.add_argument("--noise", type=float, default=0.1)
+  d.add_argument("--hi-weight", type=float, default=4.0)
+  d.add_argument("--log-every", type=int, default=250)
+  d.set_defaults(fn=refit_decoder)
   args = ap.parse_args()
   args.fn(args)
 

@@ -90,8 +90,12 @@ def _radius(params) -> int:
   return sum((w.shape[0] - 1) // 2 for w, _ in params["net"]["convs"])
 
 
-def _decode_logmag(params, lat: jnp.ndarray) -> jnp.ndarray:
-  """(frames + 2r, K) latents -> (frames, F) log-magnitudes (r = receptive radius of the net)."""
+def _decode_logmag(params, lat: jnp.ndarray, residual: bool = False) -> jnp.ndarray:
+  """(frames + 2r, K) latents -> (frames, F) log-magnitudes (r = receptive radius of the net).
+
+  ``residual``: square conv layers add their (centre-cropped) input, as the asset's nets were
+  trained (its ``net_residual`` flag).
+  """
   r = _radius(params)
   lat = lat * params["lat_std"] + params["lat_mean"]
   base = (lat * params["scale"]) @ params["basis_t"] + params["mean"]
@@ -99,16 +103,19 @@ def _decode_logmag(params, lat: jnp.ndarray) -> jnp.ndarray:
     return base[r:base.shape[0] - r] if r else base
   net = params["net"]
   h = lat
-  for i, (w, b) in enumerate(net["convs"]):  # 'valid' temporal convs, kernel 3, GELU
+  for i, (w, b) in enumerate(net["convs"]):  # 'valid' temporal convs (odd kernel), GELU
     kk = w.shape[0]
     t = h.shape[0] - kk + 1
-    h = sum(h[j:j + t] @ w[j] for j in range(kk)) + b
-    h = jax.nn.gelu(h)
+    y = jax.nn.gelu(sum(h[j:j + t] @ w[j] for j in range(kk)) + b)
+    if residual and w.shape[1] == w.shape[2]:  # skip connection (centre-cropped input)
+      y = y + h[(kk - 1) // 2:(kk - 1) // 2 + t]
+    h = y
   res = h @ net["out_w"] + net["out_b"]
   return base[r:base.shape[0] - r] + res
 
 
-def _chunk_step(params, lat, ctx, prev_ahead, exists, *, n_iter: int, momentum: float):
+def _chunk_step(params, lat, ctx, prev_ahead, exists, *, n_iter: int, momentum: float,
+                residual: bool = False):
   """One chunk of streamed fast Griffin-Lim.
 
   lat: (B+L+2r, K) latents for frames a-r .. a+B+L+r-1
@@ -117,7 +124,7 @@ def _chunk_step(params, lat, ctx, prev_ahead, exists, *, n_iter: int, momentum: 
   exists: (3+B+L,) float, 1 where the frame exists in the stream (edges are normalised by it)
   returns (new frames a..a+B+L-1 complex, audio (B*HOP,) for segments a-2..a+B-3)
   """
-  logmag = _decode_logmag(params, lat)
+  logmag = _decode_logmag(params, lat, residual)
   mag = jnp.maximum(jnp.exp(logmag) - params["eps"], 0.0) * (N_FFT / 4)
   return _gl_step(mag, ctx, prev_ahead, exists, n_iter=n_iter, momentum=momentum)
 
@@ -166,9 +173,10 @@ def _gl_step(mag, ctx, prev_ahead, exists, *, n_iter: int, momentum: float):
   return spec[_CTX:], audio
 
 
-@functools.partial(jax.jit, static_argnames=("n_iter", "momentum"))
-def _chunk_step_jit(params, lat, ctx, prev_ahead, exists, n_iter, momentum):
-  return _chunk_step(params, lat, ctx, prev_ahead, exists, n_iter=n_iter, momentum=momentum)
+@functools.partial(jax.jit, static_argnames=("n_iter", "momentum", "residual"))
+def _chunk_step_jit(params, lat, ctx, prev_ahead, exists, n_iter, momentum, residual):
+  return _chunk_step(params, lat, ctx, prev_ahead, exists, n_iter=n_iter, momentum=momentum,
+                     residual=residual)
 
 
 @functools.partial(jax.jit, static_argnames=("n_iter", "momentum"))
@@ -238,6 +246,7 @@ class SpectralCodec(Codec):
               "scale": jnp.asarray(self.scale[:k]), "lat_mean": jnp.asarray(self.lat_mean),
               "lat_std": jnp.asarray(self.lat_std), "eps": jnp.float32(self.eps)}
     self._enc = []
+    self.residual = bool(a["net_residual"]) if "net_residual" in a else False
     self._enc_out = a["net_enc_out_w"].astype(np.float32) if "net_enc_out_w" in a else None
     i = 0
     while f"net_enc{i}_w" in a:  # learned encoder residual: kernel-3 convs, GELU, linear
@@ -322,7 +331,7 @@ class SpectralCodec(Codec):
     r = self.radius
     pad = np.concatenate([np.repeat(self.silence[None], r, 0), latents,
                           np.repeat(self.silence[None], r, 0)])
-    return np.asarray(_decode_logmag(self._params, jnp.asarray(pad)))
+    return np.asarray(_decode_logmag(self._params, jnp.asarray(pad), self.residual))
 
 
 class SpectralStreamDecoder(StreamDecoder):
@@ -365,7 +374,7 @@ class SpectralStreamDecoder(StreamDecoder):
       exists = ((g >= 0) & (g < n_exist)).astype(np.float32)
       spec, audio = _chunk_step_jit(c._params, jnp.asarray(lat), jnp.asarray(self._ctx),
                                     jnp.asarray(self._ahead), jnp.asarray(exists),
-                                    n_iter=c.n_iter, momentum=c.momentum)
+                                    n_iter=c.n_iter, momentum=c.momentum, residual=c.residual)
       spec = np.asarray(spec)
       audio = np.asarray(audio)
       # Audio covers segments a-2 .. a+b-3: drop those before the stream start.
