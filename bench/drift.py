@@ -43,6 +43,10 @@ from lmdm_jax.training.data import Batcher, make_source  # noqa: E402
 FRAME_RATE = 44100 / 2048
 
 
+def _int_list(s: str) -> list:
+  return [int(x) for x in str(s).split(",") if x.strip()]
+
+
 # ------------------------------------------------------------------------------- metrics
 
 
@@ -83,6 +87,56 @@ def audio_indicators(audio, sr, n_fft=2048, hop=512):
   p = p / max(p.sum(), 1e-12)
   ent = float(-(p[p > 0] * np.log2(p[p > 0])).sum())
   return centroid, ent
+
+
+def real_audio_indicators(codec, lat, valid) -> dict:
+  """Mean (spectral centroid, chroma entropy) of the decoded real continuations (valid frames)."""
+  ind = []
+  for i in range(lat.shape[0]):
+    m = int(valid[i].sum())
+    if m >= 4:
+      ind.append(audio_indicators(codec.decode(lat[i, :m]), codec.sample_rate))
+  ind = np.asarray(ind) if ind else np.full((1, 2), np.nan)
+  return {"centroid_hz": float(ind[:, 0].mean()), "chroma_entropy": float(ind[:, 1].mean())}
+
+
+def _quarter_fds(lat, real_frames, q_frames):
+  c = lat.shape[-1]
+  return (frechet(lat[:, :q_frames].reshape(-1, c), real_frames),
+          frechet(lat[:, -q_frames:].reshape(-1, c), real_frames))
+
+
+def growth_summary(gens, real_frames, n_blocks, cs, n_boot, seed, ref) -> dict:
+  """Per model: the FD of the pooled frames of the first and of the last quarter of the blocks
+  (all streams) to the real continuations, their ratio (growth), a 90% interval of the growth
+  from ``n_boot`` bootstrap resamples of the streams (the same resamples for every model, so
+  differences are paired), the growth on the even and on the odd streams, and for models other
+  than ``ref`` the paired difference of growth to ``ref``'s with its interval and the share of
+  resamples in which it grows less than ``ref``."""
+  q_frames = max(1, n_blocks // 4) * cs
+  b = next(iter(gens.values())).shape[0]
+  rng = np.random.default_rng(seed + 1)
+  boots = [rng.integers(0, b, b) for _ in range(n_boot)]
+  out, ratios = {}, {}
+  for n, lat in gens.items():
+    f0, f1 = _quarter_fds(lat, real_frames, q_frames)
+    halves = [_quarter_fds(lat[h::2], real_frames, q_frames) for h in (0, 1)] if b >= 2 else []
+    r = np.array([np.divide(*_quarter_fds(lat[ix], real_frames, q_frames)[::-1])
+                  for ix in boots]) if n_boot else np.full(1, np.nan)
+    ratios[n] = r
+    nq = max(1, n_blocks // 4)
+    quarters = [frechet(lat[:, i * nq * cs:(i + 1) * nq * cs].reshape(-1, lat.shape[-1]),
+                        real_frames) for i in range(4)] if n_blocks >= 4 else []
+    out[n] = {"fd_first": f0, "fd_last": f1, "growth": f1 / f0, "fd_quarters": quarters,
+              "growth_ci90": [float(np.percentile(r, 5)), float(np.percentile(r, 95))],
+              "growth_halves": [h1 / h0 for h0, h1 in halves]}
+  for n in gens:
+    if n != ref and ref in ratios and n_boot:
+      d = ratios[n] - ratios[ref]
+      out[n].update(d_growth_vs_ref=out[n]["growth"] - out[ref]["growth"],
+                    d_growth_ci90=[float(np.percentile(d, 5)), float(np.percentile(d, 95))],
+                    p_less_growth=float(np.mean(d < 0)))
+  return out
 
 
 # ------------------------------------------------------------------------------- models
@@ -154,8 +208,16 @@ def main(argv=None):
   ap.add_argument("--frame-rate", type=float, default=FRAME_RATE)
   ap.add_argument("--codec", help="codec name for audio indicators (lmdm_jax.codecs.get_codec)")
   ap.add_argument("--batch", type=int, default=8, help="held-out streams per model")
-  ap.add_argument("--steps", type=int, help="denoising steps (default: the config's sampler)")
-  ap.add_argument("--base-steps", type=int, help="the base model's steps (default: --steps)")
+  ap.add_argument("--steps", type=_int_list,
+                  help="denoising steps of the ARC model (default: the config's sampler); a "
+                  "comma list (e.g. 4,2) streams one variant per value, named arc@4, arc@2")
+  ap.add_argument("--base-steps", type=_int_list,
+                  help="the base model's steps (default: --steps); a comma list (e.g. 8,4) "
+                  "streams base@8, base@4")
+  ap.add_argument("--arc-only", action="store_true",
+                  help="stream only the ARC model (quick probes of a run against known base numbers)")
+  ap.add_argument("--bootstrap", type=int, default=200,
+                  help="bootstrap resamples of the held-out streams for the growth intervals")
   ap.add_argument("--cfg-scale", type=float, default=1.0)
   ap.add_argument("--row-seconds", type=float, default=5.0)
   ap.add_argument("--seed", type=int, default=0)
@@ -164,6 +226,8 @@ def main(argv=None):
 
   conf = load_config(args.config)
   cfg, models = load_models(args, conf)
+  if args.arc_only and "arc" in models:
+    models.pop("base")
   cs, K, C = cfg.chunk, cfg.context_chunks, cfg.io_channels
   codec = None
   rate = args.frame_rate
@@ -178,8 +242,15 @@ def main(argv=None):
       rate = codec.frame_rate
   n_blocks = int(np.ceil(args.seconds * rate / cs))
   gen_frames = n_blocks * cs
-  steps = args.steps or int(conf.sampler.steps)
-  steps = {n: (args.base_steps or steps) if n == "base" else steps for n in models}
+  arc_steps = args.steps or [int(conf.sampler.steps)]
+  base_steps = args.base_steps or arc_steps
+  variants, steps = {}, {}
+  for name, model in models.items():
+    lst = base_steps if name == "base" else arc_steps
+    for k in lst:
+      v = name if len(lst) == 1 else f"{name}@{k}"
+      variants[v], steps[v] = model, k
+  models = variants
   print(f"[drift] {n_blocks} blocks of {cs} frames = {gen_frames / rate:.1f} s at {rate:.2f} "
         f"frames/s past {K * cs} context frames; {args.batch} held-out streams; {steps} steps, "
         f"cfg {args.cfg_scale}")
@@ -195,7 +266,8 @@ def main(argv=None):
   gens = stream_all(models, cfg, ctx, cond, gen_frames, steps, args.cfg_scale, args.seed)
 
   rng = np.random.default_rng(args.seed)
-  per_block = {"t_end_s": [], "fd_floor": [], "rms_real": float(np.sqrt(np.mean(real_frames ** 2)))}
+  per_block = {"t_end_s": [], "fd_floor": [], "rms_real": float(np.sqrt(np.mean(real_frames ** 2))),
+               "steps": steps}
   n_per = args.batch * cs
   for j in range(n_blocks):
     per_block["t_end_s"].append((j + 1) * cs / rate)
@@ -243,6 +315,26 @@ def main(argv=None):
     q = max(1, n_blocks // 4)
     print(f"[drift] {n}: FD first quarter {fd[:q].mean():.3f} -> last quarter {fd[-q:].mean():.3f}"
           f" (x{fd[-q:].mean() / max(fd[:q].mean(), 1e-12):.2f})")
+  if codec:
+    per_block["real_audio"] = real_audio_indicators(codec, lat_real[:, K * cs:], valid)
+    print(f"[drift] real continuations: centroid {per_block['real_audio']['centroid_hz']:.0f} Hz, "
+          f"chroma entropy {per_block['real_audio']['chroma_entropy']:.3f} bits")
+  per_block["summary"] = growth_summary(gens, real_frames, n_blocks, cs, args.bootstrap,
+                                        args.seed, names[0])
+  for n, sm in per_block["summary"].items():
+    extra = ""
+    if "d_growth_vs_ref" in sm:
+      extra = (f"; growth - {names[0]}'s: {sm['d_growth_vs_ref']:+.3f} "
+               f"[{sm['d_growth_ci90'][0]:+.3f}, {sm['d_growth_ci90'][1]:+.3f}], "
+               f"P(less growth) {sm['p_less_growth']:.2f}")
+    print(f"[drift] {n} ({steps[n]} steps): pooled-quarter FD {sm['fd_first']:.2f} -> "
+          f"{sm['fd_last']:.2f}, growth x{sm['growth']:.3f} (90% bootstrap over streams "
+          f"[{sm['growth_ci90'][0]:.3f}, {sm['growth_ci90'][1]:.3f}]; stream halves "
+          f"x{sm['growth_halves'][0]:.3f} / x{sm['growth_halves'][1]:.3f}){extra}")
+    print(f"[drift] {n}: pooled FD per quarter "
+          + " / ".join(f"{x:.2f}" for x in sm["fd_quarters"])
+          + f"; per-block FD blocks 0-3 {np.mean(per_block[n]['fd'][:4]):.2f}, "
+          f"blocks 4-15 {np.mean(per_block[n]['fd'][4:16]):.2f}")
 
   os.makedirs(args.out, exist_ok=True)
   with open(os.path.join(args.out, "drift.json"), "w") as f:

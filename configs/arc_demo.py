@@ -7,8 +7,43 @@ projection, 4 rollout blocks from real context, a 4-step schedule with the exit 
 k ~ U{1..4} (so the adapted model is trained for few-step sampling), discriminator features
 after block 3 of 6 with a small ConvNeXt head, and learning rates raised from the reference's
 1e-6 (a 0.34B model over days) to 2e-4 (an 8M model over a few hundred steps).
+
+Overrides for sweeps: ``get_config("lr_g=2e-5,lr_d=1e-5,w_contrastive=0.5")`` (config spec
+``configs/arc_demo.py:lr_g=2e-5,...``). A bare key is looked up in the ``arc``, ``adapter``,
+``head`` and ``arc_train`` sections (in that order); ``section.key=value`` names the section.
+Values are parsed as Python literals (numbers, tuples, strings without quotes are kept as str).
 """
+import ast
+
 from lmdm_jax.config import load_config
+
+_SECTIONS = ("arc", "adapter", "head", "arc_train")
+
+
+def _literal(s: str):
+  try:
+    return ast.literal_eval(s)
+  except (ValueError, SyntaxError):
+    return s
+
+
+def apply_overrides(c, arg: str):
+  """Apply ``key=value[,key=value...]`` overrides (see the module docstring) to config ``c``."""
+  for item in filter(None, (p.strip() for p in arg.split(","))):
+    key, eq, val = item.partition("=")
+    if not eq:
+      raise ValueError(f"arc_demo override {item!r}: expected key=value")
+    sec, _, name = key.rpartition(".")
+    secs = (sec,) if sec else _SECTIONS
+    for s in secs:
+      d = dict(c[s])
+      if name in d:
+        d[name] = _literal(val)
+        c[s] = d
+        break
+    else:
+      raise ValueError(f"arc_demo override {key!r}: no such key in sections {secs}")
+  return c
 
 
 def get_config(arg: str = ""):
@@ -26,4 +61,4 @@ def get_config(arg: str = ""):
                remat=True)
   c.arc_train = dict(batch_size=4, steps=400, ckpt_every=25, keep=3, log_every=5)
   c.disc_backbone = None
-  return c
+  return apply_overrides(c, arg)

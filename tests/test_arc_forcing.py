@@ -344,3 +344,37 @@ def test_resume_gives_identical_losses(setup):
                    on_metrics=lambda s, ph, m: run.setdefault(s, float(m["loss"])))
   print("uninterrupted:", ref, "resumed at 2:", run)
   assert run == {3: ref[3], 4: ref[4]}
+
+
+def test_arc_demo_config_overrides():
+  """configs/arc_demo.py:key=value,... (the sweep specs recorded in arc_config.json)."""
+  c = load_config("configs/arc_demo.py:lr_g=3e-5,lr_d=1e-5,w_contrastive=0.5,head.channels=32,"
+                  "disc_noise=logit_normal")
+  ref = load_config("arc_demo")
+  assert (c.arc["lr_g"], c.arc["lr_d"], c.arc["w_contrastive"]) == (3e-5, 1e-5, 0.5)
+  assert c.head["channels"] == 32 and c.arc["disc_noise"] == "logit_normal"
+  assert {k: v for k, v in dict(c.arc).items() if k not in ("lr_g", "lr_d", "w_contrastive",
+                                                              "disc_noise")} == \
+      {k: v for k, v in dict(ref.arc).items() if k not in ("lr_g", "lr_d", "w_contrastive",
+                                                             "disc_noise")}
+  ARCConfig.from_config(c.arc)
+  with pytest.raises(ValueError, match="no such key"):
+    load_config("configs/arc_demo.py:lr_gg=1e-5")
+  with pytest.raises(ValueError, match="key=value"):
+    load_config("configs/arc_demo.py:lr_g")
+
+
+def test_generator_step_reports_rollout_and_real_rms(setup):
+  """The collapse monitors of the G step: RMS of the rollout blocks and of the real
+  continuation (a run drifting to loud output shows up in arc_metrics.jsonl, not only in a
+  drift benchmark afterwards)."""
+  tr, frozen = setup["trainer"], setup["frozen"]
+  batch = _batch(setup, 0, 2)
+  key = jax.random.key(3)
+  _, m = tr.g_loss(setup["state"]["adapter"], setup["state"]["head"], frozen, batch, key)
+  blocks, *_ = tr._rollout_from_batch(setup["state"]["adapter"], frozen, batch,
+                                      jax.random.split(key)[0])
+  real = np.asarray(batch["latents"])[:, tr.context_frames:]
+  np.testing.assert_allclose(float(m["rms_fake"]), np.sqrt(np.mean(np.asarray(blocks) ** 2)),
+                             rtol=1e-5)
+  np.testing.assert_allclose(float(m["rms_real"]), np.sqrt(np.mean(real ** 2)), rtol=1e-5)

@@ -355,8 +355,13 @@ class ARCForcing:
                     jnp.concatenate([cond, cond]), None if gc is None else jnp.concatenate([gc, gc]))
     s_r, s_f = s[:b], s[b:]
     loss = self.ac.w_g * jnp.mean(jax.nn.softplus(s_r - s_f))
+    real = batch["latents"][:, self.context_frames:].astype(jnp.float32)
+    sg = jax.lax.stop_gradient
+    # collapse monitors: the rollout's latent RMS against the real continuation's
     return loss, {"loss_g": loss, "s_real": s_r.mean(), "s_fake": s_f.mean(),
-                  "k_mean": ks.astype(jnp.float32).mean()}
+                  "k_mean": ks.astype(jnp.float32).mean(),
+                  "rms_fake": jnp.sqrt(jnp.mean(sg(blocks) ** 2)),
+                  "rms_real": jnp.sqrt(jnp.mean(real ** 2))}
 
   def d_loss(self, head_p, frozen, batch, blocks, hidden, cond, key):
     xr, xf, t = self._sequences(batch, blocks, hidden, key)
