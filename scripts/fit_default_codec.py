@@ -379,14 +379,18 @@ def _decoder_data(paths, codec, eps):
 
 def train_decoder(codec, zs, ts, *, layers: int, hidden: int, kernel: int, residual: bool,
                   steps: int, batch: int, crop: int, lr: float, noise: float, hi_weight: float,
-                  hi_eps: float = 1e-3, seed: int = 0, eval_set=None, log_every: int = 250):
+                  chroma_weight: float = 0.0, init=None, hi_eps: float = 1e-3, seed: int = 0,
+                  eval_set=None, log_every: int = 250):
   """Train a decoder net for ``codec``'s fixed latents (deterministic: seeded data order).
 
   log-magnitude = the asset's PCA reconstruction + ``layers`` 'valid' temporal convs (odd
   ``kernel``, GELU, a skip connection on square layers when ``residual``) + a zero-initialised
   linear layer. Inputs get Gaussian noise of ``noise`` per-channel std (standardized units:
   the generator's error budget). Loss as in ``train_net`` (log-spectral MSE + ``hi_weight`` x the
-  same with a -60 dBFS floor). Returns the asset arrays ``net_conv*``, ``net_out_*``.
+  same with a -60 dBFS floor) + ``chroma_weight`` x the MSE of per-frame max-normalised chroma
+  (librosa's STFT chroma filter bank on the power spectrum: what the chroma target measures).
+  ``init``: asset arrays (``net_conv*``, ``net_out_*``) to start from (a second, fine-tuning
+  stage). Returns the asset arrays ``net_conv*``, ``net_out_*``.
   """
   import jax
   import jax.numpy as jnp
@@ -405,6 +409,17 @@ def train_decoder(codec, zs, ts, *, layers: int, hidden: int, kernel: int, resid
                   jnp.zeros(hidden)))
     c_in = hidden
   params = {"convs": convs, "out_w": jnp.zeros((hidden, n_bins)), "out_b": jnp.zeros(n_bins)}
+  if init is not None:
+    want = {f"net_conv{i}_{x}": v.shape for i, c in enumerate(convs) for x, v in zip("wb", c)}
+    want.update(net_out_w=params["out_w"].shape, net_out_b=params["out_b"].shape)
+    got = {k: tuple(v.shape) for k, v in init.items()}
+    if got != want:
+      raise ValueError(f"--init decoder does not match --dec-layers/--hidden/--kernel: it has"
+                       f" {got}, expected {want}")
+    params = {"convs": [(jnp.asarray(init[f"net_conv{i}_w"], jnp.float32),
+                         jnp.asarray(init[f"net_conv{i}_b"], jnp.float32)) for i in range(layers)],
+              "out_w": jnp.asarray(init["net_out_w"], jnp.float32),
+              "out_b": jnp.asarray(init["net_out_b"], jnp.float32)}
 
   def decode(p, z):  # standardized (N, T + 2 rad, K) -> (N, T, F); the codec's _decode_logmag
     lat = z * lat_std + lat_mean
@@ -419,10 +434,21 @@ def train_decoder(codec, zs, ts, *, layers: int, hidden: int, kernel: int, resid
 
   hi = lambda v: jnp.log(jnp.maximum(jnp.exp(v) - eps, 0.0) + hi_eps)
 
+  import librosa
+
+  chroma_fb = jnp.asarray(librosa.filters.chroma(sr=SR, n_fft=2 * (n_bins - 1), tuning=0.0).T)
+
+  def chroma(v):  # log-magnitude (N, T, F) -> max-normalised chroma (N, T, 12)
+    c = ((jnp.maximum(jnp.exp(v) - eps, 0.0) * (n_bins - 1) / 2) ** 2) @ chroma_fb
+    return c / (jnp.max(c, axis=-1, keepdims=True) + 1e-10)
+
   def loss_fn(p, z, t):
     y = decode(p, z)
     rec = jnp.mean((y - t) ** 2)
-    return rec + hi_weight * jnp.mean((hi(y) - hi(t)) ** 2), rec
+    loss = rec + hi_weight * jnp.mean((hi(y) - hi(t)) ** 2)
+    if chroma_weight:
+      loss = loss + chroma_weight * jnp.mean((chroma(y) - chroma(t)) ** 2)
+    return loss, rec
 
   sched = optax.cosine_onecycle_schedule(steps, lr, pct_start=0.05)
   opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(sched))
@@ -492,10 +518,15 @@ def refit_decoder(args) -> None:
     y = y[int(10 * SR):int(30 * SR)] if len(y) >= 30 * SR else y
     y = y[: len(y) // 512 * 512]
     eval_set.append((codec.encode(y[None]), log_magnitude(y, codec.eps)))
+  init = None
+  if args.init:
+    with np.load(args.init) as z:
+      init = {k: z[k] for k in z.files if k.startswith(("net_conv", "net_out"))}
   net = train_decoder(codec, zs, ts, layers=args.dec_layers, hidden=args.hidden,
                       kernel=args.kernel, residual=not args.no_residual, steps=args.steps,
                       batch=args.batch, crop=args.crop, lr=args.lr, noise=args.noise,
-                      hi_weight=args.hi_weight, eval_set=eval_set or None,
+                      hi_weight=args.hi_weight, chroma_weight=args.chroma_weight, init=init,
+                      eval_set=eval_set or None,
                       log_every=args.log_every)
   with np.load(src) as z:
     arrays = {k: z[k] for k in z.files if not k.startswith(("net_conv", "net_out"))}
@@ -595,6 +626,8 @@ def main() -> None:
   d.add_argument("--lr", type=float, default=1e-3)
   d.add_argument("--noise", type=float, default=0.1)
   d.add_argument("--hi-weight", type=float, default=4.0)
+  d.add_argument("--chroma-weight", type=float, default=0.0)
+  d.add_argument("--init", default=None, help="start from this asset's decoder (fine-tuning)")
   d.add_argument("--log-every", type=int, default=250)
   d.set_defaults(fn=refit_decoder)
   args = ap.parse_args()

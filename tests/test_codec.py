@@ -225,3 +225,23 @@ def test_refit_decoder_keeps_the_latents(tmp_path, codec, music):
   with_skip = new.decode_logmag(z)
   new.residual = False
   assert np.abs(new.decode_logmag(z) - with_skip).max() > 1e-3
+  # A second stage fine-tunes that decoder (here with the chroma loss); a mismatched one is refused.
+  out2 = tmp_path / "stage2.npz"
+  stage2 = ["fit_default_codec.py", "refit-decoder", "--data", str(tmp_path / "train"),
+                          "--heldout", str(tmp_path / "held"), "--dec-layers", "3", "--hidden",
+                          "16", "--steps", "2", "--batch", "2", "--crop", "8", "--asset", str(out),
+                          "--init", str(out), "--chroma-weight", "10", "--out", str(out2)]
+  for args in (stage2, stage2[:7] + ["32"] + stage2[8:]):
+    sys.argv = args
+    try:
+      if args is stage2:
+        fit.main()
+      else:
+        with pytest.raises(ValueError, match="--init decoder does not match"):
+          fit.main()
+    finally:
+      sys.argv = argv
+  with np.load(out) as a, np.load(out2) as b:
+    assert a["net_conv0_w"].shape == b["net_conv0_w"].shape
+    assert not np.array_equal(a["net_out_w"], b["net_out_w"])
+    np.testing.assert_array_equal(a["basis"], b["basis"])
