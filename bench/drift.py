@@ -55,11 +55,17 @@ def _sqrtm_psd(a):
   return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
 
 
+def gauss_stats(x):
+  """(mean, covariance) of samples x (n, d), float64: the reusable side of ``frechet``."""
+  x = np.asarray(x, np.float64)
+  return x.mean(0), np.cov(x, rowvar=False)
+
+
 def frechet(x, y) -> float:
-  """Frechet distance between Gaussians fitted to samples x (n, d) and y (m, d)."""
-  x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-  mu1, mu2 = x.mean(0), y.mean(0)
-  s1, s2 = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
+  """Frechet distance between Gaussians fitted to samples x (n, d) and y (m, d); either may be
+  given as its ``gauss_stats`` (mean, covariance) instead."""
+  mu1, s1 = x if isinstance(x, tuple) else gauss_stats(x)
+  mu2, s2 = y if isinstance(y, tuple) else gauss_stats(y)
   s1h = _sqrtm_psd(np.atleast_2d(s1))
   m = s1h @ np.atleast_2d(s2) @ s1h
   tr_cross = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
@@ -89,13 +95,16 @@ def audio_indicators(audio, sr, n_fft=2048, hop=512):
   return centroid, ent
 
 
-def real_audio_indicators(codec, lat, valid) -> dict:
-  """Mean (spectral centroid, chroma entropy) of the decoded real continuations (valid frames)."""
+def real_audio_indicators(codec, lat, valid, cs: int) -> dict:
+  """Mean (spectral centroid, chroma entropy) of the decoded real continuations, per block of
+  ``cs`` frames as for the generated streams (whole valid blocks only)."""
   ind = []
   for i in range(lat.shape[0]):
-    m = int(valid[i].sum())
-    if m >= 4:
-      ind.append(audio_indicators(codec.decode(lat[i, :m]), codec.sample_rate))
+    m = int(valid[i].sum()) // cs * cs
+    if m >= cs:
+      a = codec.decode(lat[i, :m])
+      ind += [audio_indicators(a[:, j * cs * codec.hop:(j + 1) * cs * codec.hop], codec.sample_rate)
+              for j in range(m // cs)]
   ind = np.asarray(ind) if ind else np.full((1, 2), np.nan)
   return {"centroid_hz": float(ind[:, 0].mean()), "chroma_entropy": float(ind[:, 1].mean())}
 
@@ -114,6 +123,7 @@ def growth_summary(gens, real_frames, n_blocks, cs, n_boot, seed, ref) -> dict:
   than ``ref`` the paired difference of growth to ``ref``'s with its interval and the share of
   resamples in which it grows less than ``ref``."""
   q_frames = max(1, n_blocks // 4) * cs
+  real_frames = gauss_stats(real_frames)  # computed once for every comparison below
   b = next(iter(gens.values())).shape[0]
   rng = np.random.default_rng(seed + 1)
   boots = [rng.integers(0, b, b) for _ in range(n_boot)]
@@ -316,7 +326,7 @@ def main(argv=None):
     print(f"[drift] {n}: FD first quarter {fd[:q].mean():.3f} -> last quarter {fd[-q:].mean():.3f}"
           f" (x{fd[-q:].mean() / max(fd[:q].mean(), 1e-12):.2f})")
   if codec:
-    per_block["real_audio"] = real_audio_indicators(codec, lat_real[:, K * cs:], valid)
+    per_block["real_audio"] = real_audio_indicators(codec, lat_real[:, K * cs:], valid, cs)
     print(f"[drift] real continuations: centroid {per_block['real_audio']['centroid_hz']:.0f} Hz, "
           f"chroma entropy {per_block['real_audio']['chroma_entropy']:.3f} bits")
   per_block["summary"] = growth_summary(gens, real_frames, n_blocks, cs, args.bootstrap,
