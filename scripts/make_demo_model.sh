@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # How the bundled default model (lmdm_jax/assets/demo_model.npz) is made, end to end, on CPU.
 # Every stage is resumable: rerun the script after an interruption and it continues.
-#   STEPS=1800 ARC_STEPS=1500 bash scripts/make_demo_model.sh
+#   STEPS=1800 ARC_STEPS=800 bash scripts/make_demo_model.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STEPS=${STEPS:-1800}
-ARC_STEPS=${ARC_STEPS:-1500}
+ARC_STEPS=${ARC_STEPS:-800}
 HOURS=${HOURS:-3}
 
 # 1. real music: music21 scores -> FluidSynth (mixes + aligned stems, captions from metadata)
