@@ -3,7 +3,7 @@
 The model, sampler and conditioner are `demo`'s (the base comes from a `train.py --config demo`
 work directory). ARC settings follow LMDM_REFERENCE §4 (betas .9/.95, wd .01, clip 1.0, loss
 weights w_g = w_d = 1, p_uncond .25, p_partial .1), resized for a CPU-hour run: rank-16 LoRA on
-every projection, 4 rollout blocks from real context, a 4-step schedule with the exit step
+every projection, 8 rollout blocks from real context, a 4-step schedule with the exit step
 k ~ U{1..4} (so the adapted model is trained for few-step sampling), discriminator features
 after block 3 of 6 with a small ConvNeXt head.
 
@@ -26,6 +26,13 @@ the real ones along the whole stream where the base drifts within the first seco
 0.76-0.78 vs base 0.39-0.41, real 1.17; centroid 690-730 Hz vs base 1450-1720, real 886;
 per-block chroma entropy 1.62-1.70 bits vs base 3.11-3.19, real 2.18), but overshoots towards
 fewer pitch classes. The main command keeps the stage-1 model.
+Rollouts of 8 blocks instead of 4 (the base drifts over its first ~12 blocks; runs/drift_R8,
+same lr, 800 steps, 9 min alone) bring ARC@4's level to the base's or below (pooled FD 109 /
+120 / 125 / 131 vs base@8 114 / 129 / 128 / 128) and its indicators nearer real (RMS
+0.54-0.62, centroid 685-860 Hz, chroma entropy 1.7-2.0 bits), but not its growth (x1.20 vs
+x1.12; difference +0.08, 90% interval [-0.01, +0.18]). Hence 8 is the default.
+Less discriminator noise (disc_noise=logit_normal, 4 blocks) collapses towards dark, few-pitch
+output (runs/drift_E2: FD growth x1.44).
 
 Overrides for sweeps: ``get_config("lr_g=2e-5,lr_d=1e-5,w_contrastive=0.5")`` (config spec
 ``configs/arc_demo.py:lr_g=2e-5,...``). A bare key is looked up in the ``arc``, ``adapter``,
@@ -73,7 +80,7 @@ def get_config(arg: str = ""):
                    projections=("self_attn.to_qkv", "self_attn.to_out", "cross_attn.to_q",
                                 "cross_attn.to_kv", "ff_in", "ff_out"), layers=None)
   c.head = dict(channels=64, c_mults=(1, 2), strides=(1, 2), num_blocks=(1, 1))
-  c.arc = dict(rollout_blocks=4, steps=4, max_k=4, p_uncond=0.25, p_partial=0.1, p_cfg=0.1,
+  c.arc = dict(rollout_blocks=8, steps=4, max_k=4, p_uncond=0.25, p_partial=0.1, p_cfg=0.1,
                disc_exit_layer=3, disc_noise="logsnr_uniform",
                lr_g=5e-5, lr_d=5e-5, b1=0.9, b2=0.95,
                eps=1e-8, weight_decay=0.01, clip_norm=1.0, w_g=1.0, w_d=1.0, w_contrastive=0.5,
