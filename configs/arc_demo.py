@@ -27,7 +27,7 @@ the real ones along the whole stream where the base drifts within the first seco
 per-block chroma entropy 1.62-1.70 bits vs base 3.11-3.19, real 2.18), but overshoots towards
 fewer pitch classes. The main command keeps the stage-1 model.
 Rollouts of 8 blocks instead of 4 (the base drifts over its first ~12 blocks; runs/drift_R8,
-same lr, 800 steps, 9 min alone) bring ARC@4's level to the base's or below (pooled FD 109 /
+same lr, 800 steps, 10 min alone) bring ARC@4's level to the base's or below (pooled FD 109 /
 120 / 125 / 131 vs base@8 114 / 129 / 128 / 128) and its indicators nearer real (RMS
 0.54-0.62, centroid 685-860 Hz, chroma entropy 1.7-2.0 bits), but not its growth (x1.20 vs
 x1.12; difference +0.08, 90% interval [-0.01, +0.18]). Hence 8 is the default.
