@@ -31,7 +31,7 @@ same lr, 800 steps, 10 min alone) bring ARC@4's level to the base's or below (po
 120 / 125 / 131 vs base@8 114 / 129 / 128 / 128) and its indicators nearer real (RMS
 0.54-0.62, centroid 685-860 Hz, chroma entropy 1.7-2.0 bits), but not its growth (x1.20 vs
 x1.12; difference +0.08, 90% interval [-0.01, +0.18]).
-Rollouts of 12 blocks (runs/drift_R12, 800 steps, about 13 min) are the default: ARC@4's pooled
+Rollouts of 12 blocks (runs/drift_R12, 800 steps, 17 min beside a CI run) are the default: ARC@4's pooled
 FD is 85 / 91 / 93 / 92 against base@8's 114 / 129 / 128 / 128, growth x1.08 vs x1.12
 (difference -0.044, 90% stream-bootstrap interval [-0.084, -0.005], less growth in 96% of
 resamples), latent RMS 0.59-0.61, centroid 843-896 Hz (real 929), chroma entropy 2.8 bits
