@@ -240,6 +240,27 @@ def _conv_valid(h, w, b):
   return sum(h[:, j:j + t] @ w[j] for j in range(k)) + b
 
 
+def _adam_step(loss_fn, params, steps: int, lr: float):
+  """The codec nets' optimizer: Adam, one-cycle cosine schedule, global-norm clip 1.0.
+
+  ``loss_fn(params, *batch) -> (loss, aux)``. Returns the jitted ``step(params, state, *batch)
+  -> (params, state, aux)`` and the initial optimizer state.
+  """
+  import jax
+  import optax
+
+  opt = optax.chain(optax.clip_by_global_norm(1.0),
+                    optax.adam(optax.cosine_onecycle_schedule(steps, lr, pct_start=0.05)))
+
+  @jax.jit
+  def step(p, s, *batch):
+    (_, aux), g = jax.value_and_grad(loss_fn, has_aux=True)(p, *batch)
+    upd, s = opt.update(g, s, p)
+    return optax.apply_updates(p, upd), s, aux
+
+  return step, opt.init(params)
+
+
 def train_net(wavs, mean, basis, scale, *, latent_dim: int, enc_layers: int, dec_layers: int,
               hidden: int, steps: int, batch: int = 48, seed: int = 0, noise: float = 0.1,
               penalty: float = 0.1, lr: float = 1e-3, eps: float = 1e-4, hi_weight: float = 0.0,
@@ -259,7 +280,6 @@ def train_net(wavs, mean, basis, scale, *, latent_dim: int, enc_layers: int, dec
   """
   import jax
   import jax.numpy as jnp
-  import optax
 
   from lmdm_jax.codecs.spectral import log_magnitude
 
@@ -320,15 +340,7 @@ def train_net(wavs, mean, basis, scale, *, latent_dim: int, enc_layers: int, dec
       loss = loss + hi_weight * jnp.mean((hi(y) - hi(tgt)) ** 2)
     return loss, rec
 
-  sched = optax.cosine_onecycle_schedule(steps, lr, pct_start=0.05)
-  opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(sched))
-  state = opt.init(params)
-
-  @jax.jit
-  def step(p, s, x, nz):
-    (_, rec), g = jax.value_and_grad(loss_fn, has_aux=True)(p, x, nz)
-    upd, s = opt.update(g, s, p)
-    return optax.apply_updates(p, upd), s, rec
+  step, state = _adam_step(loss_fn, params, steps, lr)
 
   lengths = np.array([f.shape[0] - win for f in feats])
   probs = lengths / lengths.sum()
@@ -394,7 +406,6 @@ def train_decoder(codec, zs, ts, *, layers: int, hidden: int, kernel: int, resid
   """
   import jax
   import jax.numpy as jnp
-  import optax
 
   k, eps = codec.latent_dim, codec.eps
   lat_std, lat_mean = jnp.asarray(codec.lat_std), jnp.asarray(codec.lat_mean)
@@ -450,15 +461,7 @@ def train_decoder(codec, zs, ts, *, layers: int, hidden: int, kernel: int, resid
       loss = loss + chroma_weight * jnp.mean((chroma(y) - chroma(t)) ** 2)
     return loss, rec
 
-  sched = optax.cosine_onecycle_schedule(steps, lr, pct_start=0.05)
-  opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(sched))
-  state = opt.init(params)
-
-  @jax.jit
-  def step(p, s, z, t):
-    (_, rec), g = jax.value_and_grad(loss_fn, has_aux=True)(p, z, t)
-    upd, s = opt.update(g, s, p)
-    return optax.apply_updates(p, upd), s, rec
+  step, state = _adam_step(loss_fn, params, steps, lr)
 
   dec1 = jax.jit(lambda p, z: decode(p, z[None])[0])
 
