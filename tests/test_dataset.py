@@ -237,6 +237,13 @@ def test_codec_mismatch_refused(tmp_path):
   with pytest.raises(ValueError, match="another codec"):
     D.build_dataset(str(tmp_path / "audio"), str(tmp_path / "out"), Other(), "rms",
                     progress=False)
+  # the held-out fraction is part of the dataset: resuming with another one is refused
+  with pytest.raises(ValueError, match="built with holdout 0.15, not 0.3"):
+    D.build_dataset(str(tmp_path / "audio"), str(tmp_path / "out"), RMSCodec(), "rms",
+                    progress=False, holdout=0.3)
+  with pytest.raises(ValueError, match="holdout must be a fraction"):
+    D.build_dataset(str(tmp_path / "audio"), str(tmp_path / "out2"), RMSCodec(), "rms",
+                    progress=False, holdout=1.5)
 
 
 @pytest.fixture(scope="module")
@@ -304,6 +311,14 @@ def test_weighting_split_and_filters(built):
   train, held = ds.split(0.3)
   assert sorted(train + held) == list(range(len(ds))) and train and held
   assert ds.split(0.3) == (train, held)
+  # nested: a larger fraction holds out a superset of the sources
+  assert set(ds.split(0.1)[1]) <= set(held) <= set(ds.split(0.6)[1])
+  # the default is the fraction recorded in dataset.json (0.05 for folders that predate it)
+  assert ds.info["holdout"] == D.DEFAULT_HOLDOUT and ds.split() == ds.split(D.DEFAULT_HOLDOUT)
+  legacy = dict(ds.info)
+  del legacy["holdout"]
+  ds.info = legacy
+  assert ds.split() == ds.split(D.LEGACY_HOLDOUT)
   sub = D.LatentDataset(str(built), crop_frames=60, indices=held)
   assert len(sub) == len(held)
   assert 0 < ds.hours < 0.01

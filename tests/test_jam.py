@@ -65,8 +65,9 @@ def test_cached_stream_with_accompaniment_equals_no_cache_reference():
 # ------------------------------------------------------------------------------ JamSession
 
 
-def acc_config(tmp_path, extra=129):
-  from tests.test_sample_cli import write_config
+def acc_config(tmp_path, extra=None):
+  from tests.test_sample_cli import ACC, write_config
+  extra = ACC if extra is None else extra
   return write_config(tmp_path / f"acc{extra}.py", extra=extra)
 
 
@@ -160,7 +161,8 @@ def test_jam_session_needs_accompaniment_channels():
   from lmdm_jax.apps.jam import JamSession
   from lmdm_jax.codecs import get_codec
   base = DiTConfig.from_config(load_config("tiny").model)
-  cfg = dataclasses.replace(base, io_channels=128, input_add_dim=129)
+  from tests.test_sample_cli import LAT
+  cfg = dataclasses.replace(base, io_channels=LAT, input_add_dim=1 + LAT)
   with pytest.raises(ValueError, match="accompaniment channels"):
     JamSession(random_model(cfg), get_codec("spectral"))
 

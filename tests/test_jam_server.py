@@ -1,7 +1,7 @@
 """The jam server (lmdm_jax/apps/server.py) and its page, end to end.
 
 One server subprocess (`python3 -m lmdm_jax.apps.server`) for the module: a tiny-width model
-with the spectral codec's 128-dim latents and accompaniment channels (input_add_dim =
+with the spectral codec's latents and accompaniment channels (input_add_dim =
 1 + 2 * io_channels + 1), random weights. Python WebSocket clients check the protocol and its
 robustness (malformed JSON, unknown types, bad binary frames, an oversized message closing only
 its own connection, abrupt disconnects); headless Chromium (fake microphone playing a WAV file)
@@ -27,7 +27,7 @@ websockets = pytest.importorskip("websockets", reason="the jam server needs the 
                                  "package (requirements.txt)")
 from websockets.asyncio.client import connect  # noqa: E402
 
-from tests.test_sample_cli import write_config  # noqa: E402
+from tests.test_sample_cli import ACC, write_config  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_MESSAGE = 256 << 10
@@ -78,7 +78,7 @@ class Server:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
   d = tmp_path_factory.mktemp("jam_server")
-  cfg = write_config(d / "acc129.py", extra=129)  # input_add_dim = 1 + 128 + 129
+  cfg = write_config(d / "acc.py", extra=ACC)  # input_add_dim = 1 + LAT + (1 + LAT)
   env = dict(os.environ)
   env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
   env.setdefault("JAX_PLATFORMS", "cpu")

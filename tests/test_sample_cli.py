@@ -1,5 +1,5 @@
-"""sample.py end to end in a subprocess: a tiny-width model with 128-dim latents (the spectral
-codec's), random weights; WAV validity, duration, time-varying prompts, Ctrl-C mid-stream."""
+"""sample.py end to end in a subprocess: a tiny-width model with the shipped spectral codec's
+latent width, random weights; WAV validity, duration, time-varying prompts, Ctrl-C mid-stream."""
 import os
 import signal
 import subprocess
@@ -20,10 +20,10 @@ import ml_collections
 
 def get_config(regime="block_causal"):
   c = ml_collections.ConfigDict()
-  c.name = "tiny128"
+  c.name = "tinyspectral"
   c.model = ml_collections.ConfigDict(dict(
-      io_channels=128, embed_dim=64, depth=1, num_heads=1, cond_token_dim=32,
-      project_cond_tokens=True, global_cond_dim=0, input_add_dim=1 + 128 + EXTRA,
+      io_channels=LAT, embed_dim=64, depth=1, num_heads=1, cond_token_dim=32,
+      project_cond_tokens=True, global_cond_dim=0, input_add_dim=1 + LAT + EXTRA,
       global_token="postpend", qk_norm="ln", rope_base=10000.0, ff_mult=2,
       timestep_features_dim=32, chunk=16, context_chunks=2, window_chunks=2,
       dtype="float32", param_dtype="float32"))
@@ -36,10 +36,15 @@ def get_config(regime="block_causal"):
 '''
 
 HOP, SR, CHUNK = 512, 22050, 16
+# The shipped spectral codec's latent width (read from its asset, no codec built): the tiny
+# model's io channels, and 1 + LAT accompaniment channels (mask + partner latents) for jamming.
+with np.load(os.path.join(ROOT, "lmdm_jax", "codecs", "assets", "spectral_default.npz")) as _a:
+  LAT = int(_a["latent_dim"])
+ACC = 1 + LAT
 
 
 def write_config(path, extra=0):
-  path.write_text(CONFIG.replace("EXTRA", str(extra)))
+  path.write_text(CONFIG.replace("EXTRA", str(extra)).replace("LAT", str(LAT)))
   return str(path)
 
 
@@ -61,7 +66,7 @@ def run_sample(*args, timeout=300):
 
 @pytest.fixture(scope="module")
 def config(tmp_path_factory):
-  return write_config(tmp_path_factory.mktemp("cfg") / "tiny128.py")
+  return write_config(tmp_path_factory.mktemp("cfg") / "tinyspectral.py")
 
 
 def test_parse_prompts():
