@@ -408,6 +408,11 @@ class Stream:
       if global_cond.shape != (self.batch, cfg.global_cond_dim):
         raise ValueError(f"global conditioning: expected shape {(self.batch, cfg.global_cond_dim)}"
                          f", got {tuple(global_cond.shape)} (prompt batch mismatch?)")
+    elif global_cond is not None:  # no global conditioning: only an empty array means "none"
+      if np.size(global_cond):
+        raise ValueError(f"global conditioning given (shape {tuple(np.shape(global_cond))}) but "
+                         "the model has none (global_cond_dim 0)")
+      global_cond = None
     self.state = self._prompt(self.params, self.state, cond_tokens, global_cond)
 
   def set_sampler(self, **kw) -> None:

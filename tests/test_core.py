@@ -148,6 +148,22 @@ def test_bad_input_is_rejected_with_clear_errors(model):
     DiTConfig(io_channels=8, embed_dim=64, num_heads=1, input_add_dim=5)
 
 
+def test_model_without_global_conditioning():
+  """global_cond_dim 0: None or an empty array means none (as the benchmarks pass); a real
+  global vector is refused by name, not by a pytree mismatch from inside jit."""
+  import dataclasses
+  cfg = dataclasses.replace(DiTConfig.from_config(load_config("tiny").model), global_cond_dim=0)
+  s = S.Stream(random_model(cfg), batch=1, cross_len=5, sampler=S.SamplerParams.make(steps=2))
+  cond = jnp.ones((1, 5, cfg.cond_token_dim)) * 0.1
+  s.set_prompt(cond)
+  a = s.next_block()
+  s.set_prompt(cond, jnp.ones((1, 0)))
+  b = s.next_block()
+  assert a.shape == b.shape == (1, cfg.chunk, cfg.io_channels)
+  with pytest.raises(ValueError, match="global_cond_dim 0"):
+    s.set_prompt(cond, jnp.ones((1, 4)))
+
+
 def test_prime_then_stream_equals_reference_history(model):
   """Priming with real context equals generating after that context in the no-cache reference."""
   cfg = model.cfg
