@@ -81,7 +81,7 @@ def test_geometry(codec):
   assert isinstance(codec, Codec)
   assert (codec.sample_rate, codec.channels, codec.hop) == (22050, 1, 512)
   assert 20 <= codec.frame_rate <= 45
-  assert 32 <= codec.latent_dim <= 128
+  assert 32 <= codec.latent_dim <= 256
 
 
 def test_shapes(codec, music, round_trip):
