@@ -134,7 +134,7 @@ def test_jam_session_delay_counters_and_accompaniment(session_parts):
     assert ex.shape == (1, 16, model.cfg.extra_dim)
     assert np.all(ex[0, :, 0] == 1)
     ref = codec.encode(partner[None])[:16]
-    np.testing.assert_allclose(ex[0, :, 1:129], ref, atol=1e-4)
+    np.testing.assert_allclose(ex[0, :, 1:1 + codec.latent_dim], ref, atol=1e-4)
     # a block past the partner's end: nothing known, mask 0
     far = int(3 * codec.frame_rate) // 16 + 2
     ex = sess._accomp_extra(far)
