@@ -33,8 +33,8 @@ def build_parser():
   ap.add_argument("--checkpoint", default=None,
                   help="a train.py work directory or a converted checkpoint (python3 -m lmdm_jax.convert)")
   ap.add_argument("--prompt", action="append", default=None, metavar="[SECONDS:]TEXT",
-                  help="repeatable; '20:string quartet' switches at 20 s (default: a piano prompt "
-                       "in the style of the training captions)")
+                  help="repeatable; '20:string quartet' switches at 20 s (default: a string-quartet "
+                       "prompt in the style of the training captions)")
   ap.add_argument("--seconds", type=float, default=30.0)
   ap.add_argument("--steps", type=int, default=None)
   ap.add_argument("--cfg-scale", type=float, default=None)
