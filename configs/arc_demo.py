@@ -7,37 +7,27 @@ every projection, 12 rollout blocks from real context, a 4-step schedule with th
 k ~ U{1..4} (so the adapted model is trained for few-step sampling), discriminator features
 after block 3 of 6 with a small ConvNeXt head.
 
-Learning rates and the contrastive weight come from a sweep on this base (runs/arc_sweep_*,
-800 steps or less, 20 s drift probes on 8 held-out streams; the table is in the commit that set
-them). The reference's 1e-6 (a 0.34B model over days) does not move an 8M model in a CPU hour;
-lr 2e-4 with w_contrastive 2 (the previous default) collapses: the adapter learns loud,
-low-frequency output on a few pitch classes (latent RMS 1.51 vs real 1.17, spectral centroid
-340 Hz vs real 840 Hz), as does lr_g 1e-4 / lr_d 5e-5 by step 800. lr 2e-5 hardly moves the
-adapter in 300 steps. lr_g = lr_d = 5e-5 with w_contrastive 0.5 stays stable for 800 steps.
-The contrastive term stays near its chance value w_c ln 2 (92-98% of it on average over each
-run): the head on frozen, mostly very noisy features hardly tells the prompts apart, so at
-w_c 2 about two thirds of the discriminator's loss (and of its clipped gradient) was a term it
-barely learns.
-What it achieves (bench/drift.py, 60 s, 8 held-out streams, seed 0; runs/drift_final_C): it
-does NOT reduce drift by the latent Frechet distance. Pooled-quarter FD base@8 114 -> 128
-(x1.12), base@4 112 -> 128 (x1.15), ARC@4 149 -> 182 (x1.22; growth minus base@8's +0.10,
-90% stream-bootstrap interval [+0.00, +0.17]). It does hold the decoded-audio indicators nearer
-the real ones along the whole stream where the base drifts within the first seconds (latent RMS
-0.76-0.78 vs base 0.39-0.41, real 1.17; centroid 690-730 Hz vs base 1450-1720, real 886;
-per-block chroma entropy 1.62-1.70 bits vs base 3.11-3.19, real 2.18), but overshoots towards
-fewer pitch classes. The main command keeps the stage-1 model.
-Rollouts of 8 blocks instead of 4 (the base drifts over its first ~12 blocks; runs/drift_R8,
-same lr, 800 steps, 10 min alone) bring ARC@4's level to the base's or below (pooled FD 109 /
-120 / 125 / 131 vs base@8 114 / 129 / 128 / 128) and its indicators nearer real (RMS
-0.54-0.62, centroid 685-860 Hz, chroma entropy 1.7-2.0 bits), but not its growth (x1.20 vs
-x1.12; difference +0.08, 90% interval [-0.01, +0.18]).
-Rollouts of 12 blocks (runs/drift_R12, 800 steps, 17 min beside a CI run) are the default: ARC@4's pooled
-FD is 85 / 91 / 93 / 92 against base@8's 114 / 129 / 128 / 128, growth x1.08 vs x1.12
-(difference -0.044, 90% stream-bootstrap interval [-0.084, -0.005], less growth in 96% of
-resamples), latent RMS 0.59-0.61, centroid 843-896 Hz (real 929), chroma entropy 2.8 bits
-(base 3.15, real 2.2). Only 3 held-out pieces feed this, so the interval is optimistic.
-Less discriminator noise (disc_noise=logit_normal, 4 blocks) collapses towards dark, few-pitch
-output (runs/drift_E2: FD growth x1.44).
+What the default achieves (bench/drift.py, 60 s, 8 held-out streams, seed 0; runs/drift_R12,
+800 steps, 17 min beside a CI run): it reduces drift. ARC@4's pooled-quarter FD is 85 / 91 / 93 /
+92 against base@8's 114 / 129 / 128 / 128, growth x1.08 vs x1.12 (difference -0.044, 90%
+stream-bootstrap interval [-0.084, -0.005], less growth in 96% of resamples); latent RMS
+0.59-0.61, centroid 843-896 Hz (real 929), chroma entropy 2.8 bits (base 3.15, real 2.2). Only 3
+held-out pieces feed this, so the interval is optimistic; its few-step music quality is not yet
+measured, and the main command keeps the stage-1 model.
+
+How the settings were found (a sweep on this base, runs/arc_sweep_*, 20 s drift probes; tables in
+the commits that set them). The reference's lr 1e-6 (a 0.34B model over days) does not move an 8M
+model in a CPU hour. lr 2e-4 with w_contrastive 2 (an earlier default) collapses to loud,
+low-frequency output on a few pitch classes (latent RMS 1.51 vs real 1.17, centroid 340 Hz), as
+does lr_g 1e-4 / lr_d 5e-5 by step 800; lr 2e-5 hardly moves the adapter; lr_g = lr_d = 5e-5
+with w_contrastive 0.5 stays stable. The contrastive term stays near its chance value w_c ln 2
+(92-98% of it): the head on frozen, mostly very noisy features hardly tells prompts apart, so a
+large w_c mostly adds a term the discriminator barely learns. Rollout length matters: with 4
+blocks ARC@4 grows more than the base (FD 149 -> 182, x1.22, growth minus base@8's +0.10
+[+0.00, +0.17]), with 8 blocks its level drops to the base's or below but it still grows more
+(x1.20; +0.08 [-0.01, +0.18]); the base drifts over its first ~12 blocks, hence 12. Less
+discriminator noise (disc_noise=logit_normal, 4 blocks) collapses towards dark, few-pitch output
+(FD growth x1.44).
 
 Overrides for sweeps: ``get_config("lr_g=2e-5,lr_d=1e-5,w_contrastive=0.5")`` (config spec
 ``configs/arc_demo.py:lr_g=2e-5,...``). A bare key is looked up in the ``arc``, ``adapter``,

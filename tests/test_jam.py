@@ -16,6 +16,7 @@ import soundfile as sf
 from lmdm_jax import sampling as S
 from lmdm_jax.config import DiTConfig, load_config
 from lmdm_jax.testing import random_model, rel_err
+from tests.test_sample_cli import ACC, LAT, write_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -65,9 +66,7 @@ def test_cached_stream_with_accompaniment_equals_no_cache_reference():
 # ------------------------------------------------------------------------------ JamSession
 
 
-def acc_config(tmp_path, extra=None):
-  from tests.test_sample_cli import ACC, write_config
-  extra = ACC if extra is None else extra
+def acc_config(tmp_path, extra=ACC):
   return write_config(tmp_path / f"acc{extra}.py", extra=extra)
 
 
@@ -161,7 +160,6 @@ def test_jam_session_needs_accompaniment_channels():
   from lmdm_jax.apps.jam import JamSession
   from lmdm_jax.codecs import get_codec
   base = DiTConfig.from_config(load_config("tiny").model)
-  from tests.test_sample_cli import LAT
   cfg = dataclasses.replace(base, io_channels=LAT, input_add_dim=1 + LAT)
   with pytest.raises(ValueError, match="accompaniment channels"):
     JamSession(random_model(cfg), get_codec("spectral"))

@@ -11,6 +11,7 @@ import pytest
 import soundfile as sf
 
 from lmdm_jax.apps.common import TimedPrompt, UsageError, parse_prompts, prompt_schedule
+from lmdm_jax.codecs.spectral import DEFAULT_ASSET
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = os.path.join(ROOT, "sample.py")
@@ -38,7 +39,7 @@ def get_config(regime="block_causal"):
 HOP, SR, CHUNK = 512, 22050, 16
 # The shipped spectral codec's latent width (read from its asset, no codec built): the tiny
 # model's io channels, and 1 + LAT accompaniment channels (mask + partner latents) for jamming.
-with np.load(os.path.join(ROOT, "lmdm_jax", "codecs", "assets", "spectral_default.npz")) as _a:
+with np.load(DEFAULT_ASSET) as _a:
   LAT = int(_a["latent_dim"])
 ACC = 1 + LAT
 

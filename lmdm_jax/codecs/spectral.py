@@ -11,15 +11,15 @@ whitened linear features: per-channel mean 0 / std 1, values within about +-5, s
 
 Decode (one jitted JAX function per chunk): latents -> log-magnitude (PCA reconstruction + the
 residual of a small temporal conv net and a linear layer, trained with 0.1-std latent noise; the
-shipped asset: four kernel-3 convs of width 512 with skip connections, receptive radius 4
-frames, refitted by ``fit_default_codec.py refit-decoder`` on the same latents) -> magnitude -> fast Griffin-Lim (Perraudin et al. 2013, momentum 0.99, 32 iterations), block
-by block: the stream is cut into fixed internal chunks of ``chunk`` frames; each chunk is
-refined together with ``lookahead`` future frames while the 3 previous, already emitted frames
-are held fixed; new frames start from the previous chunk's phases (lookahead frames) or a
-phase-vocoder extrapolation of them. ``decode`` runs the very same chunked procedure, so
-streaming decode equals full decode (documented margin: max abs difference <= 1e-5; measured 0),
-whatever the block sizes pushed. Latency: chunk + lookahead + radius + 2 frames (26 with the
-shipped asset, 0.60 s).
+shipped asset: four kernel-3 convs of width 512 with skip connections, receptive radius 4 frames,
+refitted by ``fit_default_codec.py refit-decoder`` on the same latents) -> magnitude -> fast
+Griffin-Lim (Perraudin et al. 2013, momentum 0.99, 32 iterations), block by block: the stream is
+cut into fixed internal chunks of ``chunk`` frames; each chunk is refined together with
+``lookahead`` future frames while the 3 previous, already emitted frames are held fixed; new
+frames start from the previous chunk's phases (lookahead frames) or a phase-vocoder extrapolation
+of them. ``decode`` runs the very same chunked procedure, so streaming decode equals full decode
+(documented margin: max abs difference <= 1e-5; measured 0), whatever the block sizes pushed.
+Latency: chunk + lookahead + radius + 2 frames (26 with the shipped asset, 0.60 s).
 
 Assets: ``assets/spectral_default.npz`` (about 7.6 MB: PCA basis float32, net weights float16),
 re-created by ``scripts/fit_default_codec.py``. Without the nets (an asset with only mean,
