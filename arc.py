@@ -233,8 +233,18 @@ def main(argv=None):
   seed = conf.get("seed", 0) if args.seed is None else args.seed
   os.makedirs(args.workdir, exist_ok=True)
   rec_path = os.path.join(args.workdir, "arc_config.json")
+  base_step = args.base_step
+  if args.base and base_step is None:
+    # Pin the base's step: a base run that trains on must not change this adapter's base.
+    if os.path.exists(rec_path):  # a resumed run keeps what it recorded (None: older runs)
+      with open(rec_path) as f:
+        base_step = json.load(f).get("base_step")
+    else:
+      ck = Checkpointer(_ckpt_dir(args.base))
+      base_step = ck.latest_step()
+      ck.close()
   rec = {"config": args.config, "seed": seed, "data": args.data,
-         "base": os.path.abspath(args.base) if args.base else None, "base_step": args.base_step,
+         "base": os.path.abspath(args.base) if args.base else None, "base_step": base_step,
          "disc_ckpt": args.disc_ckpt, "train": tr, "model": dict(conf.model),
          "adapter": dict(conf.get("adapter", {}) or {}), "arc": dict(conf.get("arc", {}) or {})}
   if os.path.exists(rec_path):
@@ -251,7 +261,7 @@ def main(argv=None):
   sharding.check_batch(tr["batch_size"], mesh)
   print(f"[arc] mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']} "
         f"({jax.process_count()} process(es))")
-  trainer, state, frozen = build(conf, seed, args.base, args.base_step, args.disc_ckpt, mesh=mesh)
+  trainer, state, frozen = build(conf, seed, args.base, base_step, args.disc_ckpt, mesh=mesh)
   cfg = trainer.cfg
   source = make_source(args.data, trainer.frames, cfg, seed)
   # plain mixes with the config's prompts: the rollouts leave the extra channels at zero

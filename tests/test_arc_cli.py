@@ -1,0 +1,52 @@
+"""arc.py from the command line on a trained base: the adapter's base step is pinned when the run
+starts, so a base that trains on does not change it on resume or export; the bundle records it."""
+import json
+import os
+import subprocess
+import sys
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, PYTHONUNBUFFERED="1")
+
+
+def _run(*args):
+  out = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, env=ENV,
+                       timeout=900)
+  return out
+
+
+def _train(workdir, steps):
+  out = _run("train.py", "--config", "tiny", "--data", "synthetic", "--workdir", workdir,
+             "--steps", str(steps), "--ckpt-every", "1", "--eval-every", "0", "--batch-size", "2",
+             "--no-progress")
+  assert out.returncode == 0, out.stdout + out.stderr
+
+
+def _arc(workdir, base, steps, *extra):
+  return _run("arc.py", "--config", "arc_tiny", "--base", base, "--data", "synthetic",
+              "--workdir", workdir, "--steps", str(steps), "--ckpt-every", "1", *extra)
+
+
+def test_arc_pins_base_step_across_resume_and_export(tmp_path):
+  base, wd = str(tmp_path / "base"), str(tmp_path / "arc")
+  _train(base, 2)
+  out = _arc(wd, base, 1)
+  assert out.returncode == 0, out.stdout + out.stderr
+  with open(os.path.join(wd, "arc_config.json")) as f:
+    assert json.load(f)["base_step"] == 2  # the base's latest step when the run started
+  _train(base, 3)  # the base trains on
+  out = _arc(wd, base, 2)  # resume: still on step 2 of the base
+  assert out.returncode == 0, out.stdout + out.stderr
+  assert "base parameters from" in out.stdout and "step 2" in out.stdout, out.stdout
+  with open(os.path.join(wd, "arc_config.json")) as f:
+    assert json.load(f)["base_step"] == 2
+  out = _arc(wd, base, 3, "--base-step", "3")  # another base under the same adapter: refused
+  assert out.returncode != 0 and "base_step=2" in (out.stdout + out.stderr)
+  bundle = str(tmp_path / "merged.npz")
+  out = _run("-m", "lmdm_jax.bundle", "--arc", wd, "--out", bundle)
+  assert out.returncode == 0, out.stdout + out.stderr
+  from lmdm_jax.bundle import read_meta
+  meta = read_meta(bundle)
+  assert (meta["config"], meta["base_step"], meta["arc_step"]) == ("arc_tiny", 2, 2)
+  assert meta["data"] == "synthetic" and "merged" in meta["weights"]
