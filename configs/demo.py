@@ -1,8 +1,8 @@
 """`demo`: the CPU-sized model for the bundled default (default codec + MiniLM prompts).
 
-Latents: the weight-free `spectral` codec (22.05 kHz mono, 43.07 frames/s, 128 dims). Prompts:
+Latents: the weight-free `spectral` codec (22.05 kHz mono, 43.07 frames/s, 192 dims). Prompts:
 all-MiniLM-L6-v2 token states (384 wide, up to 32 tokens). 16-frame chunks (0.37 s), K = 3
-context chunks. Width 256, depth 6, 4 heads (head_dim 64, rotary on 32 dims): 8,316,480
+context chunks. Width 256, depth 6, 4 heads (head_dim 64, rotary on 32 dims): 8,422,976
 parameters, sized to stream faster than real time on a 2-core CPU with CFG and decoding. Extra
 input_add channels for jamming (accompaniment mask + latents) and sketches (14 pitch features):
 the bundled model (lmdm_jax/assets/demo_model.npz) is this config.
@@ -14,11 +14,11 @@ def get_config(regime: str = "block_causal"):
   c = ml_collections.ConfigDict()
   c.name = "demo"
   c.model = ml_collections.ConfigDict(dict(
-      io_channels=128, embed_dim=256, depth=6, num_heads=4,
+      io_channels=192, embed_dim=256, depth=6, num_heads=4,
       cond_token_dim=384, project_cond_tokens=True, global_cond_dim=0,
-      # input_add: [context mask | context (128) | accompaniment mask | accompaniment (128) |
+      # input_add: [context mask | context (192) | accompaniment mask | accompaniment (192) |
       # sketch (14)]: one model for text-to-music, sketch-to-music and jamming
-      input_add_dim=1 + 128 + (1 + 128) + 14, global_token="postpend", qk_norm="ln", rope_base=10000.0,
+      input_add_dim=1 + 192 + (1 + 192) + 14, global_token="postpend", qk_norm="ln", rope_base=10000.0,
       ff_mult=4, timestep_features_dim=128,
       chunk=16, context_chunks=3, window_chunks=4,
       dtype="float32", param_dtype="float32"))

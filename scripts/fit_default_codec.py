@@ -14,11 +14,10 @@ mido``; it writes 22.05 kHz mono clips (<= 75 s per piece) into
 ``export-flac`` makes the compact copy (about 57 MB) that can be carried to an accelerator.
 ``fit`` needs numpy, soundfile, jax and optax. It is deterministic for a given machine and
 jax version (fixed seeds and data order; float64 PCA with sign-fixed components); the shipped
-asset was trained with the defaults on one NVIDIA H100 (jax 0.11.2, about 1 min of training),
-then given a refitted decoder (its ``recipe`` field). ``fit --latent-dim 192`` then
-``refit-decoder`` (one NVIDIA H200, about 1 min each) reaches held-out chroma 0.960 / 4.55 dB,
-but the demo model retrained on those latents fell silent on a third of its prompts, so the
-128-dim asset stays the default (README, "Data, codecs").
+asset is ``fit`` then ``refit-decoder``, both with the defaults and ``--data data_cache/codec_flac``,
+on one NVIDIA H200 (jax 0.11.2; about 1 min of training each; 192 latent dims, because a linear
+reconstruction from 128 principal components caps held-out chroma near 0.91 and every decoder
+tried on 128 latents stopped at 0.945 < 0.95).
 A CPU rerun (estimated about an hour on 2 cores; not done) gives the same PCA and a network of
 the same recipe, but not bit-identical weights, since GPU and CPU float rounding differ. The
 asset records its recipe in its ``recipe`` field.
@@ -601,7 +600,7 @@ def main() -> None:
   f = sub.add_parser("fit")
   f.add_argument("--data", default=os.path.join(DATA_DIR, "train_flac"),
                  help="folder of training audio (.wav/.flac), or a split of data_cache/codec_data")
-  f.add_argument("--latent-dim", type=int, default=128)
+  f.add_argument("--latent-dim", type=int, default=192)
   f.add_argument("--out", default=os.path.join(ROOT, "lmdm_jax", "codecs", "assets",
                                                  "spectral_default.npz"))
   f.add_argument("--eps", type=float, default=3e-5, help="log floor, re full-scale magnitude")

@@ -157,8 +157,12 @@ def test_main_command_streams_the_bundled_model(tmp_path):
   assert r.returncode == 0, r.stdout + r.stderr
   assert "RANDOM WEIGHTS" not in r.stdout
   assert f"loaded {DEFAULT_BUNDLE}" in r.stdout and "config demo" in r.stdout, r.stdout
-  meta = read_meta(DEFAULT_BUNDLE)
-  assert meta["config"] == "demo" and meta["step"] > 0
+  meta = read_meta(DEFAULT_BUNDLE)  # the stage-1 model with its ARC-Forcing adapter merged
+  assert meta["config"] == "arc_demo" and "merged ARC-Forcing adapter" in meta["weights"]
+  assert meta["arc_step"] > 0 and meta["base_step"] > 0
+  assert "config arc_demo" in r.stdout, r.stdout  # so its sampler: the 4-step ARC schedule
+  assert f"base step {meta['base_step']} + ARC-Forcing step {meta['arc_step']}" in r.stdout
+  assert "4 steps, CFG 3.0" in r.stdout, r.stdout
   audio, sr = sf.read(str(out))
   assert sr == SR and len(audio) == int(np.ceil(1.5 / (CHUNK * HOP / SR))) * CHUNK * HOP
   assert np.all(np.isfinite(audio)) and np.abs(audio).max() > 0

@@ -28,8 +28,8 @@ class TimedPrompt:
   text: str
 
 
-# String quartet: the bundled model falls silent within 2 s on "Piano playing ..." prompts (seeds
-# 0-2 measured at about -85 dBFS), while this one plays at about -30 dBFS (README).
+# String quartet: the bundled model plays this at about -20 dBFS (seeds 0-1, 30 s), while short
+# generic "Piano playing ..." prompts come out quiet, -50 to -80 (README, "The bundled model").
 DEFAULT_PROMPT = "String quartet playing a lively piece. G major, 4/4 time, 120 BPM."
 SAO_FRAME_RATE = 44100 / 2048  # latent frames/s of the SAO VAE: the time base when no codec decodes
 
@@ -124,8 +124,12 @@ def load(config: str | None, checkpoint: str | None, seed: int, log=print, tag="
     conf = load_config(config or "tiny")
     if "meta" in extras:  # a train.py run: its config names its text encoder, codec and sampler
       conf = load_config(extras["meta"]["config"])
-    log(f"{tag} loaded {checkpoint} ({cfg.depth}x{cfg.embed_dim}, step "
-        f"{extras.get('step', '?')}), config {conf.name}")
+    meta = extras.get("meta") or {}
+    if meta.get("arc_step") is not None:  # an ARC-Forcing bundle: base + merged adapter
+      trained = f"base step {meta.get('base_step', '?')} + ARC-Forcing step {meta['arc_step']}"
+    else:
+      trained = f"step {extras.get('step', '?')}"
+    log(f"{tag} loaded {checkpoint} ({cfg.depth}x{cfg.embed_dim}, {trained}), config {conf.name}")
     return conf, cfg, model
   conf = load_config(config)
   cfg = DiTConfig.from_config(conf.model)

@@ -1,7 +1,7 @@
 """Audio codecs behind one interface (``base.Codec``), by name.
 
 ``get_codec("spectral")`` (alias ``"default"``) is the weight-free default codec shipped with the
-repo: PCA log-STFT latents + streamed fast Griffin-Lim, 22.05 kHz mono, 43 frames/s, 128 dims.
+repo: PCA log-STFT latents + streamed fast Griffin-Lim, 22.05 kHz mono, 43 frames/s, 192 dims.
 """
 from __future__ import annotations
 

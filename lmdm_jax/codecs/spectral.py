@@ -1,10 +1,10 @@
 """The default, weight-free codec: PCA log-STFT latents, small nets, streamed fast Griffin-Lim.
 
-Geometry: 22.05 kHz mono, hop 512 (43.07 latent frames/s), latent_dim 128.
+Geometry: 22.05 kHz mono, hop 512 (43.07 latent frames/s), latent_dim 192 (shipped asset).
 
 Encode (numpy): STFT (n_fft 2048, periodic Hann, frame ``g`` centred on sample ``g * hop``) ->
 ``log(|X| / (n_fft/4) + eps)`` (a full-scale sine peaks at 0; ``eps`` = 3e-5, about -90 dBFS)
--> the first 256 whitened principal coordinates of that log-spectrum -> latent = the first 128
+-> the first 256 whitened principal coordinates of that log-spectrum -> latent = the first 192
 of them + a small learned residual (one kernel-3 temporal conv, GELU, linear; kept small by an
 L2 penalty) -> standardized per channel with training statistics. The latents are thus close to
 whitened linear features: per-channel mean 0 / std 1, values within about +-5, smooth in time.
@@ -12,7 +12,7 @@ whitened linear features: per-channel mean 0 / std 1, values within about +-5, s
 Decode (one jitted JAX function per chunk): latents -> log-magnitude (PCA reconstruction + the
 residual of a small temporal conv net and a linear layer, trained with 0.1-std latent noise; the
 shipped asset: four kernel-3 convs of width 512 with skip connections, receptive radius 4 frames,
-refitted by ``fit_default_codec.py refit-decoder`` on the same latents) -> magnitude -> fast
+trained by ``fit_default_codec.py refit-decoder`` on the encoder's latents) -> magnitude -> fast
 Griffin-Lim (Perraudin et al. 2013, momentum 0.99, 32 iterations), block by block: the stream is
 cut into fixed internal chunks of ``chunk`` frames; each chunk is refined together with
 ``lookahead`` future frames while the 3 previous, already emitted frames are held fixed; new
@@ -21,7 +21,7 @@ of them. ``decode`` runs the very same chunked procedure, so streaming decode eq
 (documented margin: max abs difference <= 1e-5; measured 0), whatever the block sizes pushed.
 Latency: chunk + lookahead + radius + 2 frames (26 with the shipped asset, 0.60 s).
 
-Assets: ``assets/spectral_default.npz`` (about 7.6 MB: PCA basis float32, net weights float16),
+Assets: ``assets/spectral_default.npz`` (about 7.9 MB: PCA basis float32, net weights float16),
 re-created by ``scripts/fit_default_codec.py``. Without the nets (an asset with only mean,
 basis, scale) the codec is pure PCA + Griffin-Lim.
 """
