@@ -40,7 +40,7 @@ from lmdm_jax.nn.discriminator import HeadConfig
 from lmdm_jax.testing import random_model
 from lmdm_jax.training import sharding
 from lmdm_jax.training.arc_forcing import ARCConfig, ARCForcing, jit_step, make_head
-from lmdm_jax.training.checkpoints import Checkpointer, abstract_like
+from lmdm_jax.training.checkpoints import Checkpointer, abstract_like, latest_step
 from lmdm_jax.training.data import Batcher, make_source
 
 ARC_DIR = "arc_checkpoints"
@@ -60,9 +60,7 @@ def load_base_params(path: str, cfg: DiTConfig, step: int | None = None, seed: i
   are the base when it has them (they are what the bundled model ships), else its raw params."""
   d = _ckpt_dir(path)
   if step is None:
-    ck = Checkpointer(d)
-    step = ck.latest_step()
-    ck.close()
+    step = latest_step(d)
   if step is None:
     raise FileNotFoundError(f"--base {path}: no orbax checkpoint in {d} (expected train.py's "
                             "<workdir>/checkpoints/<step>/state)")
@@ -233,23 +231,20 @@ def main(argv=None):
   seed = conf.get("seed", 0) if args.seed is None else args.seed
   os.makedirs(args.workdir, exist_ok=True)
   rec_path = os.path.join(args.workdir, "arc_config.json")
+  old = None
+  if os.path.exists(rec_path):
+    with open(rec_path) as f:
+      old = json.load(f)
   base_step = args.base_step
   if args.base and base_step is None:
-    # Pin the base's step: a base run that trains on must not change this adapter's base.
-    if os.path.exists(rec_path):  # a resumed run keeps what it recorded (None: older runs)
-      with open(rec_path) as f:
-        base_step = json.load(f).get("base_step")
-    else:
-      ck = Checkpointer(_ckpt_dir(args.base))
-      base_step = ck.latest_step()
-      ck.close()
+    # Pin the base's step: a base run that trains on must not change this adapter's base. A
+    # resumed run keeps what it recorded (None for runs recorded before the pin).
+    base_step = old.get("base_step") if old is not None else latest_step(_ckpt_dir(args.base))
   rec = {"config": args.config, "seed": seed, "data": args.data,
          "base": os.path.abspath(args.base) if args.base else None, "base_step": base_step,
          "disc_ckpt": args.disc_ckpt, "train": tr, "model": dict(conf.model),
          "adapter": dict(conf.get("adapter", {}) or {}), "arc": dict(conf.get("arc", {}) or {})}
-  if os.path.exists(rec_path):
-    with open(rec_path) as f:
-      old = json.load(f)
+  if old is not None:
     for k in ("config", "seed", "data", "base", "base_step"):
       if old.get(k) != rec[k] and os.path.isdir(os.path.join(args.workdir, ARC_DIR)):
         raise SystemExit(f"[arc] {args.workdir} holds a run with {k}={old.get(k)!r}; this command "

@@ -110,22 +110,15 @@ def export_arc(arc_workdir: str, out: str, dtype=np.float16, extra_meta: dict | 
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   if root not in sys.path:
     sys.path.insert(0, root)
-  from arc import ARC_DIR, load_arc_model
+  from arc import ARC_DIR, _ckpt_dir, load_arc_model
 
-  from lmdm_jax.training.checkpoints import Checkpointer
+  from lmdm_jax.training.checkpoints import latest_step
   with open(os.path.join(arc_workdir, "arc_config.json")) as f:
     rec = json.load(f)
-  def latest(folder):
-    if not os.path.isdir(folder):
-      return None
-    ck = Checkpointer(folder)
-    step = ck.latest_step()
-    ck.close()
-    return step
-  arc_step = latest(os.path.join(arc_workdir, ARC_DIR))
+  arc_step = latest_step(os.path.join(arc_workdir, ARC_DIR))
   base_step = rec.get("base_step")
-  if base_step is None and rec.get("base"):  # the base's latest checkpoint, as arc.py loaded it
-    base_step = latest(os.path.join(rec["base"], "checkpoints"))
+  if base_step is None and rec.get("base"):  # runs recorded before the pin: the base's latest,
+    base_step = latest_step(_ckpt_dir(rec["base"]))  # as load_arc_model loads it
   model = load_arc_model(arc_workdir, merge=True)
   meta = dict(config=rec["config"], weights="base + merged ARC-Forcing adapter",
               source=os.path.abspath(arc_workdir), base=rec.get("base"),

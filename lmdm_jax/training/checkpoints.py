@@ -53,6 +53,17 @@ class Checkpointer:
     self.manager.close()
 
 
+def latest_step(directory: str):
+  """The newest whole checkpoint step in ``directory``, or None; a missing folder is not created."""
+  if not os.path.isdir(directory):
+    return None
+  ck = Checkpointer(directory)
+  try:
+    return ck.latest_step()
+  finally:
+    ck.close()
+
+
 def abstract_like(state, shardings=None):
   """ShapeDtypeStructs (with shardings) of a state pytree, for ``Checkpointer.restore``."""
   if shardings is None:
