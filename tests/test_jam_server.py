@@ -8,6 +8,7 @@ its own connection, abrupt disconnects); headless Chromium (fake microphone play
 checks the page: audio goes in, generated audio comes back, round-trip latency measured.
 """
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -75,9 +76,11 @@ class Server:
     return f"ws://127.0.0.1:{self.port}/ws"
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-  d = tmp_path_factory.mktemp("jam_server")
+@contextlib.contextmanager
+def launch(d, *extra):
+  """A server subprocess for a tiny accompaniment model in folder `d` (its config and compile
+  cache), with `extra` command-line flags; stopped with SIGINT at the end, which must exit 0
+  with no traceback in its output."""
   cfg = write_config(d / "acc.py", extra=ACC)  # input_add_dim = 1 + LAT + (1 + LAT)
   env = dict(os.environ)
   env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
@@ -86,7 +89,7 @@ def server(tmp_path_factory):
   proc = subprocess.Popen(
       [sys.executable, "-m", "lmdm_jax.apps.server", "--config", cfg, "--port", "0", "--steps",
        "2", "--cfg-scale", "1", "--delay-blocks", "2", "--max-message-bytes", str(MAX_MESSAGE),
-       "--stats-interval", "0.25", "--compile-cache", str(d / "xla")],
+       "--stats-interval", "0.25", "--compile-cache", str(d / "xla"), *extra],
       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
   srv = Server(proc)
   try:
@@ -105,6 +108,12 @@ def server(tmp_path_factory):
   out = srv.output(100000)
   assert proc.returncode == 0, f"server exit code {proc.returncode}:\n{srv.output()}"
   assert "Traceback" not in out, out
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+  with launch(tmp_path_factory.mktemp("jam_server")) as srv:
+    yield srv
 
 
 def alive(server):

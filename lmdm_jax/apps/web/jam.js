@@ -94,6 +94,7 @@ function onControl(m) {
       }
       break;
     case "error": S.errors.push(m); log(`server: ${m.code}: ${m.error}`); break;
+    case "warning": log(`server warning: ${m.code}: ${m.error}`); break;
     case "report_ok": break;
     default: log(`unknown message ${m.type}`);
   }
