@@ -17,6 +17,8 @@ import contextlib
 import json
 import random
 import socket
+import subprocess
+import sys
 import time
 import urllib.request
 
@@ -30,10 +32,11 @@ from websockets.asyncio.client import connect  # noqa: E402
 from lmdm_jax.apps.host_policy import ANY_PORT, HostPolicy, parse_allow_host  # noqa: E402
 from tests.test_jam_server import (FRAME, MAX_MESSAGE, Reader, alive, feed,  # noqa: E402
                                    feed_until_generated, launch, wait_until)
+from tests.test_sample_cli import ROOT, child_env  # noqa: E402
 
 SR = 22050
-KEY = ("Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-       "Sec-WebSocket-Version: 13\r\n")
+KEY = ("Upgrade: websocket\r\nConnection: Upgrade\r\n"
+       "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n")
 
 
 @pytest.fixture(scope="module")
@@ -451,3 +454,13 @@ def test_fuzz_messages_never_end_another_clients_session_or_the_server(server):
   assert page.status == 200 and b"jam.js" in page.read()
   log = server.output(100000)
   assert "Traceback" not in log and "error handling a message" not in log, log[-3000:]
+
+
+def test_bad_allow_host_entry_exits_2_before_the_model_loads():
+  r = subprocess.run([sys.executable, "-m", "lmdm_jax.apps.server", "--allow-host", "jam test",
+                      "--port", "0"], capture_output=True, text=True, env=child_env(), cwd=ROOT,
+                     timeout=120)
+  assert r.returncode == 2, r.stdout + r.stderr
+  err = r.stderr.strip().splitlines()
+  assert len(err) == 1 and "--allow-host 'jam test'" in err[0], r.stderr
+  assert "RANDOM WEIGHTS" not in r.stdout and "model ready" not in r.stdout, r.stdout

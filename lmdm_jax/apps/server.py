@@ -177,7 +177,9 @@ class JamServer:
              + (", WebSocket pages of any origin" if self.any_origin else ""))
 
   def _refuse(self, connection, status: int, why: str):
-    self.log(f"refused a request from {getattr(connection, 'remote_address', None)}: {status} {why}")
+    why = " ".join(why.split())  # one line
+    peer = getattr(connection, "remote_address", None)
+    self.log(f"refused a request from {peer}: {status} {why}")
     return connection.respond(status, why + "\n")
 
   def process_request(self, connection, request):
@@ -278,7 +280,10 @@ def parse_message(text: str) -> dict:
 def _show(v) -> str:
   """A client's value for an error message: short, and its repr never fails."""
   if isinstance(v, int) and not isinstance(v, bool) and abs(v) >= 10 ** 30:
-    return f"an integer of {len(str(abs(v)))} digits"
+    try:
+      return f"an integer of {len(str(abs(v)))} digits"
+    except ValueError:  # beyond Python's int -> str digit limit
+      return "an integer of thousands of digits"
   r = repr(v)
   return r if len(r) <= 60 else r[:57] + "..."
 
@@ -297,6 +302,8 @@ def _finite(v) -> float | None:
 
 def _int_field(msg, key, default, lo, hi):
   v = msg.get(key, default)
+  if isinstance(v, int) and not isinstance(v, bool) and not lo <= v <= hi:  # JSON ints: any size
+    raise BadMessage("bad_value", f"{key!r} must be in [{lo}, {hi}], got {_show(v)}")
   f = _finite(v)
   if f is None or not f.is_integer():
     raise BadMessage("bad_value", f"{key!r} must be an integer, got {_show(v)}")
@@ -307,6 +314,8 @@ def _int_field(msg, key, default, lo, hi):
 
 def _float_field(msg, key, default, lo, hi):
   v = msg.get(key, default)
+  if isinstance(v, int) and not isinstance(v, bool) and not lo <= v <= hi:  # JSON ints: any size
+    raise BadMessage("bad_value", f"{key!r} must be in [{lo}, {hi}], got {_show(v)}")
   f = _finite(v)
   if f is None:
     raise BadMessage("bad_value", f"{key!r} must be a finite number, got {_show(v)}")
@@ -512,7 +521,8 @@ class Connection:
   async def on_ping(self, msg):
     t = msg.get("t")
     if t is not None and _finite(t) is None:
-      raise BadMessage("bad_value", f"'t' must be a finite number, got {_show(t)}")
+      raise BadMessage("bad_value", f"'t' must be a finite number within float range, got "
+                       f"{_show(t)}")
     await self.send_json(type="pong", t=t, server_time=time.time())
 
   async def on_status(self, msg):
