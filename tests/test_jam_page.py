@@ -6,7 +6,8 @@ shows: the caption-style default prompt and its examples, the set-up progress st
 meters' dBFS readouts (finite and moving), a switch of the input device mid-jam, and one recorded
 take downloaded (Browser.setDownloadBehavior) as three WAV files (your part, the model's part,
 the mix) that are valid, aligned and hold the audio. A screenshot of the page is saved under the
-test's temporary directory (its path is printed; LMDM_JAM_SCREENSHOT=PATH copies it there).
+test's temporary directory (its path is printed; LMDM_JAM_SCREENSHOTS=DIR copies the screenshots
+there).
 """
 import asyncio
 import base64
@@ -132,8 +133,9 @@ def test_jam_page_meters_setup_device_and_recording(server, tmp_path, capsys):  
         pass
       proc.wait()
   shot = tmp_path / "jam_page.png"
-  if os.environ.get("LMDM_JAM_SCREENSHOT"):
-    shutil.copy(shot, os.environ["LMDM_JAM_SCREENSHOT"])
+  if os.environ.get("LMDM_JAM_SCREENSHOTS"):
+    for f in tmp_path.glob("jam_page*.png"):
+      shutil.copy(f, os.environ["LMDM_JAM_SCREENSHOTS"])
   with capsys.disabled():
     print(f"\njam page: {json.dumps(found)}; screenshot {shot}")
 

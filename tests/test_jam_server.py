@@ -79,6 +79,9 @@ class Server:
 def server(tmp_path_factory):
   d = tmp_path_factory.mktemp("jam_server")
   cfg = write_config(d / "acc.py", extra=ACC)  # input_add_dim = 1 + LAT + (1 + LAT)
+  # one compilation cache for the test run: a second module's server (tests/test_jam_page.py)
+  # loads the session's compiled steps instead of compiling them again
+  xla = tmp_path_factory.getbasetemp() / "jam_server_xla"
   env = dict(os.environ)
   env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
   env.setdefault("JAX_PLATFORMS", "cpu")
@@ -86,7 +89,7 @@ def server(tmp_path_factory):
   proc = subprocess.Popen(
       [sys.executable, "-m", "lmdm_jax.apps.server", "--config", cfg, "--port", "0", "--steps",
        "2", "--cfg-scale", "1", "--delay-blocks", "2", "--max-message-bytes", str(MAX_MESSAGE),
-       "--stats-interval", "0.25", "--compile-cache", str(d / "xla")],
+       "--stats-interval", "0.25", "--compile-cache", str(xla)],
       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
   srv = Server(proc)
   try:

@@ -495,7 +495,6 @@ const REC = { on: false, start: 0, end: null, input: [], model: [], takes: 0, ti
 function recordStart() {
   Object.assign(REC, { on: true, start: S.sent, end: null, input: [], model: [] });
   $("record").setAttribute("aria-pressed", "true");
-  $("record").textContent = "■ Stop recording";
   log(`recording from ${(S.sent / S.sr).toFixed(1)} s`);
 }
 
@@ -515,7 +514,7 @@ function recordStop() {
   if (!REC.on) return;
   REC.on = false; REC.end = S.sent;
   $("record").setAttribute("aria-pressed", "false");
-  $("record").textContent = "● Record";
+  $("rec-time").textContent = "";
   if (S.received >= REC.end || !S.running) recordFinish();
   else REC.timer = setTimeout(recordFinish, 3000);
 }
@@ -631,6 +630,10 @@ function render() {
   $("r_io").textContent = `${m.sentSeconds.toFixed(1)} s / ${m.receivedSeconds.toFixed(1)} s`;
   $("r_level").textContent = `${fmtDb(toDb(m.inputRms))} / ${fmtDb(toDb(m.outputRms))}`;
   $("r_setup").textContent = S.setupSummary || "–";
+  if (REC.on) {
+    const t = Math.max(S.sent - REC.start, 0) / S.sr;
+    $("rec-time").textContent = ` ${Math.floor(t / 60)}:${String(Math.floor(t % 60)).padStart(2, "0")}`;
+  }
   const now = performance.now();
   meterReadout(METERS.in, now); meterReadout(METERS.out, now);
   tickSetup();
