@@ -23,6 +23,7 @@ const S = {
   inSq: 0, outSq: 0, outGen: 0,
   latencies: [], rttLast: null, pings: [], playStatus: null, serverStats: null,
   errors: [], reported: false, setup: null, setupSummary: null, reconnect: null,
+  wsErrorSaid: false, promptEdited: false,
 };
 
 function log(msg, error = false) {  // the message list under the page; errors in red
@@ -52,7 +53,7 @@ function connect() {
   const ws = new WebSocket(`${proto}//${location.host}/ws`);
   ws.binaryType = "arraybuffer";
   S.ws = ws;
-  ws.onopen = () => setStatus("connected, waiting for the server…");
+  ws.onopen = () => { S.wsErrorSaid = false; setStatus("connected, waiting for the server…"); };
   ws.onclose = (e) => {
     $("start").disabled = true; $("stop").disabled = true; $("apply").disabled = true;
     stopAudio();
@@ -62,7 +63,10 @@ function connect() {
     clearTimeout(S.reconnect);
     S.reconnect = setTimeout(connect, 3000);
   };
-  ws.onerror = () => log("WebSocket error (is the server running?)", true);
+  ws.onerror = () => {  // said once until a connection opens again, not at every retry
+    if (!S.wsErrorSaid) log("WebSocket error (is the server running?)", true);
+    S.wsErrorSaid = true;
+  };
   ws.onmessage = (e) => {
     if (typeof e.data === "string") onControl(JSON.parse(e.data));
     else onAudio(e.data);
