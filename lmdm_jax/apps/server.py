@@ -392,9 +392,15 @@ class Connection:
       except websockets.ConnectionClosed:
         pass  # run() cleans up
 
+    sending = set()  # (the loop keeps only weak references to tasks)
+
+    def send_soon(stage, elapsed):
+      task = loop.create_task(send_progress(stage, elapsed))
+      sending.add(task)
+      task.add_done_callback(sending.discard)
+
     def progress(stage):  # (the set-up's worker thread)
-      elapsed = time.perf_counter() - t0
-      loop.call_soon_threadsafe(lambda: loop.create_task(send_progress(stage, elapsed)))
+      loop.call_soon_threadsafe(send_soon, stage, time.perf_counter() - t0)
 
     try:
       sess = await loop.run_in_executor(srv.pool, srv.make_session, prompt, delay, steps, cfg,
