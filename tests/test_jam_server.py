@@ -77,11 +77,12 @@ class Server:
 
 
 @contextlib.contextmanager
-def launch(d, *extra):
-  """A server subprocess for a tiny accompaniment model in folder `d` (its config and compile
-  cache), with `extra` command-line flags; stopped with SIGINT at the end, which must exit 0
-  with no traceback in its output."""
+def launch(d, *extra, xla=None):
+  """A server subprocess for a tiny accompaniment model in folder `d` (its config), with `extra`
+  command-line flags and the compilation cache `xla` (default: in `d`); stopped with SIGINT at
+  the end, which must exit 0 with no traceback in its output."""
   cfg = write_config(d / "acc.py", extra=ACC)  # input_add_dim = 1 + LAT + (1 + LAT)
+  xla = d / "xla" if xla is None else xla
   env = dict(os.environ)
   env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
   env.setdefault("JAX_PLATFORMS", "cpu")
@@ -89,7 +90,7 @@ def launch(d, *extra):
   proc = subprocess.Popen(
       [sys.executable, "-m", "lmdm_jax.apps.server", "--config", cfg, "--port", "0", "--steps",
        "2", "--cfg-scale", "1", "--delay-blocks", "2", "--max-message-bytes", str(MAX_MESSAGE),
-       "--stats-interval", "0.25", "--compile-cache", str(d / "xla"), *extra],
+       "--stats-interval", "0.25", "--compile-cache", str(xla), *extra],
       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
   srv = Server(proc)
   try:
@@ -112,7 +113,10 @@ def launch(d, *extra):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-  with launch(tmp_path_factory.mktemp("jam_server")) as srv:
+  # one compilation cache for the test run: another module's server (tests/test_jam_page.py,
+  # tests/test_server_security.py) loads the session's compiled steps instead of compiling them
+  xla = tmp_path_factory.getbasetemp() / "jam_server_xla"
+  with launch(tmp_path_factory.mktemp("jam_server"), xla=xla) as srv:
     yield srv
 
 

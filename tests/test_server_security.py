@@ -42,7 +42,8 @@ KEY = ("Upgrade: websocket\r\nConnection: Upgrade\r\n"
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
   with launch(tmp_path_factory.mktemp("jam_security"), "--allow-host", "jam.test",
-              "--allow-host", "proxy.test:*") as srv:
+              "--allow-host", "proxy.test:*",
+              xla=tmp_path_factory.getbasetemp() / "jam_server_xla") as srv:
     yield srv
 
 

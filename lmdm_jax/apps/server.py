@@ -17,6 +17,10 @@ Protocol (``/ws``):
   ``{"type": "prompt_ok"}``; ``{"type": "stop"}`` -> ``{"type": "stopped", "stats"}``;
   ``{"type": "ping", "t"}`` -> ``{"type": "pong", "t"}``; ``{"type": "report", ...}`` (the
   page's measurements, logged by the server) -> ``{"type": "report_ok"}``.
+- while a session is set up (before ``started``): ``{"type": "progress", "stage", "elapsed_s"}``
+  each time the set-up enters a stage (waiting for another session's set-up, encoding the prompt,
+  compiling the block step, compiling the decoder, warming up the encoder); ``elapsed_s`` counts
+  from the start request.
 - binary, both ways: little-endian float32 mono PCM at ``sample_rate``. The client is the clock:
   every binary frame of n samples it sends (the partner, live) is answered by one binary frame of
   n samples, the next n samples of the model's part. Output sample i is the model's music for the
@@ -143,14 +147,20 @@ class JamServer:
 
   # ---------------------------------------------------------------------------- sessions
 
-  def make_session(self, prompt: str, delay_blocks: int, steps: int, cfg: float):
+  def make_session(self, prompt: str, delay_blocks: int, steps: int, cfg: float, progress=None):
     """Build a JamSession (worker thread). Its stream is guarded by its own lock, so a prompt or
-    sampler change from the event loop never races the sampler thread's donated state."""
+    sampler change from the event loop never races the sampler thread's donated state.
+    ``progress(stage)`` (called from this thread) names each set-up stage as it begins."""
     from lmdm_jax.apps.jam import JamSession
+    progress = progress or (lambda stage: None)
+    if self.setup_lock.locked():
+      progress("waiting for another session's set-up")
     with self.setup_lock:
-      sess = JamSession(self.model, self.codec, self.text, prompt, delay_blocks=delay_blocks,
+      watch = _SetupStages(self.codec, self.text, progress)
+      sess = JamSession(self.model, watch.codec, watch.text, prompt, delay_blocks=delay_blocks,
                         steps=steps, cfg_scale=cfg, plus_plus=self.plus_plus,
                         pingpong=self.pingpong, seed=self.seed)
+      sess.codec = self.codec  # the sampler thread calls the codec itself, not the watcher
     lock = threading.Lock()
     stream = sess.stream
     step = stream.next_block
@@ -238,6 +248,50 @@ class JamServer:
       await Connection(self, ws).run()
     finally:
       self.connections -= 1
+
+
+class _SetupStages:
+  """Names the stages of ``JamSession.__init__`` as it reaches them, for the page's set-up
+  progress, by watching its calls: the text encoder (encoding the prompt; the stream's block step
+  compiles right after), the codec's first ``stream_decoder()`` (the decoder compiles on its first
+  pushes) and its first ``encode()`` (warming up the encoder). ``.codec`` and ``.text`` stand in
+  for the real ones during the constructor only; every other attribute passes through."""
+
+  def __init__(self, codec, text, progress):
+    self.progress, self.seen = progress, set()
+    watch = self
+
+    class Codec:
+      def __getattr__(self, name):
+        return getattr(codec, name)
+
+      def stream_decoder(self, *a, **kw):
+        watch.once("compiling the decoder")
+        return codec.stream_decoder(*a, **kw)
+
+      def encode(self, *a, **kw):
+        watch.once("warming up the encoder")
+        return codec.encode(*a, **kw)
+
+    class Text:
+      def __getattr__(self, name):
+        return getattr(text, name)
+
+      def __call__(self, *a, **kw):
+        watch.once("encoding the prompt")
+        out = text(*a, **kw)
+        watch.once("compiling the block step")
+        return out
+
+    self.codec = Codec()
+    self.text = None if text is None else Text()
+    if text is None:
+      self.once("compiling the block step")
+
+  def once(self, stage: str):
+    if stage not in self.seen:
+      self.seen.add(stage)
+      self.progress(stage)
 
 
 # ------------------------------------------------------------------------------ connection
@@ -441,9 +495,27 @@ class Connection:
     import websockets
     srv = self.srv
     t0 = time.perf_counter()
+    loop = asyncio.get_running_loop()
+
+    async def send_progress(stage, elapsed):
+      try:
+        await self.send_json(type="progress", stage=stage, elapsed_s=elapsed)
+      except websockets.ConnectionClosed:
+        pass  # run() cleans up
+
+    sending = set()  # (the loop keeps only weak references to tasks)
+
+    def send_soon(stage, elapsed):
+      task = loop.create_task(send_progress(stage, elapsed))
+      sending.add(task)
+      task.add_done_callback(sending.discard)
+
+    def progress(stage):  # (the set-up's worker thread)
+      loop.call_soon_threadsafe(send_soon, stage, time.perf_counter() - t0)
+
     try:
-      sess = await asyncio.get_running_loop().run_in_executor(
-          srv.pool, srv.make_session, prompt, delay, steps, cfg)
+      sess = await loop.run_in_executor(srv.pool, srv.make_session, prompt, delay, steps, cfg,
+                                        progress)
     except Exception as e:  # noqa: BLE001
       self.starting = False
       self._release()
