@@ -143,8 +143,11 @@ def test_wav_writer_valid_after_every_append(tmp_path):
   p = tmp_path / "stream.wav"
   rng = np.random.default_rng(0)
   blocks = [rng.uniform(-0.9, 0.9, (2, n)).astype(np.float32) for n in (1000, 1, 4410, 2048)]
+  p.write_bytes(b"the previous result")
   with A.WavWriter(p, 44100, 2) as w:
-    n, c, _ = _strict_read(p)  # valid (empty) before any block
+    part = w.partial_path
+    assert part == str(p) + ".partial.wav"
+    n, c, _ = _strict_read(part)  # valid (empty) before any block
     assert (n, c) == (0, 2)
     total = 0
     for i, b in enumerate(blocks):
@@ -152,15 +155,16 @@ def test_wav_writer_valid_after_every_append(tmp_path):
       total += b.shape[1]
       assert w.frames_written == total
       # read back while the writer is still open: both a strict and a libsndfile reader
-      n, c, pcm = _strict_read(p)
+      n, c, pcm = _strict_read(part)
       assert (n, c) == (total, 2)
-      back, sr = sf.read(p, dtype="float32")
+      back, sr = sf.read(part, dtype="float32")
       assert sr == 44100 and back.shape == (total, 2)
       expect = np.concatenate([x for x in blocks[:i + 1]], axis=1).T
       np.testing.assert_allclose(back, expect, atol=1.0 / 32767)
       assert abs(w.seconds_written - total / 44100) < 1e-12
-  assert w.closed
-  assert sf.info(p).frames == total
+      assert p.read_bytes() == b"the previous result"  # untouched until the writer commits
+  assert w.closed and w.committed and w.written_path == str(p)
+  assert sf.info(p).frames == total and not os.path.exists(part)
 
 
 def test_wav_writer_mono_clip_float(tmp_path):
@@ -172,19 +176,23 @@ def test_wav_writer_mono_clip_float(tmp_path):
   y, _ = sf.read(p, dtype="float32")
   np.testing.assert_allclose(y, [0, 1, -1], atol=1e-4)
   pf = tmp_path / "f.wav"
-  with A.WavWriter(pf, 8000, 1, subtype="FLOAT") as w:
+  with A.WavWriter(pf, 8000, 1, subtype="FLOAT", partial=False) as w:  # written in place
     w.append(np.array([0.5, 1.5], np.float32))
     y, _ = sf.read(pf, dtype="float32")
     np.testing.assert_allclose(y, [0.5, 1.5])
 
 
 def test_wav_writer_survives_exception(tmp_path):
+  """An exception inside the block keeps the partial file and never touches the target."""
   p = tmp_path / "interrupted.wav"
+  p.write_bytes(b"the previous result")
   with pytest.raises(KeyboardInterrupt):
     with A.WavWriter(p, 8000, 1) as w:
       w.append(np.full((1, 800), 0.25, np.float32))
       raise KeyboardInterrupt
-  assert _strict_read(p)[0] == 800
+  assert w.closed and not w.committed and w.written_path == A.partial_path(p)
+  assert _strict_read(A.partial_path(p))[0] == 800
+  assert p.read_bytes() == b"the previous result"
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
@@ -220,6 +228,7 @@ def test_wav_writer_killed_process_leaves_playable_file(tmp_path, sig):
   finally:
     if proc.poll() is None:
       proc.kill()
-  n, c, pcm = _strict_read(p)
+  assert not p.exists()  # never committed
+  n, c, pcm = _strict_read(A.partial_path(p))
   assert c == 2 and n >= 5 * 1600 and n % 1600 == 0
   assert np.all(pcm == pcm[0, 0]) and abs(int(pcm[0, 0]) - 0.1 * 32768) <= 1
