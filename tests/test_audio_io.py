@@ -123,6 +123,41 @@ def test_errors_name_file_and_problem(tmp_path):
   _check_error(short, "too short", min_seconds=1.0)
 
 
+def test_truncated_wav_is_refused_with_sizes(tmp_path):
+  """A WAV whose header claims more data than the file holds (a cut-off download or copy) is an
+  error naming the file and both sizes, not a silently shorter load; intact files, files with
+  extra chunks and streamed headers of unknown size still load."""
+  whole = tmp_path / "whole.wav"
+  A.save_audio(whole, _sine(440, 8000, 1.0, channels=2), 8000)  # 16-bit: 32000 data bytes
+  raw = whole.read_bytes()
+  cut = tmp_path / "cut.wav"
+  cut.write_bytes(raw[:-1000])
+  for fn in (A.load_audio, A.audio_info):
+    with pytest.raises(A.AudioFileError) as ei:
+      fn(cut)
+    assert ei.value.path == str(cut)
+    assert "truncated WAV" in str(ei.value) and "32000" in str(ei.value) and "31000" in str(ei.value)
+  assert A.load_audio(whole).shape == (2, 8000)
+  # a LIST chunk (odd size, padded) before the data chunk; then a cut: still found
+  i = raw.index(b"data")
+  extra = b"LIST" + (5).to_bytes(4, "little") + b"INFOx\0"
+  listed = tmp_path / "listed.wav"
+  listed.write_bytes(raw[:4] + (len(raw) - 8 + len(extra)).to_bytes(4, "little") + raw[8:i] +
+                     extra + raw[i:])
+  assert A.load_audio(listed).shape == (2, 8000)
+  listed.write_bytes(listed.read_bytes()[:-2])
+  with pytest.raises(A.AudioFileError, match="truncated WAV.*32000.*31998"):
+    A.load_audio(listed)
+  # a streaming writer's header (data size 0xFFFFFFFF: unknown) is not called truncated
+  streamed = tmp_path / "streamed.wav"
+  streamed.write_bytes(raw[:i + 4] + b"\xff\xff\xff\xff" + raw[i + 8:])
+  assert A._riff_data_sizes(str(streamed)) is None
+  # a WavWriter's partial file mid-stream is always consistent
+  with A.WavWriter(tmp_path / "live.wav", 8000, 1) as w:
+    w.append(_sine(440, 8000, 0.5))
+    assert A.load_audio(w.partial_path).shape == (1, 4000)
+
+
 def test_audio_info(tmp_path):
   p = tmp_path / "i.flac"
   A.save_audio(p, _sine(440, 22050, 2.0, channels=2), 22050)

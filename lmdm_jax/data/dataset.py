@@ -443,10 +443,10 @@ def build_dataset(audio_dir: str, out_dir: str, codec: Codec, codec_name: str = 
   try:
     for it in bar:
       try:
+        if "sidecar_error" in it.info:
+          raise AudioFileError(it.path, f"unusable sidecar: {it.info['sidecar_error']}")
         if it.caption is None and not allow_missing_captions:
           raise AudioFileError(it.path, "no caption (no .txt/.json sidecar or listing entry)")
-        if "sidecar_error" in it.info:
-          raise AudioFileError(it.path, f"unreadable sidecar: {it.info['sidecar_error']}")
         audio = load_audio(it.path, codec.sample_rate, codec.channels, min_seconds=min_seconds,
                            silence_db=silence_db)
         z = _encode(codec, audio, it.source)
