@@ -132,16 +132,17 @@ def extra_for_model(path, cfg, frame_rate: float, frames: int):
   """-> ``extra(k)``: the (1, chunk, extra_dim) extra channels of block k, for ``Stream.next_block``."""
   from lmdm_jax.apps.common import UsageError
   try:
-    ex = place(load_sketch(path, frame_rate, frames), cfg.extra_dim)
+    feats = load_sketch(path, frame_rate, frames)
+    place(feats[:0], cfg.extra_dim)  # the model has the channels
   except SketchError as e:
     raise UsageError(f"--sketch: {e}") from e
-  voiced = float(ex[:, -SKETCH_DIM].mean())
+  voiced = float(feats[:, 0].mean()) if len(feats) else 0.0
   print(f"[sketch] {path}: {frames} frames, {100 * voiced:.0f}% voiced -> the last {SKETCH_DIM} "
         f"of {cfg.extra_dim} extra channels")
   cs = cfg.chunk
 
-  def extra(k: int) -> np.ndarray:
-    return ex[None, k * cs:(k + 1) * cs]
+  def extra(k: int) -> np.ndarray:  # placed per block: a long run holds only the 14 channels
+    return place(feats[k * cs:(k + 1) * cs], cfg.extra_dim)[None]
 
   return extra
 
