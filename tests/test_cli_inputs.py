@@ -193,3 +193,52 @@ def test_nan_latents_keep_the_previous_output(tmp_path, capsys, monkeypatch):
   assert info.samplerate == SR and 0 < info.frames <= 2 * CHUNK * HOP
   audio, _ = sf.read(part)
   assert np.all(np.isfinite(audio))
+
+
+class _FakeSession:
+  """Stands in for JamSession (no model): silence, then NaN from the 4th pull on."""
+  delay_seconds, block_seconds, decoder_latency, delay_samples = 0.1, 0.1, 0, 800
+
+  def __init__(self, *a, **k):
+    self.pulls = 0
+
+  def start(self):
+    return self
+
+  def push(self, x):
+    pass
+
+  def pull(self, n):
+    self.pulls += 1
+    return np.full((1, n), np.nan if self.pulls >= 4 else 0.0, np.float32)
+
+  def close(self):
+    pass
+
+  def stats(self):
+    return {}
+
+
+def test_jam_failure_mid_run_keeps_previous_outputs(files, tmp_path, capsys, monkeypatch):
+  """The jam CLI's two outputs follow the same rule: a run that fails mid-way (NaN from the model)
+  says where both partial files are (valid WAVs) and leaves the existing outputs untouched."""
+  from types import SimpleNamespace
+  codec = SimpleNamespace(sample_rate=8000, channels=1)
+  conf = SimpleNamespace(sampler=SimpleNamespace(steps=2, cfg_scale=1.0, plus_plus=False,
+                                                 pingpong=True))
+  monkeypatch.setattr(C, "load", lambda *a, **k: (conf, None, None))
+  monkeypatch.setattr(C, "load_codec", lambda *a, **k: codec)
+  monkeypatch.setattr(C, "text_encoder", lambda *a, **k: None)
+  monkeypatch.setattr(jam, "JamSession", _FakeSession)
+  out, part = tmp_path / "duet.wav", tmp_path / "duet_part.wav"
+  out.write_bytes(b"previous duet")
+  part.write_bytes(b"previous part")
+  rc = jam.main(["--input", str(files / "ok.wav"), "--out", str(out), "--buffer", "400"])
+  _, err = capsys.readouterr()
+  assert rc == 1, err
+  lines = err.strip().splitlines()
+  assert len(lines) == 1 and "Traceback" not in err and "NaN" in lines[0], err
+  for p in (out, part):
+    assert partial_path(p) in lines[0] and f"{p} was not changed" in lines[0]
+    assert sf.info(partial_path(p)).frames == 3 * 400  # the three good buffers
+  assert out.read_bytes() == b"previous duet" and part.read_bytes() == b"previous part"

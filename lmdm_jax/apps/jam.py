@@ -346,7 +346,7 @@ def _run(args, tag):
   try:
     try:
       while pos < n_total:
-        target = t_start + (pos + buf) / codec.sample_rate  # a callback every `period`
+        target = t_start + (pos + buf) / codec.sample_rate  # a callback every `buf` samples
         x = partner[:, pos:pos + buf]
         if x.shape[1] < buf:
           x = np.pad(x, ((0, 0), (0, buf - x.shape[1])))
