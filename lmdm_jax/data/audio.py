@@ -18,7 +18,7 @@ import numpy as np
 
 __all__ = [
     "AudioFileError", "load_audio", "audio_info", "convert_channels", "resample", "save_audio",
-    "WavWriter", "peak_db", "partial_path", "save_npy",
+    "WavWriter", "peak_db", "partial_path", "save_npy", "check_output_path",
 ]
 
 # libsndfile commands (sndfile.h) that python-soundfile does not name.
@@ -93,8 +93,8 @@ def _read_librosa(path: str):
 def audio_info(path) -> dict:
   """Header facts without decoding: sample_rate, channels, frames, duration (seconds), format.
 
-  Raises AudioFileError when the header is unreadable or a WAV is truncated; MP3s that libsndfile cannot read are
-  decoded (slow) to measure them.
+  Raises AudioFileError when the header is unreadable or a WAV is truncated; MP3s that libsndfile
+  cannot read are decoded (slow) to measure them.
   """
   path = os.fspath(path)
   if not os.path.isfile(path):
