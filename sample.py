@@ -1,5 +1,7 @@
 """Text-to-music: stream blocks with the jitted, KV-cached sampler, decode them as they come and
-write a WAV that stays valid at every moment (Ctrl-C keeps what was made).
+write a WAV that stays valid at every moment. The WAV is written to OUT.partial.wav (beside OUT)
+and renamed to OUT only when the run completes: a run stopped by Ctrl-C or an error keeps what it
+made there (and says so) and never touches an existing OUT.
 
 With no arguments: the `demo` config (spectral codec, MiniLM prompts) when its pieces load here,
 else `tiny` (which has no codec and writes latents). Without --checkpoint the weights are RANDOM:
@@ -21,6 +23,7 @@ import sys
 
 import numpy as np
 
+from lmdm_jax.apps import checks as K
 from lmdm_jax.apps import common as C
 
 
@@ -35,8 +38,9 @@ def build_parser():
   ap.add_argument("--prompt", action="append", default=None, metavar="[SECONDS:]TEXT",
                   help="repeatable; '20:string quartet' switches at 20 s (default: a string-quartet "
                        "prompt in the style of the training captions)")
-  ap.add_argument("--seconds", type=float, default=30.0)
-  ap.add_argument("--steps", type=int, default=None)
+  ap.add_argument("--seconds", type=float, default=30.0, help=f"length (at most {K.MAX_SECONDS:g})")
+  ap.add_argument("--steps", type=int, default=None, help=f"sampler steps, 1..{S.MAX_STEPS} "
+                  "(default: the config's)")
   ap.add_argument("--cfg-scale", type=float, default=None)
   ap.add_argument("--plus-plus", action="store_true", help="CFG++ update")
   ap.add_argument("--sampler", choices=["pingpong", "euler"], default=None)
@@ -47,7 +51,8 @@ def build_parser():
   ap.add_argument("--sketch", default=None, metavar="FILE",
                   help="melody sketch (audio or .mid) -> the model's sketch channels")
   ap.add_argument("--out", default="outputs/sample.wav",
-                  help="WAV path (latents go to the same name with .npy when there is no codec)")
+                  help="WAV path (latents go to the same name with .npy when there is no codec); written as "
+                       "OUT.partial.wav and renamed to OUT when complete")
   ap.add_argument("--play", action="store_true", help="also play through the sound card (sounddevice)")
   ap.add_argument("--no-progress", action="store_true", help="no progress bar")
   return ap
@@ -76,26 +81,65 @@ def main(argv=None):
   try:
     return run(args)
   except C.UsageError as e:
-    print(f"sample.py: error: {e}", file=sys.stderr)
+    print(f"sample.py: error: {K.one_line(e)}", file=sys.stderr)
     return 2
+  except KeyboardInterrupt:  # before the stream started: nothing was written
+    print("[sample] interrupted before any output was written", file=sys.stderr)
+    return 130
+
+
+class NonFiniteOutput(RuntimeError):
+  """The model (or the decoder) produced NaN or infinite values."""
+
+
+def latents_path(out: str) -> str:
+  return os.path.splitext(out)[0] + ".npy"
+
+
+def check_args(args):
+  """Every value that can be checked without a model (UsageError on the first bad one); -> the
+  parsed prompts."""
+  K.seconds("--seconds", args.seconds)
+  K.steps(args.steps)
+  if args.cfg_scale is not None:
+    K.number("--cfg-scale", args.cfg_scale)
+  K.seed(args.seed)
+  prompts = C.parse_prompts(args.prompt)
+  for p in prompts:
+    K.text("--prompt", p.text)
+  K.codec(args.codec)
+  if args.checkpoint:
+    K.input_file("--checkpoint", args.checkpoint)
+  if args.sketch:
+    from lmdm_jax.apps import sketch as sketch_lib
+    try:
+      sketch_lib.check_sketch(args.sketch)
+    except sketch_lib.SketchError as e:
+      raise C.UsageError(f"--sketch: {e}") from e
+  inputs = {"--sketch": args.sketch, "--checkpoint": args.checkpoint}
+  K.output("--out", args.out, inputs)
+  K.output("--out (its latents file)", latents_path(args.out), inputs)
+  if args.config is not None:
+    conf = K.config(args.config)
+    K.regime(args.regime or conf.sampler.regime, f"the sampler regime of config {args.config!r}")
+  return prompts
 
 
 def run(args):
-  prompts = C.parse_prompts(args.prompt)  # before any slow loading: bad specs fail fast
-  if args.seconds <= 0:
-    raise C.UsageError(f"--seconds must be positive, got {args.seconds}")
-  import jax.numpy as jnp
-
+  prompts = check_args(args)  # before any slow loading: bad values fail fast
   from lmdm_jax import sampling as S
-  from lmdm_jax.data.audio import WavWriter
-  conf, cfg, model = C.load(args.config, args.checkpoint, args.seed)
-  codec = C.load_codec(conf, cfg, args.codec)
+  from lmdm_jax.data.audio import WavWriter, save_npy
+  try:
+    conf, cfg, model = C.load(args.config, args.checkpoint, args.seed)
+    codec = C.load_codec(conf, cfg, args.codec)
+  except (ValueError, OSError) as e:  # the named checkpoint or config cannot be used
+    raise C.UsageError(str(e)) from e
   frame_rate = C.frame_rate(codec)
   sc = conf.sampler
-  steps = args.steps or sc.steps
+  steps = sc.steps if args.steps is None else args.steps
   cfg_scale = sc.cfg_scale if args.cfg_scale is None else args.cfg_scale
   pingpong = (args.sampler or ("pingpong" if sc.pingpong else "euler")) == "pingpong"
-  regime = args.regime or sc.regime
+  regime = K.regime(args.regime or sc.regime, f"the sampler regime of config {conf.name!r}")
   block_s = cfg.chunk / frame_rate
   n_blocks = max(1, int(np.ceil(args.seconds / block_s - 1e-9)))
   for p in prompts:
@@ -122,9 +166,12 @@ def run(args):
 
   import time
   t0 = time.perf_counter()
-  stream = S.Stream(model, batch=1, regime=regime, cfg_guidance=cfg_scale != 1.0, cross_len=n_tok,
-                    seed=args.seed,
-                    sampler=S.SamplerParams.make(steps, cfg_scale, args.plus_plus, pingpong))
+  try:
+    stream = S.Stream(model, batch=1, regime=regime, cfg_guidance=cfg_scale != 1.0,
+                      cross_len=n_tok, seed=args.seed,
+                      sampler=S.SamplerParams.make(steps, cfg_scale, args.plus_plus, pingpong))
+  except ValueError as e:  # a sampler setting this model cannot stream with
+    raise C.UsageError(str(e)) from e
   stream.set_prompt(toks[0], glob)
   if codec is not None:
     C.warm_decoder(codec, 4 * cfg.chunk)
@@ -134,11 +181,14 @@ def run(args):
   if len(prompts) > 1:
     print("[sample] prompts: " + "; ".join(f"{p.start:g} s: {p.text!r}" for p in prompts))
 
-  out = args.out
+  # the output goes to a partial file, renamed over --out only when the run completes
+  out = args.out if codec is not None else latents_path(args.out)
   latents = []
   writer = decoder = player = None
   if codec is not None:
-    writer = WavWriter(out, codec.sample_rate, codec.channels)
+    wav_bytes = n_blocks * block_s * codec.sample_rate * codec.channels * 2
+    writer = WavWriter(out, codec.sample_rate, codec.channels,
+                       format="RF64" if wav_bytes > 2 ** 32 - 2 ** 24 else "WAV")
     decoder = codec.stream_decoder()
     if args.play:
       player = open_player(codec.sample_rate, codec.channels)
@@ -147,6 +197,8 @@ def run(args):
 
   def emit(audio):
     if audio.shape[-1]:
+      if not np.all(np.isfinite(audio)):
+        raise NonFiniteOutput("the decoder produced NaN or infinite audio")
       writer.append(audio)
       if player is not None:
         player.write(np.ascontiguousarray(audio.T, np.float32))
@@ -156,18 +208,26 @@ def run(args):
     from tqdm import tqdm
     bar = tqdm(total=n_blocks, unit="block", desc="[sample]", file=sys.stderr, dynamic_ncols=True)
   rtf = C.RTF()
-  interrupted = False
-  cur = 0
+  interrupted = complete = False
+  failure = None
   done = 0
-  try:
+
+  def say(msg):
+    (bar.write(msg) if bar is not None else print(msg))
+
+  def produce():
+    nonlocal done
+    cur = 0
     for k in range(n_blocks):
       if sched[k] != cur:
         cur = sched[k]
         stream.set_prompt(toks[cur], glob)
-        msg = f"[sample] {k * block_s:.1f} s: prompt -> {prompts[cur].text!r}"
-        (bar.write(msg) if bar is not None else print(msg))
+        say(f"[sample] {k * block_s:.1f} s: prompt -> {prompts[cur].text!r}")
       extra = None if extra_fn is None else extra_fn(k)
       blk = np.asarray(stream.next_block(extra))[0]
+      if not np.all(np.isfinite(blk)):
+        raise NonFiniteOutput(f"block {k} ({k * block_s:.1f} s): the model produced NaN or "
+                              "infinite latents")
       if decoder is not None:
         emit(decoder.push(blk))
       else:
@@ -177,34 +237,57 @@ def run(args):
       if bar is not None:
         bar.set_postfix_str(f"{rtf.value:.2f}x real time", refresh=False)
         bar.update(1)
+    if decoder is not None:
+      emit(decoder.flush())
+
+  try:
+    produce()
+    complete = True
   except KeyboardInterrupt:
     interrupted = True
-    msg = f"[sample] interrupted after {done} blocks: keeping what was made"
-    (bar.write(msg) if bar is not None else print(msg))
-  finally:
-    if bar is not None:
-      bar.close()
+    say(f"[sample] interrupted after {done} blocks: keeping what was made")
     if decoder is not None:
       try:
         emit(decoder.flush())
-      except KeyboardInterrupt:
+      except (KeyboardInterrupt, NonFiniteOutput):
         pass
-      writer.close()
-      if player is not None:
-        player.stop()
-        player.close()
+  except NonFiniteOutput as e:
+    failure = str(e)
+  finally:
+    if bar is not None:
+      bar.close()
+    if player is not None:
+      player.stop()
+      player.close()
+    if codec is not None:
+      if complete:
+        writer.commit()
+      else:
+        writer.close()
+      where = writer.written_path
+    else:
+      lat = np.concatenate(latents, axis=0) if latents else np.zeros((0, cfg.io_channels), np.float32)
+      where = save_npy(out, lat, partial=not complete)
+    kept = (f"{writer.seconds_written:.2f} s" if codec is not None
+            else f"{lat.shape[0] / frame_rate:.2f} s of latents")
+    untouched = f"{out} was not changed" if os.path.exists(out) else f"{out} was not written"
+    partial_note = f"the partial output ({kept}) is in {where}; {untouched}"
+    if not (complete or interrupted or failure):  # an unexpected error: its traceback follows
+      print(f"[sample] stopped by an error: {partial_note}", file=sys.stderr)
+  if failure:
+    print(f"sample.py: error: {failure}; {partial_note}", file=sys.stderr)
+    return 1
+  if interrupted:
+    print(f"[sample] {partial_note}")
+    return 130
   final_rtf = rtf.value
   if codec is not None:
     print(f"[sample] wrote {writer.seconds_written:.2f} s ({codec.sample_rate} Hz, "
-          f"{codec.channels} ch) to {out}; real-time factor {final_rtf:.2f}x including decode")
+          f"{codec.channels} ch) to {where}; real-time factor {final_rtf:.2f}x including decode")
   else:
-    path = os.path.splitext(out)[0] + ".npy"
-    lat = np.concatenate(latents, axis=0) if latents else np.zeros((0, cfg.io_channels), np.float32)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    np.save(path, lat)
     print(f"[sample] wrote {lat.shape[0]} latent frames x {lat.shape[1]} channels "
-          f"({lat.shape[0] / frame_rate:.1f} s) to {path}; real-time factor {final_rtf:.2f}x")
-  return 130 if interrupted else 0
+          f"({lat.shape[0] / frame_rate:.1f} s) to {where}; real-time factor {final_rtf:.2f}x")
+  return 0
 
 
 if __name__ == "__main__":

@@ -80,9 +80,8 @@ def write_sample(graphdef, state, conf, cfg: DiTConfig, text, caption: str, path
   lat = np.asarray(stream.generate(n * cfg.chunk))[0]
   os.makedirs(os.path.dirname(path), exist_ok=True)
   if codec is None:
-    path = os.path.splitext(path)[0] + ".npy"
-    np.save(path, lat)
-    return path
+    from lmdm_jax.data.audio import save_npy
+    return save_npy(os.path.splitext(path)[0] + ".npy", lat)
   from lmdm_jax.data.audio import save_audio
   save_audio(path, codec.decode(lat), codec.sample_rate)
   return path

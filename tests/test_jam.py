@@ -178,6 +178,7 @@ def test_jam_cli_writes_duet_and_part(tmp_path):
   t = np.arange(int(2.0 * sr)) / sr
   sf.write(str(tmp_path / "partner.wav"), 0.3 * np.sin(2 * np.pi * 220 * t), sr)
   out = tmp_path / "duet.wav"
+  out.write_bytes(b"a previous duet")  # replaced by the complete run, via a partial file
   r = subprocess.run([sys.executable, "-m", "lmdm_jax.apps.jam", "--config", cfg, "--input",
                       str(tmp_path / "partner.wav"), "--out", str(out)], capture_output=True,
                      text=True, timeout=300, env=_env(), cwd=ROOT)
@@ -190,6 +191,7 @@ def test_jam_cli_writes_duet_and_part(tmp_path):
     assert abs(info.frames / sr - (2.0 + delay)) < 0.02, (p, info.frames / sr, delay)
     a, _ = sf.read(str(p))
     assert np.all(np.isfinite(a))
+  assert not list(tmp_path.glob("*.partial.wav"))
   part, _ = sf.read(str(tmp_path / "duet_part.wav"))
   assert not part[: int(delay * sr) - 10].any()  # the delay prefix is silence
   # a model without accompaniment channels is refused clearly

@@ -236,71 +236,124 @@ class JamSession:
 # ----------------------------------------------------------------------------------- CLI
 
 
+MAX_DELAY_BLOCKS = 64
+BUFFER_RANGE = (16, 1 << 16)
+
+
+def _check_args(args):
+  """Every value that can be checked before a model is loaded (UsageError on the first bad one)."""
+  import os
+
+  from lmdm_jax.apps import checks as K
+  K.input_file("--input", args.input)
+  if args.seconds is not None:
+    K.seconds("--seconds", args.seconds)
+  K.steps(args.steps)
+  if args.cfg_scale is not None:
+    K.number("--cfg-scale", args.cfg_scale)
+  K.number("--delay-blocks", args.delay_blocks, lo=1, hi=MAX_DELAY_BLOCKS)
+  K.number("--buffer", args.buffer, *BUFFER_RANGE)
+  K.seed(args.seed)
+  K.text("--prompt", args.prompt)
+  K.codec(args.codec)
+  if args.checkpoint:
+    K.input_file("--checkpoint", args.checkpoint)
+  part = args.part or os.path.splitext(args.out)[0] + "_part.wav"
+  inputs = {"--input": args.input, "--checkpoint": args.checkpoint}
+  K.output("--out", args.out, inputs)
+  K.output("--part", part, dict(inputs, **{"--out": args.out}))
+  if args.config is not None:
+    K.config(args.config)
+  return part
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   ap.add_argument("--input", required=True, help="the partner's audio (any format)")
-  ap.add_argument("--out", default="outputs/duet.wav", help="the live mix: partner + model")
+  ap.add_argument("--out", default="outputs/duet.wav", help="the live mix: partner + model "
+                  "(written as OUT.partial.wav, renamed to OUT when complete)")
   ap.add_argument("--part", default=None, help="the model's part alone (default: OUT with _part)")
   ap.add_argument("--config", default=None, help="a config with accompaniment channels "
                   "(extra_dim >= 1 + latent_dim)")
   ap.add_argument("--checkpoint", default=None)
   ap.add_argument("--prompt", default="", help="text prompt (default empty)")
   ap.add_argument("--codec", default=None)
-  ap.add_argument("--delay-blocks", type=int, default=2)
+  ap.add_argument("--delay-blocks", type=int, default=2, help=f"1..{MAX_DELAY_BLOCKS}")
   ap.add_argument("--steps", type=int, default=None)
   ap.add_argument("--cfg-scale", type=float, default=None)
   ap.add_argument("--seconds", type=float, default=None, help="cut the input to this length")
-  ap.add_argument("--buffer", type=int, default=1024, help="audio callback size in samples")
+  ap.add_argument("--buffer", type=int, default=1024, help="audio callback size in samples "
+                  f"({BUFFER_RANGE[0]}..{BUFFER_RANGE[1]})")
   ap.add_argument("--seed", type=int, default=0)
   args = ap.parse_args(argv)
+  from lmdm_jax.apps import checks as K
+  from lmdm_jax.apps.common import UsageError
+  tag = "[jam]"
+  try:
+    return _run(args, tag)
+  except UsageError as e:
+    print(f"{tag} error: {K.one_line(e)}", file=sys.stderr)
+    return 2
+  except KeyboardInterrupt:  # before the session started: nothing was written
+    print(f"{tag} interrupted before any output was written", file=sys.stderr)
+    return 130
+
+
+def _run(args, tag):
   import os
 
+  from lmdm_jax.apps import checks as K
   from lmdm_jax.apps import common as C
   from lmdm_jax.data.audio import AudioFileError, WavWriter, load_audio
-  tag = "[jam]"
-  conf, cfg, model = C.load(args.config or "demo", args.checkpoint, args.seed, tag=tag)
-  codec = C.load_codec(conf, cfg, args.codec, tag=tag)
-  if codec is None:
-    print(f"{tag} error: jamming needs a codec that matches the model", file=sys.stderr)
-    return 2
-  try:
-    partner = load_audio(args.input, sample_rate=codec.sample_rate, channels=codec.channels,
-                         duration=args.seconds)
+  part_path = _check_args(args)
+  try:  # checked before the model loads; decoded again at the codec's rate below
+    load_audio(args.input, duration=args.seconds)
   except AudioFileError as e:
-    print(f"{tag} error: {e}", file=sys.stderr)
-    return 2
+    raise C.UsageError(f"--input {e}") from e
+  try:
+    conf, cfg, model = C.load(args.config or "demo", args.checkpoint, args.seed, tag=tag)
+    codec = C.load_codec(conf, cfg, args.codec, tag=tag)
+  except (ValueError, OSError) as e:  # the named checkpoint or config cannot be used
+    raise C.UsageError(str(e)) from e
+  if codec is None:
+    raise C.UsageError("jamming needs a codec that matches the model")
+  partner = load_audio(args.input, sample_rate=codec.sample_rate, channels=codec.channels,
+                       duration=args.seconds)
   sc = conf.sampler
   t0 = time.perf_counter()
   try:
     sess = JamSession(model, codec, C.text_encoder(conf, cfg), args.prompt,
-                      delay_blocks=args.delay_blocks, steps=args.steps or sc.steps,
+                      delay_blocks=args.delay_blocks,
+                      steps=sc.steps if args.steps is None else args.steps,
                       cfg_scale=sc.cfg_scale if args.cfg_scale is None else args.cfg_scale,
                       plus_plus=sc.plus_plus, pingpong=sc.pingpong, seed=args.seed)
   except ValueError as e:
-    print(f"{tag} error: {e}", file=sys.stderr)
-    return 2
+    raise C.UsageError(str(e)) from e
   print(f"{tag} ready in {time.perf_counter() - t0:.1f} s: delay {sess.delay_seconds:.2f} s "
         f"({args.delay_blocks} blocks of {sess.block_seconds:.2f} s + decoder "
         f"{sess.decoder_latency / codec.sample_rate:.2f} s); jamming along with "
         f"{partner.shape[1] / codec.sample_rate:.1f} s of {args.input} in real time")
-  part_path = args.part or os.path.splitext(args.out)[0] + "_part.wav"
   n_total = partner.shape[1] + sess.delay_samples  # let the model finish the last bars
   buf = args.buffer
-  period = buf / codec.sample_rate
-  interrupted = False
-  with WavWriter(args.out, codec.sample_rate, codec.channels) as duet, \
-       WavWriter(part_path, codec.sample_rate, codec.channels) as part:
-    sess.start()
-    t_start = time.perf_counter()
-    pos = 0
+  interrupted = complete = False
+  failure = None
+  # both outputs go to partial files, renamed over --out / --part only when the run completes
+  duet = WavWriter(args.out, codec.sample_rate, codec.channels)
+  part = WavWriter(part_path, codec.sample_rate, codec.channels)
+  sess.start()
+  t_start = time.perf_counter()
+  pos = 0
+  try:
     try:
       while pos < n_total:
-        target = t_start + (pos + buf) / codec.sample_rate  # a callback every `period`
+        target = t_start + (pos + buf) / codec.sample_rate  # a callback every `buf` samples
         x = partner[:, pos:pos + buf]
         if x.shape[1] < buf:
           x = np.pad(x, ((0, 0), (0, buf - x.shape[1])))
         sess.push(x)
         y = sess.pull(buf)
+        if not np.all(np.isfinite(y)):
+          raise RuntimeError("the model's part has NaN or infinite samples")
         m = min(buf, n_total - pos)
         part.append(y[:, :m])
         duet.append(np.clip(0.5 * (x[:, :m] + y[:, :m]), -1, 1))
@@ -308,21 +361,45 @@ def main(argv=None):
         dt = target - time.perf_counter()
         if dt > 0:
           time.sleep(dt)
-    except KeyboardInterrupt:
-      interrupted = True
-      print(f"{tag} interrupted: keeping what was made")
     finally:
       try:
         sess.close()
       finally:
         s = sess.stats()
+    complete = True
+  except KeyboardInterrupt:
+    interrupted = True
+    print(f"{tag} interrupted: keeping what was made")
+  except RuntimeError as e:  # the sampler thread failed, or non-finite output
+    failure = str(e) if e.__cause__ is None else f"{e}: {e.__cause__}"
+  finally:
+    for w in (duet, part):
+      if complete:
+        w.commit()
+      else:
+        w.close()
+    if not complete:
+      notes = "; ".join(f"{w.path} was not changed" if os.path.exists(w.path)
+                        else f"{w.path} was not written" for w in (duet, part))
+      note = (f"the partial output ({duet.seconds_written:.1f} s) is in {duet.partial_path} and "
+              f"{part.partial_path}; {notes}")
+      if failure:
+        print(f"{tag} error: {K.one_line(failure)}; {note}", file=sys.stderr)
+      elif interrupted:
+        print(f"{tag} {note}")
+      else:  # an unexpected error: its traceback follows
+        print(f"{tag} stopped by an error: {note}", file=sys.stderr)
+  if failure:
+    return 1
+  if interrupted:
+    return 130
   print(f"{tag} wrote {args.out} (live mix, {duet.seconds_written:.1f} s) and {part_path}")
   print(f"{tag} delay {s['delay_seconds']:.2f} s, {s['blocks']} blocks, deadline misses "
         f"{s['deadline_misses']}, under-runs {s['underruns']} ({s['underrun_seconds']:.2f} s), "
         f"block compute {1000 * s['mean_block_compute_s']:.0f} ms mean / "
         f"{1000 * s['max_block_compute_s']:.0f} ms max for {1000 * s['block_seconds']:.0f} ms "
         f"blocks (real-time factor {s['real_time_factor']:.1f}x)")
-  return 130 if interrupted else 0
+  return 0
 
 
 if __name__ == "__main__":
