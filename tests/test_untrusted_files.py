@@ -367,6 +367,19 @@ def test_no_intact_checkpoint_is_one_clear_error(tmp_path):
   assert "no intact checkpoint" in msg and "step 2:" in msg and "step 1:" in msg and "\n" not in msg
 
 
+def test_intact_step_that_does_not_fit_is_not_skipped(tmp_path, capsys):
+  """A read failure of a step whose files verify is not damage: raised as is, no fallback (so a
+  target of the wrong shape never silently rewinds a run to an older step)."""
+  d = _saved(tmp_path / "ck", steps=(1, 2))
+  wrong = dict(abstract_like(_state(0)), a=jax.ShapeDtypeStruct((7,), jnp.float32))
+  ck = Checkpointer(d)
+  with pytest.raises(ValueError) as e:
+    ck.restore(wrong)
+  assert not isinstance(e.value, CheckpointError) and not ck.damaged
+  ck.close()
+  assert "[checkpoints]" not in capsys.readouterr().err
+
+
 def test_damaged_workdir_loads_previous_step(tmp_path, capsys):
   wd, _ = _workdir(tmp_path / "run", steps=(1, 2), ema=False)
   _damage(_data_file(os.path.join(wd, "checkpoints", "2")), "flip")

@@ -106,24 +106,36 @@ class Checkpointer:
     return self._newest_intact(read, step)
 
   def _newest_intact(self, read, step: int | None):
+    """``read(step)`` of the newest step that is not damaged. Damaged: its files differ from its
+    integrity record, or (steps without one) reading it fails. A read failure of a step whose
+    files verify is not damage (a target that does not fit it, memory, ...) and is raised as is."""
     steps = [int(step)] if step is not None else sorted(self.all_steps(), reverse=True)
     if not steps:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
     errors = []
     for s in steps:
       try:
-        check_integrity(self.step_dir(s))
+        verified = check_integrity(self.step_dir(s))
+      except Exception as e:  # noqa: BLE001 - an unreadable or mismatching record
+        self._note_damage(s, e, errors, warn=step is None)
+        continue
+      try:
         return read(s)
       except _NotDamage as e:
         raise e.args[0] from None
       except Exception as e:  # noqa: BLE001 - damage shows in whatever way orbax/TensorStore say
-        why = _one_line(e)
-        errors.append(f"step {s}: {why}")
-        self.damaged.add(s)
-        if step is None:
-          print(f"[checkpoints] warning: step {s} ({self.step_dir(s)}) is damaged, not restored: "
-                f"{why}", file=sys.stderr, flush=True)
+        if verified:
+          raise
+        self._note_damage(s, e, errors, warn=step is None)
     raise CheckpointError(f"no intact checkpoint in {self.directory}: " + "; ".join(errors))
+
+  def _note_damage(self, step: int, e: Exception, errors: list, warn: bool) -> None:
+    why = _one_line(e)
+    errors.append(f"step {step}: {why}")
+    self.damaged.add(step)
+    if warn:
+      print(f"[checkpoints] warning: step {step} ({self.step_dir(step)}) is damaged, not "
+            f"restored: {why}", file=sys.stderr, flush=True)
 
   def _move_aside(self, step: int) -> None:
     """A damaged step about to be written again: keep its folder as ``<step>.damaged[.N]``."""
@@ -182,13 +194,13 @@ def write_integrity(step_dir: str) -> None:
   os.replace(tmp, os.path.join(step_dir, INTEGRITY))
 
 
-def check_integrity(step_dir: str) -> None:
+def check_integrity(step_dir: str) -> bool:
   """ValueError naming the first file of ``step_dir`` that is missing, of another size or with
-  other bytes than ``write_integrity`` recorded. Steps saved without the record pass unchecked
-  (orbax's own reading errors still catch most damage)."""
+  other bytes than ``write_integrity`` recorded; True when all match. Steps saved without the
+  record give False (unverified: orbax's own reading errors still catch most damage)."""
   path = os.path.join(step_dir, INTEGRITY)
   if not os.path.exists(path):
-    return
+    return False
   from lmdm_jax import file_checks as fc
   files = fc.read_json(path, "checkpoint integrity record", max_bytes=16 << 20).get("files")
   if not isinstance(files, dict):
@@ -204,6 +216,7 @@ def check_integrity(step_dir: str) -> None:
       raise ValueError(f"{rel} has {os.path.getsize(p)} bytes, {want[0]} were written")
     if _sha256(p) != want[1]:
       raise ValueError(f"{rel} does not hold the bytes that were written (SHA-256 differs)")
+  return True
 
 
 def abstract_like(state, shardings=None):
