@@ -33,7 +33,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from lmdm_jax.config import DiTConfig, load_config
+from lmdm_jax.config import DiTConfig, config_named_by_file, load_cli_config, load_config
 from lmdm_jax.nn import adapters
 from lmdm_jax.nn.dit import DiT
 from lmdm_jax.nn.discriminator import HeadConfig
@@ -191,7 +191,7 @@ def load_arc_model(workdir: str, base: str | None = None, step: int | None = Non
   given) + its latest adapter, merged into the kernels (``merge``) or kept as an adapter."""
   with open(os.path.join(workdir, "arc_config.json")) as f:
     rec = json.load(f)
-  conf = load_config(rec["config"])
+  conf = config_named_by_file(rec["config"], "config", os.path.join(workdir, "arc_config.json"))
   seed = rec["seed"] if seed is None else seed
   trainer, state, frozen = build(conf, seed, base if base is not None else rec.get("base"),
                                  rec.get("base_step"), rec.get("disc_ckpt"), log=lambda *_: None)
@@ -223,7 +223,7 @@ def main(argv=None):
   args = ap.parse_args(argv)
 
   sharding.init_distributed()
-  conf = load_config(args.config)
+  conf = load_cli_config(args.config)
   _, _, _, tr = _sections(conf)
   for k in ("steps", "batch_size", "ckpt_every", "keep", "log_every", "fsdp"):
     if getattr(args, k) is not None:

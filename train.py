@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from lmdm_jax.config import DiTConfig, load_config
+from lmdm_jax.config import DiTConfig, load_cli_config
 from lmdm_jax.nn.dit import DiT
 from lmdm_jax.training import sharding
 from lmdm_jax.training.checkpoints import Checkpointer, abstract_like
@@ -107,7 +107,7 @@ def main(argv=None):
   args = ap.parse_args(argv)
 
   sharding.init_distributed()
-  conf = load_config(args.config)
+  conf = load_cli_config(args.config)
   cfg = DiTConfig.from_config(conf.model)
   tr = _train_defaults(conf)
   for k in ("steps", "batch_size", "ckpt_every", "keep", "log_every", "eval_every", "fsdp",

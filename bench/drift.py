@@ -35,7 +35,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from lmdm_jax import sampling as S  # noqa: E402
-from lmdm_jax.config import DiTConfig, load_config  # noqa: E402
+from lmdm_jax.config import DiTConfig, load_cli_config  # noqa: E402
 from lmdm_jax.nn.dit import DiT  # noqa: E402
 from lmdm_jax.testing import random_model  # noqa: E402
 from lmdm_jax.training.data import Batcher, make_source  # noqa: E402
@@ -234,7 +234,7 @@ def main(argv=None):
   ap.add_argument("--out", default="bench_out/drift")
   args = ap.parse_args(argv)
 
-  conf = load_config(args.config)
+  conf = load_cli_config(args.config)
   cfg, models = load_models(args, conf)
   if args.arc_only and "arc" in models:
     models.pop("base")

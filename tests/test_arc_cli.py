@@ -50,3 +50,5 @@ def test_arc_pins_base_step_across_resume_and_export(tmp_path):
   meta = read_meta(bundle)
   assert (meta["config"], meta["base_step"], meta["arc_step"]) == ("arc_tiny", 2, 2)
   assert meta["data"] == "synthetic" and "merged" in meta["weights"]
+  # provenance is folder names only: nothing of this machine's paths is in a shared bundle
+  assert (meta["source"], meta["base"]) == ("arc", "base") and str(tmp_path) not in json.dumps(meta)

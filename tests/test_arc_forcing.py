@@ -347,8 +347,8 @@ def test_resume_gives_identical_losses(setup):
 
 
 def test_arc_demo_config_overrides():
-  """configs/arc_demo.py:key=value,... (the sweep specs recorded in arc_config.json)."""
-  c = load_config("configs/arc_demo.py:lr_g=3e-5,lr_d=1e-5,w_contrastive=0.5,head.channels=32,"
+  """arc_demo:key=value,... (the sweep specs recorded in arc_config.json)."""
+  c = load_config("arc_demo:lr_g=3e-5,lr_d=1e-5,w_contrastive=0.5,head.channels=32,"
                   "disc_noise=logit_normal")
   ref = load_config("arc_demo")
   assert (c.arc["lr_g"], c.arc["lr_d"], c.arc["w_contrastive"]) == (3e-5, 1e-5, 0.5)
@@ -359,9 +359,9 @@ def test_arc_demo_config_overrides():
                                                              "disc_noise")}
   ARCConfig.from_config(c.arc)
   with pytest.raises(ValueError, match="no such key"):
-    load_config("configs/arc_demo.py:lr_gg=1e-5")
+    load_config("arc_demo:lr_gg=1e-5")
   with pytest.raises(ValueError, match="key=value"):
-    load_config("configs/arc_demo.py:lr_g")
+    load_config("arc_demo:lr_g")
 
 
 def test_generator_step_reports_rollout_and_real_rms(setup):

@@ -14,7 +14,7 @@ import pytest
 import soundfile as sf
 
 from lmdm_jax import sampling as S
-from lmdm_jax.config import DiTConfig, load_config
+from lmdm_jax.config import DiTConfig, load_config, load_config_file
 from lmdm_jax.testing import random_model, rel_err
 from tests.test_sample_cli import ACC, LAT, write_config
 
@@ -96,7 +96,7 @@ def wait_for(cond, timeout=120):
 @pytest.fixture(scope="module")
 def session_parts(tmp_path_factory):
   from lmdm_jax.codecs import get_codec
-  conf = load_config(acc_config(tmp_path_factory.mktemp("jam")))
+  conf = load_config_file(str(acc_config(tmp_path_factory.mktemp("jam"))))
   cfg = DiTConfig.from_config(conf.model)
   return random_model(cfg, seed=0), get_codec("spectral")
 

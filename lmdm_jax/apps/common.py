@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 
-from lmdm_jax.config import DiTConfig, load_config
+from lmdm_jax.config import DiTConfig, config_named_by_file, load_cli_config, load_config
 
 
 class UsageError(ValueError):
@@ -109,7 +109,14 @@ def default_config(log=print) -> str:
 
 
 def load(config: str | None, checkpoint: str | None, seed: int, log=print, tag="[sample]"):
-  """-> (conf, DiTConfig, model). Random weights (said on the first line) without a checkpoint."""
+  """-> (conf, DiTConfig, model). Random weights (said on the first line) without a checkpoint.
+
+  ``config`` is a ``--config`` value (a registered name or the user's own .py file). A checkpoint
+  that records its config (a bundle, a train.py run) uses that one, looked up among the
+  registered configs only (the file is untrusted data); when it names anything else, the user's
+  ``--config`` is used instead, or, without one, a UsageError says so. A damaged or inconsistent
+  checkpoint is a UsageError too (one line, no traceback in the CLIs).
+  """
   from flax import nnx
 
   from lmdm_jax.nn.dit import DiT
@@ -120,22 +127,47 @@ def load(config: str | None, checkpoint: str | None, seed: int, log=print, tag="
       checkpoint = DEFAULT_BUNDLE  # the trained default model shipped in the repository
   if checkpoint:
     from lmdm_jax.checkpoint_io import load_model
-    cfg, model, extras = load_model(checkpoint)
-    conf = load_config(config or "tiny")
-    if "meta" in extras:  # a train.py run: its config names its text encoder, codec and sampler
-      conf = load_config(extras["meta"]["config"])
+    try:
+      cfg, model, extras = load_model(checkpoint)
+    except ValueError as e:
+      raise UsageError(f"--checkpoint: {e}") from None
     meta = extras.get("meta") or {}
+    if "meta" in extras:  # a train.py run: its config names its text encoder, codec and sampler
+      conf = _recorded_config(meta.get("config"), checkpoint, config, log, tag)
+    else:
+      conf = _cli_config(config or "tiny")
     if meta.get("arc_step") is not None:  # an ARC-Forcing bundle: base + merged adapter
       trained = f"base step {meta.get('base_step', '?')} + ARC-Forcing step {meta['arc_step']}"
     else:
       trained = f"step {extras.get('step', '?')}"
     log(f"{tag} loaded {checkpoint} ({cfg.depth}x{cfg.embed_dim}, {trained}), config {conf.name}")
     return conf, cfg, model
-  conf = load_config(config)
+  conf = _cli_config(config)
   cfg = DiTConfig.from_config(conf.model)
   log(f"{tag} config {conf.name}: RANDOM WEIGHTS from seed {seed} (no trained checkpoint given): "
       "this exercises the streaming sampler and decoder; it does not make music.")
   return conf, cfg, DiT(cfg, rngs=nnx.Rngs(seed))
+
+
+def _cli_config(value: str):
+  try:
+    return load_cli_config(value)
+  except ValueError as e:
+    raise UsageError(f"--config: {e}") from None
+
+
+def _recorded_config(value, checkpoint: str, config: str | None, log, tag: str):
+  """The config a checkpoint records (registered names only), else the user's ``--config``."""
+  where = checkpoint if checkpoint.endswith(".npz") else os.path.join(checkpoint, "config.json")
+  field = "__meta__ config" if checkpoint.endswith(".npz") else "config"
+  try:
+    return config_named_by_file(value, field, where)
+  except ValueError as e:
+    if config is None:
+      raise UsageError(f"{e}; pass --config to choose the config to sample with") from None
+    log(f"{tag} note: {where} records config {str(value)[:80]!r}, not a registered config; "
+        f"using --config {config}")
+    return _cli_config(config)
 
 
 def load_codec(conf, cfg: DiTConfig, override: str | None, log=print, tag="[sample]"):

@@ -48,7 +48,8 @@ def main(argv=None) -> int:
     path = conv.save_converted(
         a.out, out.config, out.model, out.conditioners, out.pretransform,
         cfg["model"].get("pretransform") if out.pretransform is not None else None,
-        source={"config": os.path.abspath(a.config), "checkpoint": os.path.abspath(a.checkpoint),
+        source={"config": os.path.basename(a.config),  # file names only: no local folders
+                "checkpoint": os.path.basename(a.checkpoint),
                 "report": {k: v for k, v in out.report.items() if k != "used"}},
         overwrite=a.overwrite)
   except (ValueError, OSError) as e:

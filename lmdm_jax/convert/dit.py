@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lmdm_jax import file_checks as fc
 from lmdm_jax.config import DiTConfig
 from lmdm_jax.nn.conditioners import NumberConditioner, NumberConditionerConfig
 from lmdm_jax.nn.dit import DiT
@@ -557,27 +558,42 @@ def _read_meta(path: str) -> dict:
   path = os.path.abspath(path)
   if not os.path.isdir(path):
     raise ValueError(f"{path!r} is not a converted checkpoint directory")
-  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-    meta = ckptr.restore(path, ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-  if meta.get("format") != _FORMAT:
+  item = os.path.join(path, "config", "metadata")  # where orbax's JSON handler keeps it
+  if os.path.isfile(item):
+    meta = fc.read_json(item, "converted checkpoint config")  # bounded size, one-line errors
+  else:
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+      meta = ckptr.restore(path, ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+  if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
     raise ValueError(f"{path!r}: unknown format {meta.get('format')!r} (expected {_FORMAT})")
   return meta
 
 
 def _restore(path: str, meta: dict, with_pretransform: bool):
+  """Everything is built as shapes first (``nnx.eval_shape``) from the stored config, and those
+  shapes must be the stored arrays' (orbax metadata) before any array is read: the directory is
+  untrusted data, and a config it declares cannot make this allocate more than it stores."""
   import orbax.checkpoint as ocp
-  cfg = DiTConfig(**meta["dit"])
-  model = nnx.eval_shape(lambda: DiT(cfg, rngs=nnx.Rngs(0)))
-  conds = {k: nnx.eval_shape(lambda c=c: NumberConditioner(NumberConditionerConfig(**c),
-                                                         rngs=nnx.Rngs(0)))
-           for k, c in meta["conditioners"].items()}
-  target = {"dit": _pure(model), "conditioners": {k: _pure(v) for k, v in conds.items()}}
-  vae = None
-  if with_pretransform and meta.get("pretransform") is not None:
-    from lmdm_jax.nn.oobleck import OobleckVAE
-    vae = nnx.eval_shape(lambda: OobleckVAE.from_pretransform(meta["pretransform"], nnx.Rngs(0)))
-    target["pretransform"] = _pure(vae)
+  where = f"converted checkpoint {path!r}"
+  cfg = fc.model_config(meta.get("dit"), f"{where} config dit")
+  model = fc.abstract_model(cfg, where)
+  try:
+    conds = {k: nnx.eval_shape(lambda c=c: NumberConditioner(NumberConditionerConfig(**c),
+                                                           rngs=nnx.Rngs(0)))
+             for k, c in meta["conditioners"].items()}
+    target = {"dit": _pure(model), "conditioners": {k: _pure(v) for k, v in conds.items()}}
+    vae = None
+    if with_pretransform and meta.get("pretransform") is not None:
+      from lmdm_jax.nn.oobleck import OobleckVAE
+      vae = nnx.eval_shape(lambda: OobleckVAE.from_pretransform(meta["pretransform"], nnx.Rngs(0)))
+      target["pretransform"] = _pure(vae)
+  except (TypeError, ValueError, KeyError, AttributeError) as e:
+    raise fc.ModelFileError(f"{where}: bad conditioner or pretransform config "
+                            f"({type(e).__name__}: {str(e)[:160]})") from None
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), target)
+  stored = fc.orbax_shapes(os.path.join(os.path.abspath(path), "params"), where)
+  fc.compare(fc.flat_shapes(abstract),
+             {k: v for k, v in stored.items() if k.split("/")[0] in abstract}, where)
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
     restored = ckptr.restore(os.path.abspath(path), ocp.args.Composite(
         params=ocp.args.PyTreeRestore(
