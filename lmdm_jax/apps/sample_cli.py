@@ -1,0 +1,218 @@
+"""Text-to-music: stream blocks with the jitted, KV-cached sampler, decode them as they come and
+write a WAV that stays valid at every moment (Ctrl-C keeps what was made).
+
+With no arguments: the `demo` config (spectral codec, MiniLM prompts) when its pieces load here,
+else `tiny` (which has no codec and writes latents). Without --checkpoint the weights are RANDOM:
+that exercises the whole path (sampler, cache, codec, real-time factor), it does not make music.
+
+  python3 sample.py
+  python3 sample.py --prompt "0:solo piano, calm" --prompt "20:string quartet, lively" --seconds 40
+  python3 sample.py --checkpoint runs/demo --steps 8 --cfg-scale 3 --plus-plus --play
+  python3 sample.py --sketch melody.wav       # sketch-to-music (a model with sketch channels)
+
+--prompt SECONDS:TEXT changes the prompt at the block containing that second (no recompilation).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+
+import numpy as np
+
+from lmdm_jax.apps import common as C
+
+
+def build_parser():
+  from lmdm_jax import sampling as S
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  ap.add_argument("--config", default=None,
+                  help="tiny | demo | saos | path/to/config.py[:arg] (default: demo if its codec "
+                       "and text encoder load, else tiny)")
+  ap.add_argument("--checkpoint", default=None,
+                  help="a train.py work directory or a converted checkpoint (python3 -m lmdm_jax.convert)")
+  ap.add_argument("--prompt", action="append", default=None, metavar="[SECONDS:]TEXT",
+                  help="repeatable; '20:string quartet' switches at 20 s (default: a string-quartet "
+                       "prompt in the style of the training captions)")
+  ap.add_argument("--seconds", type=float, default=30.0)
+  ap.add_argument("--steps", type=int, default=None)
+  ap.add_argument("--cfg-scale", type=float, default=None)
+  ap.add_argument("--plus-plus", action="store_true", help="CFG++ update")
+  ap.add_argument("--sampler", choices=["pingpong", "euler"], default=None)
+  ap.add_argument("--regime", default=None, choices=list(S.REGIMES))
+  ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--codec", default=None, help="codec name (default: the config's `codec`); 'none' "
+                  "writes latents")
+  ap.add_argument("--sketch", default=None, metavar="FILE",
+                  help="melody sketch (audio or .mid) -> the model's sketch channels")
+  ap.add_argument("--out", default="outputs/sample.wav",
+                  help="WAV path (latents go to the same name with .npy when there is no codec)")
+  ap.add_argument("--play", action="store_true", help="also play through the sound card (sounddevice)")
+  ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+  return ap
+
+
+def open_player(sample_rate: int, channels: int):
+  """A sounddevice output stream, or None with a message saying why not."""
+  try:
+    import sounddevice as sd
+  except Exception as e:  # noqa: BLE001 - ImportError or PortAudio missing (OSError)
+    print(f"[sample] --play: sounddevice is not usable here ({type(e).__name__}: {e}); "
+          "`pip install sounddevice` (needs PortAudio); writing the file only")
+    return None
+  try:
+    sd.query_devices(kind="output")
+    stream = sd.OutputStream(samplerate=sample_rate, channels=channels, dtype="float32")
+    stream.start()
+    return stream
+  except Exception as e:  # noqa: BLE001
+    print(f"[sample] --play: no sound output device ({type(e).__name__}: {e}); writing the file only")
+    return None
+
+
+def main(argv=None):
+  args = build_parser().parse_args(argv)
+  try:
+    return run(args)
+  except C.UsageError as e:
+    print(f"sample.py: error: {e}", file=sys.stderr)
+    return 2
+
+
+def run(args):
+  prompts = C.parse_prompts(args.prompt)  # before any slow loading: bad specs fail fast
+  if args.seconds <= 0:
+    raise C.UsageError(f"--seconds must be positive, got {args.seconds}")
+  import jax.numpy as jnp
+
+  from lmdm_jax import sampling as S
+  from lmdm_jax.data.audio import WavWriter
+  conf, cfg, model = C.load(args.config, args.checkpoint, args.seed)
+  codec = C.load_codec(conf, cfg, args.codec)
+  frame_rate = C.frame_rate(codec)
+  sc = conf.sampler
+  steps = args.steps or sc.steps
+  cfg_scale = sc.cfg_scale if args.cfg_scale is None else args.cfg_scale
+  pingpong = (args.sampler or ("pingpong" if sc.pingpong else "euler")) == "pingpong"
+  regime = args.regime or sc.regime
+  block_s = cfg.chunk / frame_rate
+  n_blocks = max(1, int(np.ceil(args.seconds / block_s - 1e-9)))
+  for p in prompts:
+    if p.start >= n_blocks * block_s:
+      print(f"[sample] note: prompt {p.text!r} at {p.start:g} s is past the end "
+            f"({n_blocks * block_s:.1f} s) and is never used")
+  sched = C.prompt_schedule(prompts, block_s, n_blocks)
+
+  # conditioning: every prompt encoded once, up front
+  text = C.text_encoder(conf, cfg)
+  if text is not None:
+    toks = [np.asarray(text([p.text])) for p in prompts]
+    n_tok = text.max_tokens
+  else:
+    toks, n_tok = [np.zeros((1, 1, 0), np.float32)] * len(prompts), 1
+  glob = np.zeros((1, cfg.global_cond_dim), np.float32) if cfg.global_cond_dim else None
+  extra_fn = None
+  if args.sketch:
+    from lmdm_jax.apps import sketch as sketch_lib
+    extra_fn = sketch_lib.extra_for_model(args.sketch, cfg, frame_rate, n_blocks * cfg.chunk)
+  elif cfg.extra_dim:
+    print(f"[sample] the model has {cfg.extra_dim} extra input channels (accompaniment / sketch);"
+          " they are left at zero")
+
+  import time
+  t0 = time.perf_counter()
+  stream = S.Stream(model, batch=1, regime=regime, cfg_guidance=cfg_scale != 1.0, cross_len=n_tok,
+                    seed=args.seed,
+                    sampler=S.SamplerParams.make(steps, cfg_scale, args.plus_plus, pingpong))
+  stream.set_prompt(toks[0], glob)
+  if codec is not None:
+    C.warm_decoder(codec, 4 * cfg.chunk)
+  print(f"[sample] compiled the block step{' and the decoder' if codec is not None else ''} in {time.perf_counter() - t0:.1f} s "
+        f"(regime {regime}, {steps} steps, CFG {cfg_scale}{'++' if args.plus_plus else ''}, "
+        f"{cfg.chunk}-frame blocks of {block_s:.2f} s)")
+  if len(prompts) > 1:
+    print("[sample] prompts: " + "; ".join(f"{p.start:g} s: {p.text!r}" for p in prompts))
+
+  out = args.out
+  latents = []
+  writer = decoder = player = None
+  if codec is not None:
+    writer = WavWriter(out, codec.sample_rate, codec.channels)
+    decoder = codec.stream_decoder()
+    if args.play:
+      player = open_player(codec.sample_rate, codec.channels)
+  elif args.play:
+    print("[sample] --play: nothing to play without a codec")
+
+  def emit(audio):
+    if audio.shape[-1]:
+      writer.append(audio)
+      if player is not None:
+        player.write(np.ascontiguousarray(audio.T, np.float32))
+
+  bar = None
+  if not args.no_progress:
+    from tqdm import tqdm
+    bar = tqdm(total=n_blocks, unit="block", desc="[sample]", file=sys.stderr, dynamic_ncols=True)
+  rtf = C.RTF()
+  interrupted = False
+  cur = 0
+  done = 0
+  try:
+    for k in range(n_blocks):
+      if sched[k] != cur:
+        cur = sched[k]
+        stream.set_prompt(toks[cur], glob)
+        msg = f"[sample] {k * block_s:.1f} s: prompt -> {prompts[cur].text!r}"
+        (bar.write(msg) if bar is not None else print(msg))
+      extra = None if extra_fn is None else extra_fn(k)
+      blk = np.asarray(stream.next_block(extra))[0]
+      if decoder is not None:
+        emit(decoder.push(blk))
+      else:
+        latents.append(blk)
+      done += 1
+      rtf.add(block_s)
+      if bar is not None:
+        bar.set_postfix_str(f"{rtf.value:.2f}x real time", refresh=False)
+        bar.update(1)
+  except KeyboardInterrupt:
+    interrupted = True
+    msg = f"[sample] interrupted after {done} blocks: keeping what was made"
+    (bar.write(msg) if bar is not None else print(msg))
+  finally:
+    if bar is not None:
+      bar.close()
+    if decoder is not None:
+      try:
+        emit(decoder.flush())
+      except KeyboardInterrupt:
+        pass
+      writer.close()
+      if player is not None:
+        player.stop()
+        player.close()
+  final_rtf = rtf.value
+  if codec is not None:
+    print(f"[sample] wrote {writer.seconds_written:.2f} s ({codec.sample_rate} Hz, "
+          f"{codec.channels} ch) to {out}; real-time factor {final_rtf:.2f}x including decode")
+  else:
+    path = os.path.splitext(out)[0] + ".npy"
+    lat = np.concatenate(latents, axis=0) if latents else np.zeros((0, cfg.io_channels), np.float32)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    np.save(path, lat)
+    print(f"[sample] wrote {lat.shape[0]} latent frames x {lat.shape[1]} channels "
+          f"({lat.shape[0] / frame_rate:.1f} s) to {path}; real-time factor {final_rtf:.2f}x")
+  return 130 if interrupted else 0
+
+
+def entry():
+  """The command (``sample.py``, ``lmdm sample``): Ctrl-C works even where the shell ignores it."""
+  if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:  # background shells ignore SIGINT
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+  sys.exit(main())
+
+
+if __name__ == "__main__":
+  entry()
