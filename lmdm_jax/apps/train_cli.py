@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 
 import jax
@@ -30,6 +29,7 @@ from lmdm_jax.training import sharding
 from lmdm_jax.training.checkpoints import Checkpointer, abstract_like
 from lmdm_jax.training.data import Batcher, make_source
 from lmdm_jax.training.stage1 import Stage1, Stage1Config
+from lmdm_jax.training.workdir import truncate_metrics
 
 
 def _train_defaults(conf):
@@ -39,24 +39,6 @@ def _train_defaults(conf):
   if t is not None:
     d.update({k: (dict(v) if k == "stage1" else v) for k, v in dict(t).items()})
   return d
-
-
-def truncate_metrics(path: str, after_step: int) -> None:
-  """Drop log lines past the restored step (a killed run may have logged beyond its checkpoint)."""
-  if not os.path.exists(path):
-    return
-  keep = []
-  with open(path) as f:
-    for line in f:
-      try:
-        if json.loads(line)["step"] <= after_step:
-          keep.append(line)
-      except (ValueError, KeyError):
-        pass  # a torn last line
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.writelines(keep)
-  os.replace(tmp, path)
 
 
 def write_sample(graphdef, state, conf, cfg: DiTConfig, text, caption: str, path: str,
