@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from lmdm_jax.apps import sketch as K
+from lmdm_jax.data import sketch as K
 
 FR = 22050 / 512
 

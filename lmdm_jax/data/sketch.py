@@ -10,7 +10,7 @@ accompaniment, then sketch; see ``DiTConfig``). Frame g covers the audio around 
 - audio: ``librosa.pyin`` f0 (C2..C7) at the codec's hop;
 - MIDI: ``pretty_midi``, the highest sounding non-drum note per frame ("skyline").
 
-  python3 -m lmdm_jax.apps.sketch melody.wav --out sketch.npy   # inspect the features
+  python3 -m lmdm_jax.data.sketch melody.wav --out sketch.npy   # inspect the features
   python3 sample.py --config my_sketch_config --checkpoint ... --sketch melody.mid
 """
 from __future__ import annotations
@@ -105,24 +105,6 @@ def place(features: np.ndarray, extra_dim: int) -> np.ndarray:
   out = np.zeros((features.shape[0], extra_dim), np.float32)
   out[:, extra_dim - SKETCH_DIM:] = features
   return out
-
-
-def extra_for_model(path, cfg, frame_rate: float, frames: int):
-  """-> ``extra(k)``: the (1, chunk, extra_dim) extra channels of block k, for ``Stream.next_block``."""
-  from lmdm_jax.apps.common import UsageError
-  try:
-    ex = place(load_sketch(path, frame_rate, frames), cfg.extra_dim)
-  except SketchError as e:
-    raise UsageError(f"--sketch: {e}") from e
-  voiced = float(ex[:, -SKETCH_DIM].mean())
-  print(f"[sketch] {path}: {frames} frames, {100 * voiced:.0f}% voiced -> the last {SKETCH_DIM} "
-        f"of {cfg.extra_dim} extra channels")
-  cs = cfg.chunk
-
-  def extra(k: int) -> np.ndarray:
-    return ex[None, k * cs:(k + 1) * cs]
-
-  return extra
 
 
 def main(argv=None):

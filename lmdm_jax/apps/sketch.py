@@ -1,0 +1,26 @@
+"""Sketch input for the commands: a melody file -> the per-block extra channels of a model with
+sketch channels (the features are ``lmdm_jax.data.sketch``).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from lmdm_jax.apps.common import UsageError
+from lmdm_jax.data.sketch import SKETCH_DIM, SketchError, load_sketch, place
+
+
+def extra_for_model(path, cfg, frame_rate: float, frames: int):
+  """-> ``extra(k)``: the (1, chunk, extra_dim) extra channels of block k, for ``Stream.next_block``."""
+  try:
+    ex = place(load_sketch(path, frame_rate, frames), cfg.extra_dim)
+  except SketchError as e:
+    raise UsageError(f"--sketch: {e}") from e
+  voiced = float(ex[:, -SKETCH_DIM].mean())
+  print(f"[sketch] {path}: {frames} frames, {100 * voiced:.0f}% voiced -> the last {SKETCH_DIM} "
+        f"of {cfg.extra_dim} extra channels")
+  cs = cfg.chunk
+
+  def extra(k: int) -> np.ndarray:
+    return ex[None, k * cs:(k + 1) * cs]
+
+  return extra
