@@ -30,6 +30,7 @@ import time
 
 import jax
 
+from lmdm_jax import compile_cache
 from lmdm_jax.config import load_config
 from lmdm_jax.training import sharding
 from lmdm_jax.training.arc_run import (ARC_DIR, METRICS, build, make_step_fns, restore_state,
@@ -56,6 +57,7 @@ def main(argv=None):
   ap.add_argument("--seed", type=int)
   ap.add_argument("--fsdp", type=int, help="devices per FSDP group (train.py's --fsdp)")
   args = ap.parse_args(argv)
+  compile_cache.enable(log=lambda m: print(f"[arc] {m}"))
 
   sharding.init_distributed()
   conf = load_config(args.config)

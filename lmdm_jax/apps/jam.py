@@ -255,9 +255,11 @@ def main(argv=None):
   args = ap.parse_args(argv)
   import os
 
+  from lmdm_jax import compile_cache
   from lmdm_jax.apps import common as C
   from lmdm_jax.data.audio import AudioFileError, WavWriter, load_audio
   tag = "[jam]"
+  compile_cache.enable(log=lambda m: print(f"{tag} {m}"))
   conf, cfg, model = C.load(args.config or "demo", args.checkpoint, args.seed, tag=tag)
   codec = C.load_codec(conf, cfg, args.codec, tag=tag)
   if codec is None:

@@ -21,6 +21,7 @@ import sys
 
 import numpy as np
 
+from lmdm_jax import compile_cache
 from lmdm_jax.apps import common as C
 
 
@@ -73,6 +74,7 @@ def open_player(sample_rate: int, channels: int):
 
 def main(argv=None):
   args = build_parser().parse_args(argv)
+  compile_cache.enable(log=lambda m: print(f"[sample] {m}"))
   try:
     return run(args)
   except C.UsageError as e:

@@ -583,15 +583,17 @@ def main(argv=None):
                   help="stop a session that gets no audio for this long (seconds)")
   ap.add_argument("--any-origin", action="store_true",
                   help="accept WebSocket connections from pages of other origins")
-  ap.add_argument("--compile-cache", default=os.path.join(
-      os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "lmdm_jax", "xla"),
-      help="JAX's persistent compilation cache: every session compiles its own block step, the "
-      "cache turns the second and later ones into loads (seconds -> a fraction); 'none' = off")
+  ap.add_argument("--compile-cache", default=None,
+      help="JAX's persistent compilation cache folder (default: $LMDM_COMPILE_CACHE, else "
+      "~/.cache/lmdm_jax/jax): every session compiles its own block step, the cache turns the "
+      "second and later ones into loads (seconds -> a fraction); 'none' or "
+      "LMDM_NO_COMPILE_CACHE=1 = off")
   ap.add_argument("--blas-threads", type=int, default=1,
                   help="threads per NumPy BLAS call (the codec's encoder: small matrices, called "
                   "from every session's thread; more threads than 1 only contend, and on a busy "
                   "machine slow the encoder down by 10x or more); 0 = leave as is")
   args = ap.parse_args(argv)
+  from lmdm_jax import compile_cache
   from lmdm_jax.apps import common as C
   tag = "[server]"
   t0 = time.perf_counter()
@@ -601,10 +603,7 @@ def main(argv=None):
       threadpoolctl.threadpool_limits(limits=args.blas_threads, user_api="blas")
     except ImportError:
       pass
-  if args.compile_cache and args.compile_cache.lower() != "none":
-    import jax
-    jax.config.update("jax_compilation_cache_dir", args.compile_cache)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  compile_cache.enable(args.compile_cache, log=lambda m: print(f"{tag} {m}"))
   conf, cfg, model = C.load(args.config or "demo", args.checkpoint, args.seed, tag=tag)
   codec = C.load_codec(conf, cfg, args.codec, tag=tag)
   if codec is None:

@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
+from lmdm_jax import compile_cache
 from lmdm_jax.config import DiTConfig, load_config
 from lmdm_jax.nn.dit import DiT
 from lmdm_jax.training import sharding
@@ -88,6 +89,7 @@ def main(argv=None):
   ap.add_argument("--sample-seconds", type=float)
   ap.add_argument("--no-progress", action="store_true")
   args = ap.parse_args(argv)
+  compile_cache.enable(log=lambda m: print(f"[train] {m}"))
 
   sharding.init_distributed()
   conf = load_config(args.config)
