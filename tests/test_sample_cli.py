@@ -94,6 +94,7 @@ def test_bad_prompt_cli_errors():
     assert "--prompt" in r.stderr and ("not a time" in r.stderr or ">= 0" in r.stderr), r.stderr
 
 
+@pytest.mark.slow
 def test_wav_duration_and_time_varying_prompts(config, tmp_path):
   out = tmp_path / "song.wav"
   r = run_sample("--config", config, "--seconds", "2", "--prompt", "0:solo piano, calm",
@@ -110,6 +111,7 @@ def test_wav_duration_and_time_varying_prompts(config, tmp_path):
   assert "real-time factor" in r.stdout
 
 
+@pytest.mark.slow
 def test_codec_mismatch_writes_latents(tmp_path):
   out = tmp_path / "x.wav"
   r = run_sample("--config", "tiny", "--codec", "spectral", "--seconds", "1", "--steps", "1",
@@ -121,6 +123,7 @@ def test_codec_mismatch_writes_latents(tmp_path):
   assert not out.exists()
 
 
+@pytest.mark.slow
 def test_sigint_mid_stream_leaves_valid_wav(config, tmp_path):
   out = tmp_path / "long.wav"
   p = subprocess.Popen([sys.executable, SAMPLE, "--no-progress", "--config", config, "--seconds",
@@ -148,6 +151,7 @@ def test_sigint_mid_stream_leaves_valid_wav(config, tmp_path):
   assert len(audio) == info.frames and np.all(np.isfinite(audio))
 
 
+@pytest.mark.slow
 def test_main_command_streams_the_bundled_model(tmp_path):
   """The README's first command (no flags): the bundled trained model, MiniLM prompt, WAV out."""
   from lmdm_jax.bundle import DEFAULT_BUNDLE, read_meta

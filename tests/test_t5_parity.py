@@ -19,6 +19,8 @@ transformers = torch_reference.transformers()
 from lmdm_jax.convert import t5 as convert_t5  # noqa: E402
 from lmdm_jax.nn import t5  # noqa: E402
 
+pytestmark = pytest.mark.slow
+
 TOL = 1e-5
 WORDS = ("a calm piano melody with soft strings and warm bass over slow drums in the night "
          "bright synth lead fast techno beat").split()
