@@ -158,7 +158,7 @@ def load_models(args, conf, log=print):
   cfg = DiTConfig.from_config(conf.model)
   models = {}
   if args.arc:
-    from arc import load_arc_model
+    from lmdm_jax.training.arc_run import load_arc_model
     from lmdm_jax.nn import adapters
     adapted = load_arc_model(args.arc, base=args.base, merge=False)
     if not args.base:
@@ -167,7 +167,7 @@ def load_models(args, conf, log=print):
     models["arc"] = adapters.merge_adapters(adapted)
     log(f"[drift] ARC adapter from {args.arc} (merged into the base kernels)")
   if args.base:
-    from arc import load_base_params
+    from lmdm_jax.training.arc_run import load_base_params
     params, rest, step = load_base_params(args.base, cfg)
     models["base"] = nnx.merge(nnx.split(nnx.eval_shape(lambda: DiT(cfg, rngs=nnx.Rngs(0))),
                                          nnx.Param, ...)[0], params, rest)

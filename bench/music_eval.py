@@ -85,7 +85,7 @@ def _real_audio(audio_root, rel, seconds, sr, offset=0.0):
 def evaluate(label, conf, cfg, model, args, held, ds, log=print):
   from lmdm_jax import codecs
   from lmdm_jax import text as text_lib
-  from lmdm_jax.apps.sketch import SKETCH_DIM, pitch_features
+  from lmdm_jax.data.sketch import SKETCH_DIM, pitch_features
   from lmdm_jax.data.audio import save_audio
   from lmdm_jax.training.data import extra_groups
   codec = codecs.get_codec(conf.codec)

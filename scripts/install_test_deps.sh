@@ -14,7 +14,7 @@ trap 'rm -f "$CONSTRAINTS"' EXIT
 echo "torch==2.13.0" > "$CONSTRAINTS"
 pip_install() { "$PY" -m pip install -q -c "$CONSTRAINTS" "$@"; }
 
-pip_install "torch==2.13.0" pytest
+pip_install "torch==2.13.0" pytest "setuptools>=68"  # setuptools: tests/test_install.py builds offline
 
 # The reference implementation. Its declared deps pin an old torch and dozens of training
 # packages, so it goes in without them and we add what the imported modules really use.

@@ -26,7 +26,7 @@ from lmdm_jax.training.arc_forcing import ARCConfig, ARCForcing, make_head, roll
 from lmdm_jax.training.checkpoints import Checkpointer, abstract_like
 from lmdm_jax.training.data import Batcher, SyntheticLatents
 
-import arc  # the CLI module (repo root is on sys.path via conftest)
+from lmdm_jax.training import arc_run as arc
 
 OPTS = {"xla_backend_optimization_level": 0}
 

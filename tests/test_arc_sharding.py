@@ -9,6 +9,10 @@ import sys
 import textwrap
 import time
 
+import pytest
+
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SCRIPT = textwrap.dedent("""
@@ -24,7 +28,7 @@ SCRIPT = textwrap.dedent("""
     from lmdm_jax.training import sharding
     from lmdm_jax.training.arc_forcing import ARCConfig, ARCForcing, jit_step, make_head
     from lmdm_jax.training.data import Batcher, SyntheticLatents
-    import arc
+    from lmdm_jax.training import arc_run as arc
     assert len(jax.devices()) == 8
     OPTS = {"xla_backend_optimization_level": 0}  # the same program, faster to compile on CPU
 

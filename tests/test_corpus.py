@@ -34,6 +34,7 @@ def _read(path):
 
 
 @needs_fluidsynth
+@pytest.mark.slow
 def test_render_one_score_end_to_end(rendered):
   out, meta = rendered
   side = out / "audio" / f"{meta['id']}.json"
@@ -61,6 +62,7 @@ def test_render_one_score_end_to_end(rendered):
 
 
 @needs_fluidsynth
+@pytest.mark.slow
 def test_caption_fields(rendered):
   _, meta = rendered
   for k in ("composer", "title", "ensemble", "instruments", "key", "mode", "tempo_bpm",
@@ -79,6 +81,7 @@ def test_caption_fields(rendered):
 
 
 @needs_fluidsynth
+@pytest.mark.slow
 def test_deterministic_from_seed(rendered, tmp_path):
   out, meta = rendered
   again = C.render_piece(CHORALE, str(tmp_path), seed=3, cfg=CFG)
@@ -113,6 +116,7 @@ def test_candidates_deterministic_and_interleaved():
 
 
 @needs_fluidsynth
+@pytest.mark.slow
 def test_build_resume_skip_and_mono(tmp_path):
   from music21 import corpus
   good = [str(p) for p in corpus.getCorePaths() if str(p).endswith("/bach/bwv313.mxl")][0]

@@ -415,14 +415,14 @@ def _extras_cfg(latent_dim=4):
   import dataclasses
 
   from lmdm_jax.config import DiTConfig, load_config
-  from lmdm_jax.apps.sketch import SKETCH_DIM
+  from lmdm_jax.data.sketch import SKETCH_DIM
   cfg = DiTConfig.from_config(load_config("tiny").model)
   return dataclasses.replace(cfg, io_channels=latent_dim,
                              input_add_dim=1 + latent_dim + 1 + latent_dim + SKETCH_DIM)
 
 
 def test_batcher_jam_and_sketch_extras(with_melody):
-  from lmdm_jax.apps.sketch import pitch_features
+  from lmdm_jax.data.sketch import pitch_features
   from lmdm_jax.training.data import Batcher
   cfg = _extras_cfg()
   text = lambda caps: np.zeros((len(caps), 3, cfg.cond_token_dim), np.float32)  # noqa: E731

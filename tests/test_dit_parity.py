@@ -26,6 +26,8 @@ from lmdm_jax import layouts  # noqa: E402
 from lmdm_jax.convert import dit as conv  # noqa: E402
 from lmdm_jax.nn import attention as A  # noqa: E402
 
+pytestmark = pytest.mark.slow
+
 TOL = 1e-5
 CS, NW = 4, 4  # LMDM test geometry: chunk 4 frames, window of 4 context chunks + 1 target
 T_LMDM = (NW + 1) * CS

@@ -172,6 +172,7 @@ def _env():
   return env
 
 
+@pytest.mark.slow
 def test_jam_cli_writes_duet_and_part(tmp_path):
   cfg = acc_config(tmp_path)
   sr = 22050

@@ -30,6 +30,8 @@ from websockets.asyncio.client import connect  # noqa: E402
 
 from tests.test_sample_cli import ACC, write_config  # noqa: E402
 
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_MESSAGE = 256 << 10
 FRAME = 1024

@@ -67,6 +67,7 @@ def _torch_encode(torch, model, ids, mask):
   return (h * mf).numpy(), emb.numpy()
 
 
+@pytest.mark.slow
 def test_tokenizer_matches_hf(cond, model_dir, torch_bert):
   _, tf, _ = torch_bert
   ref = tf.BertTokenizerFast.from_pretrained(model_dir)
@@ -92,6 +93,7 @@ def test_vocab_txt_fallback(tmp_path, cond, model_dir):
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_parity_with_torch_bert(cond, torch_bert):
   torch, _, model = torch_bert
   tokens, mask, emb = cond.encode(PROMPTS)

@@ -20,7 +20,8 @@ from lmdm_jax.nn import oobleck  # noqa: E402
 
 TOL = 1e-5
 # stable-audio-tools builds its convs with the deprecated torch.nn.utils.weight_norm.
-pytestmark = pytest.mark.filterwarnings("ignore:.*weight_norm.*:FutureWarning")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.filterwarnings("ignore:.*weight_norm.*:FutureWarning")]
 
 
 def tiny_config(use_snake=True, final_tanh=False, scale=1.0):

@@ -95,6 +95,7 @@ def test_bad_prompt_cli_errors():
     assert "--prompt" in r.stderr and ("not a time" in r.stderr or ">= 0" in r.stderr), r.stderr
 
 
+@pytest.mark.slow
 def test_wav_duration_and_time_varying_prompts(config, tmp_path):
   """... and a complete run replaces an existing output, leaving no partial file."""
   out = tmp_path / "song.wav"
@@ -114,6 +115,7 @@ def test_wav_duration_and_time_varying_prompts(config, tmp_path):
   assert not os.path.exists(partial_path(out))
 
 
+@pytest.mark.slow
 def test_codec_mismatch_writes_latents(tmp_path):
   out = tmp_path / "x.wav"
   r = run_sample("--config", "tiny", "--codec", "spectral", "--seconds", "1", "--steps", "1",
@@ -125,6 +127,7 @@ def test_codec_mismatch_writes_latents(tmp_path):
   assert not out.exists() and not os.path.exists(partial_path(tmp_path / "x.npy"))
 
 
+@pytest.mark.slow
 def test_sigint_mid_stream_leaves_valid_wav(config, tmp_path):
   """Ctrl-C keeps what was made in the partial file (a valid WAV) and leaves --out untouched."""
   out = tmp_path / "long.wav"
@@ -157,6 +160,7 @@ def test_sigint_mid_stream_leaves_valid_wav(config, tmp_path):
   assert len(audio) == info.frames and np.all(np.isfinite(audio))
 
 
+@pytest.mark.slow
 def test_main_command_streams_the_bundled_model(tmp_path):
   """The README's first command (no flags): the bundled trained model, MiniLM prompt, WAV out."""
   from lmdm_jax.bundle import DEFAULT_BUNDLE, read_meta

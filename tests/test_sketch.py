@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from lmdm_jax.apps import sketch as K
+from lmdm_jax.data import sketch as K
 
 FR = 22050 / 512
 
@@ -60,6 +60,7 @@ def test_place_and_errors(tmp_path):
     K.load_sketch(tmp_path / "missing.wav", FR)
 
 
+@pytest.mark.slow
 def test_sample_cli_with_sketch(tmp_path):
   from tests.test_sample_cli import run_sample, write_config
   cfg = write_config(tmp_path / "sk.py", extra=K.SKETCH_DIM)

@@ -19,6 +19,8 @@ transformers = torch_reference.transformers()
 from lmdm_jax.convert import t5 as convert_t5  # noqa: E402
 from lmdm_jax.nn import t5  # noqa: E402
 
+pytestmark = pytest.mark.slow
+
 TOL = 1e-5
 WORDS = ("a calm piano melody with soft strings and warm bass over slow drums in the night "
          "bright synth lead fast techno beat").split()
@@ -86,7 +88,7 @@ def test_tokenizer_matches_hf(t5_dir):
 
 def test_encoder_and_conditioner_match_hf(t5_dir):
   path, model = t5_dir
-  cond = t5.T5Conditioner.from_pretrained(path)
+  cond = convert_t5.load_conditioner(path)
   ids, mask = cond.tokenizer(PROMPTS)
   with torch.no_grad():
     ref = model(input_ids=torch.from_numpy(ids).long(),
@@ -141,7 +143,7 @@ def test_pytorch_bin_and_spiece(tmp_path, t5_dir):
   assert list(ids[0, :len(short)]) == short and mask[0].sum() == len(short)
   assert not ids[0, len(short):].any()
   assert mask[1].all() and ids[1, -1] == 1 and list(ids[1, :7]) == proc.encode(" ".join(WORDS))[:7]
-  cond = t5.T5Conditioner.from_pretrained(str(tmp_path), max_length=8)
+  cond = convert_t5.load_conditioner(str(tmp_path), max_length=8)
   ids, mask = cond.tokenizer(["warm bass"])
   with torch.no_grad():
     ref = model(input_ids=torch.from_numpy(ids).long(),
@@ -151,16 +153,16 @@ def test_pytorch_bin_and_spiece(tmp_path, t5_dir):
 
 def test_bad_directory_errors(tmp_path, t5_dir):
   with pytest.raises(FileNotFoundError, match="does not exist"):
-    t5.T5Conditioner.from_pretrained(str(tmp_path / "nope"))
+    convert_t5.load_conditioner(str(tmp_path / "nope"))
   with pytest.raises(FileNotFoundError, match="no config.json"):
-    t5.T5Conditioner.from_pretrained(str(tmp_path))
+    convert_t5.load_conditioner(str(tmp_path))
   path, _ = t5_dir
   (tmp_path / "config.json").write_text(open(os.path.join(path, "config.json")).read())
   with pytest.raises(FileNotFoundError, match="no T5 weights"):
-    t5.T5Conditioner.from_pretrained(str(tmp_path))
+    convert_t5.load_conditioner(str(tmp_path))
   os.link(os.path.join(path, "model.safetensors"), tmp_path / "model.safetensors")
   with pytest.raises(FileNotFoundError, match="no tokenizer"):
-    t5.T5Conditioner.from_pretrained(str(tmp_path))
+    convert_t5.load_conditioner(str(tmp_path))
   (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
   with pytest.raises(ValueError, match="not a T5"):
     convert_t5.load_config(str(tmp_path))

@@ -10,6 +10,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from lmdm_jax.nn import attention as A
 from lmdm_jax.training.stage1 import dropout_mask
@@ -85,6 +86,7 @@ SHARD_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_sharded_step_equals_single_device_step():
   out = subprocess.run([sys.executable, "-c", SHARD_SCRIPT % ROOT], capture_output=True,
                        text=True, timeout=600)
@@ -110,6 +112,7 @@ def _losses(workdir):
   return {r["step"]: r["loss"] for r in recs}
 
 
+@pytest.mark.slow
 def test_sigkill_mid_training_then_resume_matches_uninterrupted_run(tmp_path):
   env = dict(os.environ, PYTHONUNBUFFERED="1")
   ref = str(tmp_path / "ref")
@@ -137,6 +140,7 @@ def test_sigkill_mid_training_then_resume_matches_uninterrupted_run(tmp_path):
     assert a[s] == b[s], (s, a[s], b[s])
 
 
+@pytest.mark.slow
 def test_periodic_samples(tmp_path):
   """--sample-every writes the EMA model's streamed sample (latents .npy for a codec-less config)."""
   wd = tmp_path / "s"

@@ -97,9 +97,8 @@ def default_config(log=print) -> str:
   try:
     conf = load_config("demo")
     from lmdm_jax import codecs
-    from lmdm_jax import text as text_lib
     codecs.get_codec(conf.codec)
-    text_lib.from_config(conf)
+    _text_encoder(conf)  # loaded once: text_encoder() reuses it
     log("[sample] config demo (spectral codec + MiniLM prompts; pass --config to change)")
     return "demo"
   except Exception as e:  # noqa: BLE001 - any missing piece falls back to tiny
@@ -187,10 +186,22 @@ def load_codec(conf, cfg: DiTConfig, override: str | None, log=print, tag="[samp
 
 
 def text_encoder(conf, cfg: DiTConfig):
+  """The config's text encoder (None for a model without text conditioning), loaded once per
+  process for a given conditioner section (encoders hold no per-use state)."""
   if not cfg.cond_token_dim:
     return None
-  from lmdm_jax import text as text_lib
-  return text_lib.from_config(conf)
+  return _text_encoder(conf)
+
+
+_TEXT_ENCODERS: dict = {}
+
+
+def _text_encoder(conf):
+  key = repr((sorted(dict(conf.conditioner).items()), conf.model.get("cond_token_dim")))
+  if key not in _TEXT_ENCODERS:
+    from lmdm_jax import text as text_lib
+    _TEXT_ENCODERS[key] = text_lib.from_config(conf)
+  return _TEXT_ENCODERS[key]
 
 
 def warm_decoder(codec, frames: int) -> None:

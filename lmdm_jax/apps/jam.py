@@ -302,6 +302,7 @@ def main(argv=None):
 def _run(args, tag):
   import os
 
+  from lmdm_jax import compile_cache
   from lmdm_jax.apps import checks as K
   from lmdm_jax.apps import common as C
   from lmdm_jax.data.audio import AudioFileError, WavWriter, load_audio
@@ -310,6 +311,7 @@ def _run(args, tag):
     load_audio(args.input, duration=args.seconds)
   except AudioFileError as e:
     raise C.UsageError(f"--input {e}") from e
+  compile_cache.enable(log=lambda m: print(f"{tag} {m}"))
   try:
     conf, cfg, model = C.load(args.config or "demo", args.checkpoint, args.seed, tag=tag)
     codec = C.load_codec(conf, cfg, args.codec, tag=tag)

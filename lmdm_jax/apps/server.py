@@ -786,15 +786,17 @@ def main(argv=None):
                   "proxy). Always answered: localhost, 127.0.0.1, [::1] and the --host address. "
                   "Other names are refused (421), so that a site that points its name at this "
                   "machine (DNS rebinding) cannot drive the server")
-  ap.add_argument("--compile-cache", default=os.path.join(
-      os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "lmdm_jax", "xla"),
-      help="JAX's persistent compilation cache: every session compiles its own block step, the "
-      "cache turns the second and later ones into loads (seconds -> a fraction); 'none' = off")
+  ap.add_argument("--compile-cache", default=None,
+      help="JAX's persistent compilation cache folder (default: $LMDM_COMPILE_CACHE, else "
+      "~/.cache/lmdm_jax/jax): every session compiles its own block step, the cache turns the "
+      "second and later ones into loads (seconds -> a fraction); 'none' or "
+      "LMDM_NO_COMPILE_CACHE=1 = off")
   ap.add_argument("--blas-threads", type=int, default=1,
                   help="threads per NumPy BLAS call (the codec's encoder: small matrices, called "
                   "from every session's thread; more threads than 1 only contend, and on a busy "
                   "machine slow the encoder down by 10x or more); 0 = leave as is")
   args = ap.parse_args(argv)
+  from lmdm_jax import compile_cache
   from lmdm_jax.apps import common as C
   tag = "[server]"
   for entry in args.allow_host:  # checked before the model loads
@@ -810,10 +812,7 @@ def main(argv=None):
       threadpoolctl.threadpool_limits(limits=args.blas_threads, user_api="blas")
     except ImportError:
       pass
-  if args.compile_cache and args.compile_cache.lower() != "none":
-    import jax
-    jax.config.update("jax_compilation_cache_dir", args.compile_cache)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  compile_cache.enable(args.compile_cache, log=lambda m: print(f"{tag} {m}"))
   conf, cfg, model = C.load(args.config or "demo", args.checkpoint, args.seed, tag=tag)
   codec = C.load_codec(conf, cfg, args.codec, tag=tag)
   if codec is None:

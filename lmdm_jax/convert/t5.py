@@ -18,7 +18,7 @@ from typing import Any, Mapping
 import numpy as np
 from flax import nnx
 
-from lmdm_jax.nn.t5 import T5Config, T5Encoder
+from lmdm_jax.nn.t5 import T5Conditioner, T5Config, T5Encoder
 from lmdm_jax.convert.keys import check_keys
 
 IGNORED_PREFIXES = ("decoder.", "lm_head.")
@@ -188,3 +188,8 @@ def load_tokenizer(path: str, max_length: int = 64) -> Tokenizer:
                      max_length)
   raise FileNotFoundError(f"no tokenizer in T5 directory {path!r}: expected tokenizer.json or "
                           "spiece.model")
+
+
+def load_conditioner(path: str, max_length: int = 64) -> T5Conditioner:
+  """Config, weights and tokenizer of a local Hugging Face T5 directory -> ``T5Conditioner``."""
+  return T5Conditioner(load_t5_encoder(path), load_tokenizer(path, max_length), max_length)

@@ -5,7 +5,7 @@ audio at the codec's hop, frame g centred on latent frame g; unvoiced where the 
 is more than ``gate_db`` below its loud frames). Rendered stems are single parts, so silence
 between notes is a clean voicing cue and yin's f0 is reliable there. The melody of the *mix* is
 the skyline of its stems (the highest voiced stem pitch per frame), the same rule that
-``lmdm_jax.apps.sketch`` applies to MIDI sketches.
+``lmdm_jax.data.sketch`` applies to MIDI sketches.
 
 Writes ``melody.npz`` in the dataset folder (atomically): ``"<stem key>"`` -> (frames,) float16
 MIDI pitch, NaN where unvoiced; ``"<item key>"`` -> the skyline.

@@ -174,7 +174,8 @@ class T5Conditioner:
 
   Holds ``encoder`` (``T5Encoder``), ``tokenizer`` (any callable ``prompts -> (ids, mask)``
   padded/truncated to ``max_length``, see ``lmdm_jax.convert.t5.load_tokenizer``) and
-  ``max_length`` (64 for LMDM). Padded positions of the output are zeros. The encoder's
+  ``max_length`` (64 for LMDM); ``lmdm_jax.convert.t5.load_conditioner`` builds one from a local
+  Hugging Face T5 directory. Padded positions of the output are zeros. The encoder's
   parameters are captured (for one jitted call) when the conditioner is built.
   """
 
@@ -190,13 +191,6 @@ class T5Conditioner:
       return out * mask[..., None].astype(out.dtype)
 
     self._encode = lambda ids, mask: _encode(state, ids, mask)
-
-  @classmethod
-  def from_pretrained(cls, path: str, max_length: int = 64) -> "T5Conditioner":
-    """Loads config, weights and tokenizer from a local Hugging Face T5 directory."""
-    from lmdm_jax.convert import t5 as convert_t5
-    return cls(convert_t5.load_t5_encoder(path), convert_t5.load_tokenizer(path, max_length),
-               max_length)
 
   def encode_ids(self, ids, mask) -> tuple[jax.Array, jax.Array]:
     """Already tokenized (B, max_length) ids and mask -> (tokens, bool mask)."""

@@ -51,7 +51,7 @@ def make_source(spec: str, frames: int, cfg: DiTConfig, seed: int, holdout: bool
 def extra_groups(cfg: DiTConfig) -> tuple:
   """(accompaniment, sketch): which extra ``input_add`` groups the model has, from its width.
   Groups come in the order [accomp_mask | accomp latents (io_channels)] then sketch (SKETCH_DIM)."""
-  from lmdm_jax.apps.sketch import SKETCH_DIM
+  from lmdm_jax.data.sketch import SKETCH_DIM
   e, acc = cfg.extra_dim, 1 + cfg.io_channels
   table = {0: (False, False), acc: (True, False), SKETCH_DIM: (False, True),
            acc + SKETCH_DIM: (True, True)}
@@ -72,7 +72,7 @@ class Batcher:
     is prefixed with the target's part name; the accompaniment is dropped whole with
     ``p_acc_uncond``, and with ``p_acc_partial`` each chunk only knows the partner up to a random
     frame (as a jam with a one-block delay does); mask 1 where known.
-  - sketch: with probability ``p_sketch`` the pitch features (``apps.sketch.pitch_features``) of
+  - sketch: with probability ``p_sketch`` the pitch features (``data.sketch.pitch_features``) of
     the target's melody (the stem's pitch, or the skyline of the mix's stems).
   """
 
@@ -138,7 +138,7 @@ class Batcher:
     if acc is not None:
       parts.append(acc)
     if self.sketch:
-      from lmdm_jax.apps.sketch import SKETCH_DIM, pitch_features
+      from lmdm_jax.data.sketch import SKETCH_DIM, pitch_features
       sk = np.zeros((B, n, SKETCH_DIM), np.float32)
       if melody is not None:
         for b in range(B):

@@ -1,0 +1,303 @@
+"""Text-to-music: stream blocks with the jitted, KV-cached sampler, decode them as they come and
+write a WAV that stays valid at every moment. The WAV is written to OUT.partial.wav (beside OUT)
+and renamed to OUT only when the run completes: a run stopped by Ctrl-C or an error keeps what it
+made there (and says so) and never touches an existing OUT.
+
+With no arguments: the `demo` config (spectral codec, MiniLM prompts) when its pieces load here,
+else `tiny` (which has no codec and writes latents). Without --checkpoint the weights are RANDOM:
+that exercises the whole path (sampler, cache, codec, real-time factor), it does not make music.
+
+  python3 sample.py
+  python3 sample.py --prompt "0:solo piano, calm" --prompt "20:string quartet, lively" --seconds 40
+  python3 sample.py --checkpoint runs/demo --steps 8 --cfg-scale 3 --plus-plus --play
+  python3 sample.py --sketch melody.wav       # sketch-to-music (a model with sketch channels)
+
+--prompt SECONDS:TEXT changes the prompt at the block containing that second (no recompilation).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+
+import numpy as np
+
+from lmdm_jax import compile_cache
+from lmdm_jax.apps import checks as K
+from lmdm_jax.apps import common as C
+
+
+def build_parser():
+  from lmdm_jax import sampling as S
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  ap.add_argument("--config", default=None,
+                  help="tiny | demo | saos | path/to/config.py[:arg] (default: demo if its codec "
+                       "and text encoder load, else tiny)")
+  ap.add_argument("--checkpoint", default=None,
+                  help="a train.py work directory or a converted checkpoint (python3 -m lmdm_jax.convert)")
+  ap.add_argument("--prompt", action="append", default=None, metavar="[SECONDS:]TEXT",
+                  help="repeatable; '20:string quartet' switches at 20 s (default: a string-quartet "
+                       "prompt in the style of the training captions)")
+  ap.add_argument("--seconds", type=float, default=30.0, help=f"length (at most {K.MAX_SECONDS:g})")
+  ap.add_argument("--steps", type=int, default=None, help=f"sampler steps, 1..{S.MAX_STEPS} "
+                  "(default: the config's)")
+  ap.add_argument("--cfg-scale", type=float, default=None)
+  ap.add_argument("--plus-plus", action="store_true", help="CFG++ update")
+  ap.add_argument("--sampler", choices=["pingpong", "euler"], default=None)
+  ap.add_argument("--regime", default=None, choices=list(S.REGIMES))
+  ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--codec", default=None, help="codec name (default: the config's `codec`); 'none' "
+                  "writes latents")
+  ap.add_argument("--sketch", default=None, metavar="FILE",
+                  help="melody sketch (audio or .mid) -> the model's sketch channels")
+  ap.add_argument("--out", default="outputs/sample.wav",
+                  help="WAV path (latents go to the same name with .npy when there is no codec); written as "
+                       "OUT.partial.wav and renamed to OUT when complete")
+  ap.add_argument("--play", action="store_true", help="also play through the sound card (sounddevice)")
+  ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+  return ap
+
+
+def open_player(sample_rate: int, channels: int):
+  """A sounddevice output stream, or None with a message saying why not."""
+  try:
+    import sounddevice as sd
+  except Exception as e:  # noqa: BLE001 - ImportError or PortAudio missing (OSError)
+    print(f"[sample] --play: sounddevice is not usable here ({type(e).__name__}: {e}); "
+          "`pip install sounddevice` (needs PortAudio); writing the file only")
+    return None
+  try:
+    sd.query_devices(kind="output")
+    stream = sd.OutputStream(samplerate=sample_rate, channels=channels, dtype="float32")
+    stream.start()
+    return stream
+  except Exception as e:  # noqa: BLE001
+    print(f"[sample] --play: no sound output device ({type(e).__name__}: {e}); writing the file only")
+    return None
+
+
+def main(argv=None):
+  args = build_parser().parse_args(argv)
+  compile_cache.enable(log=lambda m: print(f"[sample] {m}"))
+  try:
+    return run(args)
+  except C.UsageError as e:
+    print(f"sample.py: error: {K.one_line(e)}", file=sys.stderr)
+    return 2
+  except KeyboardInterrupt:  # before the stream started: nothing was written
+    print("[sample] interrupted before any output was written", file=sys.stderr)
+    return 130
+
+
+class NonFiniteOutput(RuntimeError):
+  """The model (or the decoder) produced NaN or infinite values."""
+
+
+def latents_path(out: str) -> str:
+  return os.path.splitext(out)[0] + ".npy"
+
+
+def check_args(args):
+  """Every value that can be checked without a model (UsageError on the first bad one); -> the
+  parsed prompts."""
+  K.seconds("--seconds", args.seconds)
+  K.steps(args.steps)
+  if args.cfg_scale is not None:
+    K.number("--cfg-scale", args.cfg_scale)
+  K.seed(args.seed)
+  prompts = C.parse_prompts(args.prompt)
+  for p in prompts:
+    K.text("--prompt", p.text)
+  K.codec(args.codec)
+  if args.checkpoint:
+    K.input_file("--checkpoint", args.checkpoint)
+  if args.sketch:
+    from lmdm_jax.apps import sketch as sketch_lib
+    try:
+      sketch_lib.check_sketch(args.sketch)
+    except sketch_lib.SketchError as e:
+      raise C.UsageError(f"--sketch: {e}") from e
+  inputs = {"--sketch": args.sketch, "--checkpoint": args.checkpoint}
+  K.output("--out", args.out, inputs)
+  K.output("--out (its latents file)", latents_path(args.out), inputs)
+  if args.config is not None:
+    conf = K.config(args.config)
+    K.regime(args.regime or conf.sampler.regime, f"the sampler regime of config {args.config!r}")
+  return prompts
+
+
+def run(args):
+  prompts = check_args(args)  # before any slow loading: bad values fail fast
+  from lmdm_jax import sampling as S
+  from lmdm_jax.data.audio import WavWriter, save_npy
+  try:
+    conf, cfg, model = C.load(args.config, args.checkpoint, args.seed)
+    codec = C.load_codec(conf, cfg, args.codec)
+  except (ValueError, OSError) as e:  # the named checkpoint or config cannot be used
+    raise C.UsageError(str(e)) from e
+  frame_rate = C.frame_rate(codec)
+  sc = conf.sampler
+  steps = sc.steps if args.steps is None else args.steps
+  cfg_scale = sc.cfg_scale if args.cfg_scale is None else args.cfg_scale
+  pingpong = (args.sampler or ("pingpong" if sc.pingpong else "euler")) == "pingpong"
+  regime = K.regime(args.regime or sc.regime, f"the sampler regime of config {conf.name!r}")
+  block_s = cfg.chunk / frame_rate
+  n_blocks = max(1, int(np.ceil(args.seconds / block_s - 1e-9)))
+  for p in prompts:
+    if p.start >= n_blocks * block_s:
+      print(f"[sample] note: prompt {p.text!r} at {p.start:g} s is past the end "
+            f"({n_blocks * block_s:.1f} s) and is never used")
+  sched = C.prompt_schedule(prompts, block_s, n_blocks)
+
+  # conditioning: every prompt encoded once, up front
+  text = C.text_encoder(conf, cfg)
+  if text is not None:
+    toks = [np.asarray(text([p.text])) for p in prompts]
+    n_tok = text.max_tokens
+  else:
+    toks, n_tok = [np.zeros((1, 1, 0), np.float32)] * len(prompts), 1
+  glob = np.zeros((1, cfg.global_cond_dim), np.float32) if cfg.global_cond_dim else None
+  extra_fn = None
+  if args.sketch:
+    from lmdm_jax.apps import sketch as sketch_lib
+    extra_fn = sketch_lib.extra_for_model(args.sketch, cfg, frame_rate, n_blocks * cfg.chunk)
+  elif cfg.extra_dim:
+    print(f"[sample] the model has {cfg.extra_dim} extra input channels (accompaniment / sketch);"
+          " they are left at zero")
+
+  import time
+  t0 = time.perf_counter()
+  try:
+    stream = S.Stream(model, batch=1, regime=regime, cfg_guidance=cfg_scale != 1.0,
+                      cross_len=n_tok, seed=args.seed,
+                      sampler=S.SamplerParams.make(steps, cfg_scale, args.plus_plus, pingpong))
+  except ValueError as e:  # a sampler setting this model cannot stream with
+    raise C.UsageError(str(e)) from e
+  stream.set_prompt(toks[0], glob)
+  if codec is not None:
+    C.warm_decoder(codec, 4 * cfg.chunk)
+  print(f"[sample] compiled the block step{' and the decoder' if codec is not None else ''} in {time.perf_counter() - t0:.1f} s "
+        f"(regime {regime}, {steps} steps, CFG {cfg_scale}{'++' if args.plus_plus else ''}, "
+        f"{cfg.chunk}-frame blocks of {block_s:.2f} s)")
+  if len(prompts) > 1:
+    print("[sample] prompts: " + "; ".join(f"{p.start:g} s: {p.text!r}" for p in prompts))
+
+  # the output goes to a partial file, renamed over --out only when the run completes
+  out = args.out if codec is not None else latents_path(args.out)
+  latents = []
+  writer = decoder = player = None
+  if codec is not None:
+    wav_bytes = n_blocks * block_s * codec.sample_rate * codec.channels * 2
+    writer = WavWriter(out, codec.sample_rate, codec.channels,
+                       format="RF64" if wav_bytes > 2 ** 32 - 2 ** 24 else "WAV")
+    decoder = codec.stream_decoder()
+    if args.play:
+      player = open_player(codec.sample_rate, codec.channels)
+  elif args.play:
+    print("[sample] --play: nothing to play without a codec")
+
+  def emit(audio):
+    if audio.shape[-1]:
+      if not np.all(np.isfinite(audio)):
+        raise NonFiniteOutput("the decoder produced NaN or infinite audio")
+      writer.append(audio)
+      if player is not None:
+        player.write(np.ascontiguousarray(audio.T, np.float32))
+
+  bar = None
+  if not args.no_progress:
+    from tqdm import tqdm
+    bar = tqdm(total=n_blocks, unit="block", desc="[sample]", file=sys.stderr, dynamic_ncols=True)
+  rtf = C.RTF()
+  interrupted = complete = False
+  failure = None
+  done = 0
+
+  def say(msg):
+    (bar.write(msg) if bar is not None else print(msg))
+
+  def produce():
+    nonlocal done
+    cur = 0
+    for k in range(n_blocks):
+      if sched[k] != cur:
+        cur = sched[k]
+        stream.set_prompt(toks[cur], glob)
+        say(f"[sample] {k * block_s:.1f} s: prompt -> {prompts[cur].text!r}")
+      extra = None if extra_fn is None else extra_fn(k)
+      blk = np.asarray(stream.next_block(extra))[0]
+      if not np.all(np.isfinite(blk)):
+        raise NonFiniteOutput(f"block {k} ({k * block_s:.1f} s): the model produced NaN or "
+                              "infinite latents")
+      if decoder is not None:
+        emit(decoder.push(blk))
+      else:
+        latents.append(blk)
+      done += 1
+      rtf.add(block_s)
+      if bar is not None:
+        bar.set_postfix_str(f"{rtf.value:.2f}x real time", refresh=False)
+        bar.update(1)
+    if decoder is not None:
+      emit(decoder.flush())
+
+  try:
+    produce()
+    complete = True
+  except KeyboardInterrupt:
+    interrupted = True
+    say(f"[sample] interrupted after {done} blocks: keeping what was made")
+    if decoder is not None:
+      try:
+        emit(decoder.flush())
+      except (KeyboardInterrupt, NonFiniteOutput):
+        pass
+  except NonFiniteOutput as e:
+    failure = str(e)
+  finally:
+    if bar is not None:
+      bar.close()
+    if player is not None:
+      player.stop()
+      player.close()
+    if codec is not None:
+      if complete:
+        writer.commit()
+      else:
+        writer.close()
+      where = writer.written_path
+    else:
+      lat = np.concatenate(latents, axis=0) if latents else np.zeros((0, cfg.io_channels), np.float32)
+      where = save_npy(out, lat, partial=not complete)
+    kept = (f"{writer.seconds_written:.2f} s" if codec is not None
+            else f"{lat.shape[0] / frame_rate:.2f} s of latents")
+    untouched = f"{out} was not changed" if os.path.exists(out) else f"{out} was not written"
+    partial_note = f"the partial output ({kept}) is in {where}; {untouched}"
+    if not (complete or interrupted or failure):  # an unexpected error: its traceback follows
+      print(f"[sample] stopped by an error: {partial_note}", file=sys.stderr)
+  if failure:
+    print(f"sample.py: error: {failure}; {partial_note}", file=sys.stderr)
+    return 1
+  if interrupted:
+    print(f"[sample] {partial_note}")
+    return 130
+  final_rtf = rtf.value
+  if codec is not None:
+    print(f"[sample] wrote {writer.seconds_written:.2f} s ({codec.sample_rate} Hz, "
+          f"{codec.channels} ch) to {where}; real-time factor {final_rtf:.2f}x including decode")
+  else:
+    print(f"[sample] wrote {lat.shape[0]} latent frames x {lat.shape[1]} channels "
+          f"({lat.shape[0] / frame_rate:.1f} s) to {where}; real-time factor {final_rtf:.2f}x")
+  return 0
+
+
+def entry():
+  """The command (``sample.py``, ``lmdm sample``): Ctrl-C works even where the shell ignores it."""
+  if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:  # background shells ignore SIGINT
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+  sys.exit(main())
+
+
+if __name__ == "__main__":
+  entry()
