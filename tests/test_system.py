@@ -371,6 +371,12 @@ def test_missing_pieces_get_one_error_naming_the_flags(tmp_path, lmdm_state_dict
   system = conv_load.load(str(out), t5=t5_dir, vae=str(full))
   assert system.codec.sample_rate == SR and system.codec.channels == 2
   assert conv_load.load(str(full)).text is not None  # --t5 recorded at conversion
+  # --config saos (random weights, T5 prompts) names the flag too
+  from lmdm_jax.apps import common as C
+  from lmdm_jax.config import DiTConfig, load_config
+  conf = load_config("saos")
+  with pytest.raises(C.UsageError, match="pass --t5 DIR"):
+    C.text_encoder(conf, DiTConfig.from_config(conf.model))
 
 
 def test_export_of_own_models_loads_in_stable_audio_tools(tmp_path):
@@ -403,3 +409,22 @@ def test_export_of_own_models_loads_in_stable_audio_tools(tmp_path):
       sd = load_file(str(exp / "model.safetensors"))
       torch_model.load_state_dict(sd, strict=True)
   assert conv_export.main([path, str(exp)]) == 2  # no silent overwrite
+  # a train.py work directory (config.json + orbax checkpoints/): its latest step exports too
+  import dataclasses
+
+  from lmdm_jax.training.checkpoints import Checkpointer
+  from lmdm_jax.training.stage1 import Stage1, Stage1Config
+  work = tmp_path / "run"
+  work.mkdir()
+  write_json(work / "config.json", {"config": "tiny", "model": dataclasses.asdict(lmdm),
+                                    "train": {"stage1": {}}, "seed": 0})
+  model = DiT(lmdm, rngs=nnx.Rngs(4))
+  ck = Checkpointer(str(work / "checkpoints"))
+  ck.save(7, Stage1(model, Stage1Config()).init_state(model))
+  ck.close()
+  assert conv_export.main([str(work), str(tmp_path / "exp_run")]) == 0
+  again = conv.convert_checkpoint(
+      json.loads((tmp_path / "exp_run" / "model_config.json").read_text()),
+      str(tmp_path / "exp_run" / "model.safetensors"))
+  assert again.config == lmdm
+  assert_same(again.model, model)

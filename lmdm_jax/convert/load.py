@@ -55,6 +55,7 @@ class ConvertedSystem:
   model: Any  # lmdm_jax.nn.dit.DiT
   conditioning: Conditioning
   text_id: str | None  # id of the T5 prompt conditioner (None: the model reads no prompt)
+  text_spec: dict | None  # {"type": "t5", "t5_model_name", "max_length", "path"} or None
   text: Any  # lmdm_jax.text.TextEncoder or None
   codec: Any  # lmdm_jax.codecs.Codec or None
   sampler: dict  # regime, steps, cfg_scale, plus_plus, pingpong, seconds_start, seconds_total
@@ -226,8 +227,10 @@ def load(path: str, *, t5: str | None = None, vae: str | None = None, text: bool
                           f"{entry['t5_model_name']!r} folder with --t5 DIR") from e
   sample_rate = int(meta["model_config"].get("sample_rate", 44100))
   cod = _codec(path, meta, codec_src, cfg, sample_rate) if codec_src is not None else None
+  text_spec = dict(spec["text"][text_ids[0]], path=t5_dir) if text_ids else None
   return ConvertedSystem(path=path, cfg=cfg, model=model, conditioning=conditioning,
-                         text_id=text_ids[0] if (enc is not None) else None, text=enc, codec=cod,
+                         text_id=text_ids[0] if (enc is not None) else None, text_spec=text_spec,
+                         text=enc, codec=cod,
                          sampler=sampler_defaults(cfg, meta["model_config"]),
                          sample_rate=sample_rate, model_config=meta["model_config"])
 
