@@ -56,6 +56,13 @@ def build_parser():
                        "OUT.partial.wav and renamed to OUT when complete")
   ap.add_argument("--play", action="store_true", help="also play through the sound card (sounddevice)")
   ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+  # converted stable-audio-tools / LMDM checkpoints (python3 -m lmdm_jax.convert) and T5 configs
+  ap.add_argument("--t5", default=None, metavar="DIR",
+                  help="local Hugging Face T5 folder for T5-conditioned models (--config saos, a "
+                       "converted checkpoint); default: the folder recorded by the converter")
+  ap.add_argument("--vae", default=None, metavar="PATH",
+                  help="VAE for a converted checkpoint that has none: a converted directory "
+                       "holding one, or a VAE .safetensors/.ckpt (default: the checkpoint's own)")
   return ap
 
 
@@ -132,7 +139,8 @@ def run(args):
   from lmdm_jax import sampling as S
   from lmdm_jax.data.audio import WavWriter, save_npy
   try:
-    conf, cfg, model = C.load(args.config, args.checkpoint, args.seed)
+    conf, cfg, model = C.load(args.config, args.checkpoint, args.seed, t5=args.t5, vae=args.vae,
+                              codec=args.codec)
     codec = C.load_codec(conf, cfg, args.codec)
   except (ValueError, OSError) as e:  # the named checkpoint or config cannot be used
     raise C.UsageError(str(e)) from e
@@ -150,14 +158,10 @@ def run(args):
             f"({n_blocks * block_s:.1f} s) and is never used")
   sched = C.prompt_schedule(prompts, block_s, n_blocks)
 
-  # conditioning: every prompt encoded once, up front
-  text = C.text_encoder(conf, cfg)
-  if text is not None:
-    toks = [np.asarray(text([p.text])) for p in prompts]
-    n_tok = text.max_tokens
-  else:
-    toks, n_tok = [np.zeros((1, 1, 0), np.float32)] * len(prompts), 1
-  glob = np.zeros((1, cfg.global_cond_dim), np.float32) if cfg.global_cond_dim else None
+  # conditioning: every prompt encoded once, up front (tokens, global conditioning)
+  cond = C.PromptConditioning(conf, cfg, n_blocks * block_s)
+  conds = [cond(p.text) for p in prompts]
+  n_tok = cond.cross_len
   extra_fn = None
   if args.sketch:
     from lmdm_jax.apps import sketch as sketch_lib
@@ -169,12 +173,13 @@ def run(args):
   import time
   t0 = time.perf_counter()
   try:
-    stream = S.Stream(model, batch=1, regime=regime, cfg_guidance=cfg_scale != 1.0,
-                      cross_len=n_tok, seed=args.seed,
-                      sampler=S.SamplerParams.make(steps, cfg_scale, args.plus_plus, pingpong))
+    stream = C.make_stream(model, regime, n_blocks * cfg.chunk, len(prompts), batch=1,
+                           cfg_guidance=cfg_scale != 1.0, cross_len=n_tok, seed=args.seed,
+                           sampler=S.SamplerParams.make(steps, cfg_scale, args.plus_plus,
+                                                        pingpong))
   except ValueError as e:  # a sampler setting this model cannot stream with
     raise C.UsageError(str(e)) from e
-  stream.set_prompt(toks[0], glob)
+  stream.set_prompt(*conds[0])
   if codec is not None:
     C.warm_decoder(codec, 4 * cfg.chunk)
   print(f"[sample] compiled the block step{' and the decoder' if codec is not None else ''} in {time.perf_counter() - t0:.1f} s "
@@ -223,7 +228,7 @@ def run(args):
     for k in range(n_blocks):
       if sched[k] != cur:
         cur = sched[k]
-        stream.set_prompt(toks[cur], glob)
+        stream.set_prompt(*conds[cur])
         say(f"[sample] {k * block_s:.1f} s: prompt -> {prompts[cur].text!r}")
       extra = None if extra_fn is None else extra_fn(k)
       blk = np.asarray(stream.next_block(extra))[0]
