@@ -7,7 +7,6 @@ Most cases call the CLIs' ``main`` in this process with the model loader replace
 (so they also prove that nothing was loaded); a few run sample.py as a subprocess to check the real
 exit code and that no traceback is printed; one in-process pair of runs streams a tiny model.
 """
-import importlib.util
 import os
 import subprocess
 import sys
@@ -19,11 +18,8 @@ import soundfile as sf
 from lmdm_jax.apps import common as C
 from lmdm_jax.apps import jam
 from lmdm_jax.data.audio import partial_path
+from lmdm_jax.apps import sample_cli as sample
 from tests.test_sample_cli import CHUNK, HOP, ROOT, SAMPLE, SR, child_env, write_config
-
-_spec = importlib.util.spec_from_file_location("sample_cli", SAMPLE)
-sample = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(sample)
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +73,7 @@ SAMPLE_CASES = [
     (["--seed", str(2 ** 70)], ["--seed"]),
     (["--prompt", "0:caf\udce9"], ["--prompt", "UTF-8"]),
     (["--codec", "nosuchcodec"], ["--codec", "nosuchcodec", "spectral"]),
-    (["--config", "nosuchconfig"], ["nosuchconfig", "known configs"]),
+    (["--config", "nosuchconfig"], ["nosuchconfig", "not a registered config"]),
     (["--config", "tiny:bogus_regime"], ["bogus_regime", "block_causal"]),
     (["--checkpoint", "{d}/missing_run"], ["--checkpoint", "missing_run", "no such"]),
     (["--sketch", "{d}/missing.wav"], ["--sketch", "missing.wav", "no such"]),

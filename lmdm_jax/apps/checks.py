@@ -81,9 +81,9 @@ def input_file(option: str, path: str) -> str:
 
 def config(spec: str):
   """Load ``--config`` (a registered name or a file): the ConfigDict, or UsageError naming why."""
-  from lmdm_jax.config import load_config
+  from lmdm_jax.config import load_cli_config
   try:
-    return load_config(spec)
+    return load_cli_config(spec)
   except Exception as e:  # noqa: BLE001 - whatever makes the named config unusable
     msg = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
     raise UsageError(f"--config {spec!r}: {msg}" if spec not in msg else msg) from e

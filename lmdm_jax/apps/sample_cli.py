@@ -120,10 +120,10 @@ def check_args(args):
   if args.checkpoint:
     K.input_file("--checkpoint", args.checkpoint)
   if args.sketch:
-    from lmdm_jax.apps import sketch as sketch_lib
+    from lmdm_jax.data import sketch as sketch_data
     try:
-      sketch_lib.check_sketch(args.sketch)
-    except sketch_lib.SketchError as e:
+      sketch_data.check_sketch(args.sketch)
+    except sketch_data.SketchError as e:
       raise C.UsageError(f"--sketch: {e}") from e
   inputs = {"--sketch": args.sketch, "--checkpoint": args.checkpoint}
   K.output("--out", args.out, inputs)
