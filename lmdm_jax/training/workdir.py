@@ -54,15 +54,14 @@ def load_model(path: str, use_ema: bool = False):
   cfg = fc.model_config(meta.get("model"), f"{os.path.join(path, 'config.json')} model")
   graphdef, params, rest = nnx.split(fc.abstract_model(cfg, where), nnx.Param, ...)
   params, rest = abstract_like(params), abstract_like(rest)
-  want = {"params": fc.flat_shapes(params), "rest": fc.flat_shapes(rest)}
+  want_params, want_rest = fc.flat_shapes(params), fc.flat_shapes(rest)
   chosen = {}
 
-  def target(stored):
+  def target(stored):  # the stored shapes (orbax metadata) must be the config's, before reading
     name = "ema" if use_ema and any(k.startswith("ema/") for k in stored) else "params"
-    for part, shapes in (("params", want["params"]), ("rest", want["rest"])):
-      key = name if part == "params" else "rest"
+    for key, want in ((name, want_params), ("rest", want_rest)):
       got = {k[len(key) + 1:]: v for k, v in stored.items() if k.startswith(key + "/")}
-      fc.compare(shapes, got, f"{where} {key}")
+      fc.compare(want, got, f"{where} {key}")
     chosen["name"] = name
     return {name: params, "rest": rest, "step": jax.ShapeDtypeStruct((), np.int32)}
 
