@@ -94,18 +94,19 @@ def wait_for(cond, timeout=120):
 
 
 @pytest.fixture(scope="module")
-def session_parts(tmp_path_factory):
-  from lmdm_jax.codecs import get_codec
+def system(tmp_path_factory):
+  """A System: a random tiny model with accompaniment channels + the spectral codec."""
+  from lmdm_jax import sources
   conf = load_config_file(str(acc_config(tmp_path_factory.mktemp("jam"))))
   cfg = DiTConfig.from_config(conf.model)
-  return random_model(cfg, seed=0), get_codec("spectral")
+  return sources.assemble(random_model(cfg, seed=0), conf, codec="spectral",
+                          log=lambda *_: None)
 
 
-def test_jam_session_delay_counters_and_accompaniment(session_parts):
-  from lmdm_jax.apps.jam import JamSession
-  model, codec = session_parts
+def test_jam_session_delay_counters_and_accompaniment(system):
+  model, codec = system.model, system.codec
   clock = FakeClock()
-  sess = JamSession(model, codec, None, delay_blocks=2, steps=2, cfg_scale=1.0, clock=clock)
+  sess = system.jam(delay_blocks=2, steps=2, cfg_scale=1.0, clock=clock)
   sr, B = codec.sample_rate, sess.block_seconds
   assert abs(B - 16 * 512 / sr) < 1e-9
   assert sess.decoder_latency > 0
@@ -156,13 +157,49 @@ def test_jam_session_delay_counters_and_accompaniment(session_parts):
   assert not sess._thread.is_alive()
 
 
+def test_jam_offline_render_equals_a_live_session_that_keeps_up(system):
+  """The jam command's offline default is what a live session makes when its input arrives on
+  time and its compute keeps up: the live session here runs on a clock that waits for it."""
+  sr = system.codec.sample_rate
+  t = np.arange(int(1.5 * sr)) / sr
+  partner = (0.3 * np.sin(2 * np.pi * 220 * t) * (1 + np.sin(2 * np.pi * 1.5 * t))
+             ).astype(np.float32)[None]
+  kw = dict(delay_blocks=2, steps=2, cfg_scale=1.0, seed=3)
+  offline_sess = system.jam("a duet", **kw)
+  offline = offline_sess.render(partner)
+  n_blocks = offline_sess.blocks
+  assert offline.shape == (1, partner.shape[1] + offline_sess.delay_samples)
+  assert not offline[:, :offline_sess.delay_samples].any() and np.abs(offline).max() > 0
+  clock = FakeClock()
+  live = system.jam("a duet", clock=clock, **kw)
+  block = live.cs * live.hop
+  fed_total = partner.shape[1] + live.delay_samples
+  padded = np.pad(partner, ((0, 0), (0, fed_total - partner.shape[1])))
+  live.start()
+  fed = 0
+  try:
+    for k in range(n_blocks):  # the partner's audio up to block k's start, then the clock
+      upto = min((k + live.delay_blocks - 1) * block, fed_total)
+      if upto > fed:
+        live.push(padded[:, fed:upto])
+        fed = upto
+      clock.set((k + live.delay_blocks - 1) * live.block_seconds)
+      assert wait_for(lambda: live.blocks >= k + 1 or live._error is not None)
+      live._raise()
+    heard = live.pull(fed_total)
+  finally:
+    live.close()
+  np.testing.assert_allclose(heard, offline, atol=1e-6)
+
+
 def test_jam_session_needs_accompaniment_channels():
-  from lmdm_jax.apps.jam import JamSession
-  from lmdm_jax.codecs import get_codec
+  from lmdm_jax import sources
   base = DiTConfig.from_config(load_config("tiny").model)
   cfg = dataclasses.replace(base, io_channels=LAT, input_add_dim=1 + LAT)
+  conf = load_config("tiny")
+  system = sources.assemble(random_model(cfg), conf, codec="spectral", log=lambda *_: None)
   with pytest.raises(ValueError, match="accompaniment channels"):
-    JamSession(random_model(cfg), get_codec("spectral"))
+    system.jam()
 
 
 def _env():
@@ -184,7 +221,7 @@ def test_jam_cli_writes_duet_and_part(tmp_path):
                       str(tmp_path / "partner.wav"), "--out", str(out)], capture_output=True,
                      text=True, timeout=300, env=_env(), cwd=ROOT)
   assert r.returncode == 0, r.stdout + r.stderr
-  assert "deadline misses" in r.stdout and "under-runs" in r.stdout
+  assert "offline" in r.stdout and "compute at" in r.stdout
   delay = float(r.stdout.split("delay ")[1].split(" s")[0])
   for p in (out, tmp_path / "duet_part.wav"):
     info = sf.info(str(p))

@@ -131,7 +131,7 @@ def test_library_never_edits_sys_path():
 @pytest.mark.parametrize("module,source,needle", [
     # a lazy import inside a function counts
     ("lmdm_jax.nn.fake", "def f():\n  from lmdm_jax.convert import t5\n", "'base' must not import"),
-    ("lmdm_jax.training.fake", "from lmdm_jax.apps.sketch import SKETCH_DIM\n", "'apps'"),
+    ("lmdm_jax.training.fake", "from lmdm_jax.apps.common import UsageError\n", "'apps'"),
     ("lmdm_jax.training.fake", "from ..apps import common\n", "'apps'"),  # relative
     ("lmdm_jax.bundle", "def g():\n  from arc import load_arc_model\n", "top-level script"),
     ("lmdm_jax.apps.fake", "import importlib\nimportlib.import_module('train')\n", "top-level"),

@@ -273,12 +273,14 @@ def test_base_checkpoint_samples_whole_clips(tmp_path, base_model, t5_dir, capsy
   audio, sr = sf.read(str(wav), always_2d=True)
   assert sr == SR and audio.shape == (n, 2)
   # a streaming regime is refused in one line; so is a prompt change inside a clip
-  from lmdm_jax.apps import common as C
-  model = conv.load_converted(str(out))[1]
-  with pytest.raises(C.UsageError, match="cannot stream"):
-    C.make_stream(model, "block_causal", chunk)
-  with pytest.raises(C.UsageError, match="give one --prompt"):
-    C.make_stream(model, "clip", chunk, n_prompts=2)
+  from lmdm_jax.system import load_system
+  base = load_system(str(out), codec="none", log=lambda *_: None)
+  with pytest.raises(ValueError, match="cannot stream"):
+    base.stream("x", seconds=1.0, regime="block_causal")
+  clip = base.stream("x", seconds=1.0)
+  clip.next_latents()
+  with pytest.raises(ValueError):  # a base model cannot change prompt inside a clip
+    clip.set_prompt("y")
   # export: loads strictly into stable-audio-tools' own model (DiT, conditioners, VAE)
   exp = tmp_path / "exported"
   conv_export.export(str(out), str(exp))
@@ -372,11 +374,11 @@ def test_missing_pieces_get_one_error_naming_the_flags(tmp_path, lmdm_state_dict
   assert system.codec.sample_rate == SR and system.codec.channels == 2
   assert conv_load.load(str(full)).text is not None  # --t5 recorded at conversion
   # --config saos (random weights, T5 prompts) names the flag too
-  from lmdm_jax.apps import common as C
+  from lmdm_jax.sources import SourceError, text_encoder
   from lmdm_jax.config import DiTConfig, load_config
   conf = load_config("saos")
-  with pytest.raises(C.UsageError, match="pass --t5 DIR"):
-    C.text_encoder(conf, DiTConfig.from_config(conf.model))
+  with pytest.raises(SourceError, match="pass --t5 DIR"):
+    text_encoder(conf, DiTConfig.from_config(conf.model))
 
 
 def test_export_of_own_models_loads_in_stable_audio_tools(tmp_path):

@@ -21,7 +21,8 @@ from flax import nnx
 
 from lmdm_jax import bundle
 from lmdm_jax import file_checks as fc
-from lmdm_jax.apps import common as C
+from lmdm_jax.sources import SourceError
+from lmdm_jax.system import load_system
 from lmdm_jax.checkpoint_io import load_model
 from lmdm_jax.config import (CONFIG_DIR, DiTConfig, config_named_by_file, load_cli_config,
                              load_config, load_config_file, registered_spec)
@@ -103,14 +104,13 @@ def test_bundle_config_path_is_never_run(tmp_path, evil):
   marker, specs = evil
   for i, spec in enumerate(specs):
     path = _bundle(tmp_path / f"evil{i}.npz", spec)
-    with pytest.raises(C.UsageError) as e:
-      C.load(None, path, 0, log=lambda *_: None)
+    with pytest.raises(SourceError) as e:
+      load_system(path, log=lambda *_: None)
     msg = str(e.value)
     assert "\n" not in msg and "'__meta__ config'" in msg and path in msg, msg
     assert "not a registered config" in msg and "--config" in msg
     # with the user's own --config, that one is used (and the file's name is still not run)
-    conf, _, _ = C.load("tiny", path, 0, log=lambda *_: None)
-    assert conf.name == "tiny"
+    assert load_system(path, config="tiny", log=lambda *_: None).name == "tiny"
   assert not marker.exists()
 
 
@@ -132,8 +132,8 @@ def test_workdir_config_path_is_never_run(tmp_path, evil):
   marker, specs = evil
   for i, spec in enumerate(specs):
     wd, _ = _workdir(tmp_path / f"wd{i}", config=spec, ema=False)
-    with pytest.raises(C.UsageError, match="'config' = .*not a registered config") as e:
-      C.load(None, wd, 0, log=lambda *_: None)
+    with pytest.raises(SourceError, match="'config' = .*not a registered config") as e:
+      load_system(wd, log=lambda *_: None)
     assert os.path.join(wd, "config.json") in str(e.value) and "\n" not in str(e.value)
   assert not marker.exists()
 
@@ -278,8 +278,7 @@ def test_workdir_loads_the_stored_weights(tmp_path):
   meta = bundle.read_meta(out)
   assert meta["config"] == "tiny" and meta["source"] == "run" and meta["data"] == "latents"
   assert str(tmp_path) not in json.dumps(meta)
-  conf, _, _ = C.load(None, out, 0, log=lambda *_: None)  # and it samples with tiny
-  assert conf.name == "tiny"
+  assert load_system(out, log=lambda *_: None).name == "tiny"  # and it samples with tiny
 
 
 def test_bundle_rejects_odd_members(tmp_path):

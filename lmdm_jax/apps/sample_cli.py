@@ -1,16 +1,16 @@
-"""Text-to-music: stream blocks with the jitted, KV-cached sampler, decode them as they come and
-write a WAV that stays valid at every moment. The WAV is written to OUT.partial.wav (beside OUT)
-and renamed to OUT only when the run completes: a run stopped by Ctrl-C or an error keeps what it
-made there (and says so) and never touches an existing OUT.
+"""Text-to-music (and sketch-to-music): stream blocks with the jitted, KV-cached sampler, decode
+them as they come and write a WAV that stays valid at every moment. The WAV is written to
+OUT.partial.wav (beside OUT) and renamed to OUT only when the run completes: a run stopped by
+Ctrl-C or an error keeps what it made there (and says so) and never touches an existing OUT.
 
-With no arguments: the `demo` config (spectral codec, MiniLM prompts) when its pieces load here,
-else `tiny` (which has no codec and writes latents). Without --checkpoint the weights are RANDOM:
-that exercises the whole path (sampler, cache, codec, real-time factor), it does not make music.
+With no --checkpoint and no --config: the bundled trained model (lmdm_jax/assets/demo_model.npz).
+--config alone builds that config with RANDOM weights (it exercises the pipeline, no music).
 
-  python3 sample.py
-  python3 sample.py --prompt "0:solo piano, calm" --prompt "20:string quartet, lively" --seconds 40
-  python3 sample.py --checkpoint runs/demo --steps 8 --cfg-scale 3 --plus-plus --play
-  python3 sample.py --sketch melody.wav       # sketch-to-music (a model with sketch channels)
+  lmdm sample                                         # 30 s of the bundled model
+  lmdm sample --prompt "0:solo piano, calm" --prompt "20:string quartet, lively" --seconds 40
+  lmdm sample --checkpoint runs/demo --steps 8 --cfg-scale 3 --plus-plus --play
+  lmdm sample --sketch melody.wav                     # sketch-to-music (audio or .mid melody)
+  lmdm sample --checkpoint converted/ --t5 t5-base/   # a converted stable-audio-tools model
 
 --prompt SECONDS:TEXT changes the prompt at the block containing that second (no recompilation).
 """
@@ -29,37 +29,48 @@ from lmdm_jax.apps import common as C
 
 
 def build_parser():
+  from lmdm_jax import clip_sampling
   from lmdm_jax import sampling as S
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  ap = argparse.ArgumentParser(prog="lmdm sample", description=__doc__,
+                               formatter_class=argparse.RawTextHelpFormatter)
+  ap.add_argument("--checkpoint", default=None, metavar="SOURCE",
+                  help="the model: a bundle .npz, a train.py or arc.py work directory, or a "
+                       "converted checkpoint (lmdm convert) (default: the bundled trained model)")
   ap.add_argument("--config", default=None,
-                  help="tiny | demo | saos | path/to/config.py[:arg] (default: demo if its codec "
-                       "and text encoder load, else tiny)")
-  ap.add_argument("--checkpoint", default=None,
-                  help="a train.py work directory or a converted checkpoint (python3 -m lmdm_jax.convert)")
+                  help="a registered config (tiny | demo | saos | arc_demo ...[:arg]) or your own "
+                       "path/to/config.py[:arg]: without --checkpoint, that config with RANDOM "
+                       "weights; with one, overrides the config it records (default: none)")
   ap.add_argument("--prompt", action="append", default=None, metavar="[SECONDS:]TEXT",
                   help="repeatable; '20:string quartet' switches at 20 s (default: a string-quartet "
                        "prompt in the style of the training captions)")
-  ap.add_argument("--seconds", type=float, default=30.0, help=f"length (at most {K.MAX_SECONDS:g})")
-  ap.add_argument("--steps", type=int, default=None, help=f"sampler steps, 1..{S.MAX_STEPS} "
-                  "(default: the config's)")
-  ap.add_argument("--cfg-scale", type=float, default=None)
-  ap.add_argument("--plus-plus", action="store_true", help="CFG++ update")
-  ap.add_argument("--sampler", choices=["pingpong", "euler"], default=None)
-  ap.add_argument("--regime", default=None, choices=list(S.REGIMES))
-  ap.add_argument("--seed", type=int, default=0)
-  ap.add_argument("--codec", default=None, help="codec name (default: the config's `codec`); 'none' "
-                  "writes latents")
+  ap.add_argument("--seconds", type=float, default=30.0,
+                  help=f"length in seconds, at most {K.MAX_SECONDS:g} (default: 30)")
+  ap.add_argument("--steps", type=int, default=None,
+                  help=f"denoising steps per block, 1..{S.MAX_STEPS} (default: the model's, 4 for "
+                       "the bundled model)")
+  ap.add_argument("--cfg-scale", type=float, default=None,
+                  help="classifier-free guidance scale; 1 turns CFG off (default: the model's)")
+  ap.add_argument("--plus-plus", action="store_true", help="CFG++ update (default: the model's)")
+  ap.add_argument("--sampler", choices=["pingpong", "euler"], default=None,
+                  help="denoising update (default: the model's, pingpong)")
+  ap.add_argument("--regime", default=None, choices=list(S.REGIMES) + [clip_sampling.REGIME],
+                  help="streaming regime (default: the model's, block_causal; 'clip' for base "
+                       "models that generate whole clips)")
+  ap.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
+  ap.add_argument("--codec", default=None,
+                  help="codec name (default: the model's); 'none' writes latents (.npy)")
   ap.add_argument("--sketch", default=None, metavar="FILE",
-                  help="melody sketch (audio or .mid) -> the model's sketch channels")
+                  help="melody sketch (audio or .mid) -> the model's sketch channels (default: none)")
   ap.add_argument("--out", default="outputs/sample.wav",
-                  help="WAV path (latents go to the same name with .npy when there is no codec); written as "
-                       "OUT.partial.wav and renamed to OUT when complete")
-  ap.add_argument("--play", action="store_true", help="also play through the sound card (sounddevice)")
-  ap.add_argument("--no-progress", action="store_true", help="no progress bar")
-  # converted stable-audio-tools / LMDM checkpoints (python3 -m lmdm_jax.convert) and T5 configs
+                  help="WAV path; latents go to the same name with .npy when there is no codec; "
+                       "written as OUT.partial.wav and renamed to OUT when complete "
+                       "(default: outputs/sample.wav)")
+  ap.add_argument("--play", action="store_true",
+                  help="also play through the sound card (needs sounddevice; default: off)")
+  ap.add_argument("--no-progress", action="store_true", help="no progress bar (default: shown)")
   ap.add_argument("--t5", default=None, metavar="DIR",
                   help="local Hugging Face T5 folder for T5-conditioned models (--config saos, a "
-                       "converted checkpoint); default: the folder recorded by the converter")
+                       "converted checkpoint) (default: the folder recorded by the converter)")
   ap.add_argument("--vae", default=None, metavar="PATH",
                   help="VAE for a converted checkpoint that has none: a converted directory "
                        "holding one, or a VAE .safetensors/.ckpt (default: the checkpoint's own)")
@@ -136,55 +147,38 @@ def check_args(args):
 
 def run(args):
   prompts = check_args(args)  # before any slow loading: bad values fail fast
-  from lmdm_jax import sampling as S
   from lmdm_jax.data.audio import WavWriter, save_npy
+  from lmdm_jax.system import load_system
+  import time
   try:
-    conf, cfg, model = C.load(args.config, args.checkpoint, args.seed, t5=args.t5, vae=args.vae,
-                              codec=args.codec)
-    codec = C.load_codec(conf, cfg, args.codec)
-  except (ValueError, OSError) as e:  # the named checkpoint or config cannot be used
+    system = load_system(args.checkpoint, config=args.config, codec=args.codec, t5=args.t5,
+                         vae=args.vae, seed=args.seed, log=print)
+    t0 = time.perf_counter()
+    stream = system.stream(prompts[0].text, seed=args.seed, sketch=args.sketch,
+                           seconds=args.seconds, steps=args.steps, cfg_scale=args.cfg_scale,
+                           plus_plus=args.plus_plus or None,
+                           pingpong=None if args.sampler is None else args.sampler == "pingpong",
+                           regime=args.regime)
+  except ValueError as e:  # the named source, config or a sampler setting cannot be used
     raise C.UsageError(str(e)) from e
-  frame_rate = C.frame_rate(codec)
-  sc = conf.sampler
-  steps = sc.steps if args.steps is None else args.steps
-  cfg_scale = sc.cfg_scale if args.cfg_scale is None else args.cfg_scale
-  pingpong = (args.sampler or ("pingpong" if sc.pingpong else "euler")) == "pingpong"
-  regime = K.regime(args.regime or sc.regime, f"the sampler regime of config {conf.name!r}")
-  block_s = cfg.chunk / frame_rate
-  n_blocks = max(1, int(np.ceil(args.seconds / block_s - 1e-9)))
+  if len(prompts) > 1 and not system.streams:
+    raise C.UsageError("a base model generates the whole clip at once: give one --prompt")
+  cfg, codec, st = system.cfg, system.codec, stream.settings
+  frame_rate, block_s = system.frame_rate, system.block_seconds
+  n_blocks = system.blocks_for(args.seconds)
   for p in prompts:
     if p.start >= n_blocks * block_s:
       print(f"[sample] note: prompt {p.text!r} at {p.start:g} s is past the end "
             f"({n_blocks * block_s:.1f} s) and is never used")
   sched = C.prompt_schedule(prompts, block_s, n_blocks)
-
-  # conditioning: every prompt encoded once, up front (tokens, global conditioning)
-  cond = C.PromptConditioning(conf, cfg, n_blocks * block_s)
-  conds = [cond(p.text) for p in prompts]
-  n_tok = cond.cross_len
-  extra_fn = None
-  if args.sketch:
-    from lmdm_jax.apps import sketch as sketch_lib
-    extra_fn = sketch_lib.extra_for_model(args.sketch, cfg, frame_rate, n_blocks * cfg.chunk)
-  elif cfg.extra_dim:
+  if cfg.extra_dim and not args.sketch:
     print(f"[sample] the model has {cfg.extra_dim} extra input channels (accompaniment / sketch);"
           " they are left at zero")
-
-  import time
-  t0 = time.perf_counter()
-  try:
-    stream = C.make_stream(model, regime, n_blocks * cfg.chunk, len(prompts), batch=1,
-                           cfg_guidance=cfg_scale != 1.0, cross_len=n_tok, seed=args.seed,
-                           sampler=S.SamplerParams.make(steps, cfg_scale, args.plus_plus,
-                                                        pingpong))
-  except ValueError as e:  # a sampler setting this model cannot stream with
-    raise C.UsageError(str(e)) from e
-  stream.set_prompt(*conds[0])
   if codec is not None:
     C.warm_decoder(codec, 4 * cfg.chunk)
-  print(f"[sample] compiled the block step{' and the decoder' if codec is not None else ''} in {time.perf_counter() - t0:.1f} s "
-        f"(regime {regime}, {steps} steps, CFG {cfg_scale}{'++' if args.plus_plus else ''}, "
-        f"{cfg.chunk}-frame blocks of {block_s:.2f} s)")
+  print(f"[sample] compiled the block step{' and the decoder' if codec is not None else ''} in "
+        f"{time.perf_counter() - t0:.1f} s (regime {st.regime}, {st.steps} steps, CFG "
+        f"{st.cfg_scale}{'++' if st.plus_plus else ''}, {cfg.chunk}-frame blocks of {block_s:.2f} s)")
   if len(prompts) > 1:
     print("[sample] prompts: " + "; ".join(f"{p.start:g} s: {p.text!r}" for p in prompts))
 
@@ -196,7 +190,7 @@ def run(args):
     wav_bytes = n_blocks * block_s * codec.sample_rate * codec.channels * 2
     writer = WavWriter(out, codec.sample_rate, codec.channels,
                        format="RF64" if wav_bytes > 2 ** 32 - 2 ** 24 else "WAV")
-    decoder = codec.stream_decoder()
+    decoder = stream.decoder
     if args.play:
       player = open_player(codec.sample_rate, codec.channels)
   elif args.play:
@@ -228,13 +222,13 @@ def run(args):
     for k in range(n_blocks):
       if sched[k] != cur:
         cur = sched[k]
-        stream.set_prompt(*conds[cur])
+        stream.set_prompt(prompts[cur].text)
         say(f"[sample] {k * block_s:.1f} s: prompt -> {prompts[cur].text!r}")
-      extra = None if extra_fn is None else extra_fn(k)
-      blk = np.asarray(stream.next_block(extra))[0]
-      if not np.all(np.isfinite(blk)):
+      try:
+        blk = stream.next_latents()
+      except FloatingPointError:
         raise NonFiniteOutput(f"block {k} ({k * block_s:.1f} s): the model produced NaN or "
-                              "infinite latents")
+                              "infinite latents") from None
       if decoder is not None:
         emit(decoder.push(blk))
       else:

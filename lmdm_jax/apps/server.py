@@ -91,23 +91,22 @@ def _log(*a):
 
 
 class JamServer:
-  """What all connections share: the model, codec and text encoder, and the limits."""
+  """What all connections share: the System (model, conditioning, codec), and the limits."""
 
-  def __init__(self, model, codec, text, *, config_name: str = "?", random_weights: bool = True,
+  def __init__(self, system, *, config_name: str = "?", random_weights: bool = True,
                prompt: str = "", delay_blocks: int = 2, steps: int = 8, cfg_scale: float = 1.0,
                plus_plus: bool = False, pingpong: bool = True, seed: int = 0,
                max_sessions: int = 4, max_message_bytes: int = 1 << 20,
                stats_interval: float = 0.5, idle_timeout: float = 30.0, any_origin: bool = False,
                allow_hosts=(), log=_log):
-    cfg = model.cfg
-    if codec.latent_dim != cfg.io_channels:
-      raise ValueError(f"the codec's {codec.latent_dim}-dim latents do not match the model's "
-                       f"io_channels={cfg.io_channels}")
+    cfg, codec = system.cfg, system.codec
+    if codec is None:
+      raise ValueError("jamming needs a codec that decodes this model's latents")
     if cfg.extra_dim < 1 + codec.latent_dim:
       raise ValueError(f"jamming needs accompaniment channels: the model has extra_dim="
                        f"{cfg.extra_dim}, it needs >= 1 + latent_dim = {1 + codec.latent_dim} "
                        f"(input_add_dim = 1 + io_channels + {1 + codec.latent_dim})")
-    self.model, self.codec, self.text = model, codec, text
+    self.system, self.codec = system, codec
     self.config_name, self.random_weights = config_name, random_weights
     self.defaults = dict(prompt=prompt, delay_blocks=int(delay_blocks), steps=int(steps),
                          cfg=float(cfg_scale))
@@ -151,16 +150,14 @@ class JamServer:
     """Build a JamSession (worker thread). Its stream is guarded by its own lock, so a prompt or
     sampler change from the event loop never races the sampler thread's donated state.
     ``progress(stage)`` (called from this thread) names each set-up stage as it begins."""
-    from lmdm_jax.apps.jam import JamSession
+    from lmdm_jax.jamming import JamSession
     progress = progress or (lambda stage: None)
     if self.setup_lock.locked():
       progress("waiting for another session's set-up")
     with self.setup_lock:
-      watch = _SetupStages(self.codec, self.text, progress)
-      sess = JamSession(self.model, watch.codec, watch.text, prompt, delay_blocks=delay_blocks,
-                        steps=steps, cfg_scale=cfg, plus_plus=self.plus_plus,
-                        pingpong=self.pingpong, seed=self.seed)
-      sess.codec = self.codec  # the sampler thread calls the codec itself, not the watcher
+      sess = JamSession(self.system, prompt, delay_blocks=delay_blocks, steps=steps,
+                        cfg_scale=cfg, plus_plus=self.plus_plus, pingpong=self.pingpong,
+                        seed=self.seed, progress=progress)
     lock = threading.Lock()
     stream = sess.stream
     step = stream.next_block
@@ -174,9 +171,8 @@ class JamServer:
     return sess
 
   def encode_prompt(self, prompt: str):
-    if self.text is None:
-      return None
-    return np.asarray(self.text([prompt]), np.float32)
+    """-> (cross tokens, global conditioning) of ``prompt`` for this server's model."""
+    return self.system.condition(prompt)
 
   # ------------------------------------------------------------------------------- HTTP
 
@@ -248,50 +244,6 @@ class JamServer:
       await Connection(self, ws).run()
     finally:
       self.connections -= 1
-
-
-class _SetupStages:
-  """Names the stages of ``JamSession.__init__`` as it reaches them, for the page's set-up
-  progress, by watching its calls: the text encoder (encoding the prompt; the stream's block step
-  compiles right after), the codec's first ``stream_decoder()`` (the decoder compiles on its first
-  pushes) and its first ``encode()`` (warming up the encoder). ``.codec`` and ``.text`` stand in
-  for the real ones during the constructor only; every other attribute passes through."""
-
-  def __init__(self, codec, text, progress):
-    self.progress, self.seen = progress, set()
-    watch = self
-
-    class Codec:
-      def __getattr__(self, name):
-        return getattr(codec, name)
-
-      def stream_decoder(self, *a, **kw):
-        watch.once("compiling the decoder")
-        return codec.stream_decoder(*a, **kw)
-
-      def encode(self, *a, **kw):
-        watch.once("warming up the encoder")
-        return codec.encode(*a, **kw)
-
-    class Text:
-      def __getattr__(self, name):
-        return getattr(text, name)
-
-      def __call__(self, *a, **kw):
-        watch.once("encoding the prompt")
-        out = text(*a, **kw)
-        watch.once("compiling the block step")
-        return out
-
-    self.codec = Codec()
-    self.text = None if text is None else Text()
-    if text is None:
-      self.once("compiling the block step")
-
-  def once(self, stage: str):
-    if stage not in self.seen:
-      self.seen.add(stage)
-      self.progress(stage)
 
 
 # ------------------------------------------------------------------------------ connection
@@ -564,9 +516,7 @@ class Connection:
       cond = srv.encode_prompt(prompt) if prompt is not None else None
       with sess.stream_lock:
         if cond is not None:
-          glob = (np.zeros((1, sess.cfg.global_cond_dim), np.float32)
-                  if sess.cfg.global_cond_dim else None)
-          sess.stream.set_prompt(cond, glob)
+          sess.stream.set_prompt(*cond)
         kw = {}
         if steps is not None:
           kw["steps"] = steps
@@ -758,28 +708,38 @@ async def serve(srv: JamServer, host: str, port: int, ready=None):
 
 
 def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  ap.add_argument("--config", default=None, help="a config with accompaniment channels "
-                  "(extra_dim >= 1 + latent_dim)")
-  ap.add_argument("--checkpoint", default=None)
-  ap.add_argument("--prompt", default="", help="default text prompt (the page can change it)")
-  ap.add_argument("--codec", default=None)
-  ap.add_argument("--delay-blocks", type=int, default=2)
-  ap.add_argument("--steps", type=int, default=None)
-  ap.add_argument("--cfg-scale", type=float, default=None)
-  ap.add_argument("--seed", type=int, default=0)
+  ap = argparse.ArgumentParser(prog="lmdm serve", description=__doc__,
+                               formatter_class=argparse.RawTextHelpFormatter)
+  ap.add_argument("--checkpoint", default=None, metavar="SOURCE",
+                  help="the model (a bundle, work directory or converted checkpoint) with "
+                       "accompaniment channels (default: the bundled trained model)")
+  ap.add_argument("--config", default=None,
+                  help="a config with accompaniment channels: without --checkpoint, RANDOM "
+                       "weights; with one, overrides the config it records (default: none)")
+  ap.add_argument("--prompt", default="",
+                  help="the page's default prompt (default: the page's own caption-style prompt)")
+  ap.add_argument("--codec", default=None, help="codec name (default: the model's)")
+  ap.add_argument("--delay-blocks", type=int, default=2,
+                  help="default generative delay in blocks; the page can change it (default: 2)")
+  ap.add_argument("--steps", type=int, default=None,
+                  help="default denoising steps (default: the model's)")
+  ap.add_argument("--cfg-scale", type=float, default=None,
+                  help="default guidance scale (default: the model's)")
+  ap.add_argument("--seed", type=int, default=0, help="noise seed of every session (default: 0)")
   ap.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: "
                   "this machine only)")
-  ap.add_argument("--port", type=int, default=8765, help="0 picks a free port")
-  ap.add_argument("--max-sessions", type=int, default=4)
+  ap.add_argument("--port", type=int, default=8765, help="port; 0 picks a free one (default: 8765)")
+  ap.add_argument("--max-sessions", type=int, default=4,
+                  help="concurrent jam sessions (default: 4)")
   ap.add_argument("--max-message-bytes", type=int, default=1 << 20,
-                  help="a larger message closes its connection (code 1009)")
-  ap.add_argument("--stats-interval", type=float, default=0.5)
+                  help="a larger message closes its connection with code 1009 (default: 1 MiB)")
+  ap.add_argument("--stats-interval", type=float, default=0.5,
+                  help="seconds between stats messages to the page (default: 0.5)")
   ap.add_argument("--idle-timeout", type=float, default=30.0,
-                  help="stop a session that gets no audio for this long (seconds)")
+                  help="stop a session that gets no audio for this long, in seconds (default: 30)")
   ap.add_argument("--any-origin", action="store_true",
                   help="accept WebSocket connections from pages of other origins (the Host "
-                  "header is still checked)")
+                  "header is still checked; default: off)")
   ap.add_argument("--allow-host", action="append", default=[], metavar="NAME[:PORT]",
                   help="also answer requests for this host name or address (repeatable): NAME "
                   "on the server's port, NAME:PORT, or NAME:* for any port (behind a reverse "
@@ -813,24 +773,23 @@ def main(argv=None):
     except ImportError:
       pass
   compile_cache.enable(args.compile_cache, log=lambda m: print(f"{tag} {m}"))
-  conf, cfg, model = C.load(args.config or "demo", args.checkpoint, args.seed, tag=tag)
-  codec = C.load_codec(conf, cfg, args.codec, tag=tag)
-  if codec is None:
-    print(f"{tag} error: jamming needs a codec that matches the model", file=sys.stderr)
-    return 2
-  sc = conf.sampler
+  from lmdm_jax.system import load_system
   try:
-    srv = JamServer(model, codec, C.text_encoder(conf, cfg), config_name=conf.name,
-                    random_weights=not args.checkpoint, prompt=args.prompt,
-                    delay_blocks=args.delay_blocks, steps=args.steps or sc.steps,
-                    cfg_scale=sc.cfg_scale if args.cfg_scale is None else args.cfg_scale,
-                    plus_plus=sc.plus_plus, pingpong=sc.pingpong, seed=args.seed,
-                    max_sessions=args.max_sessions, max_message_bytes=args.max_message_bytes,
+    system = load_system(args.checkpoint, config=args.config, codec=args.codec, seed=args.seed,
+                         log=lambda m: print(f"{tag} {m}"))
+    d = system.sampler_settings(steps=args.steps, cfg_scale=args.cfg_scale)
+    srv = JamServer(system, config_name=system.name,
+                    random_weights=not args.checkpoint and args.config is not None,
+                    prompt=args.prompt, delay_blocks=args.delay_blocks, steps=d.steps,
+                    cfg_scale=d.cfg_scale, plus_plus=d.plus_plus, pingpong=d.pingpong,
+                    seed=args.seed, max_sessions=args.max_sessions,
+                    max_message_bytes=args.max_message_bytes,
                     stats_interval=args.stats_interval, idle_timeout=args.idle_timeout,
                     any_origin=args.any_origin, allow_hosts=args.allow_host)
   except ValueError as e:
-    print(f"{tag} error: {e}", file=sys.stderr)
+    print(f"{tag} error: {' '.join(str(e).split())}", file=sys.stderr)
     return 2
+  codec, cfg = system.codec, system.cfg
   C.warm_decoder(codec, cfg.chunk)
   print(f"{tag} model ready in {time.perf_counter() - t0:.1f} s: {codec.sample_rate} Hz, blocks "
         f"of {srv.block_samples / srv.sr:.3f} s", flush=True)

@@ -42,31 +42,22 @@ def _train_defaults(conf):
   return d
 
 
-def write_sample(graphdef, state, conf, cfg: DiTConfig, text, caption: str, path: str,
+def write_sample(graphdef, state, conf, cfg: DiTConfig, caption: str, path: str,
                  seconds: float, seed: int = 0) -> str:
-  """Streams ``seconds`` of ``caption`` with the EMA weights of ``state``; writes a WAV (or the
-  latents as .npy when the config has no codec). Returns the written path."""
-  from lmdm_jax import sampling as S
+  """Streams ``seconds`` of ``caption`` with the EMA weights of ``state`` through the System of
+  the config; writes a WAV (or the latents as .npy when the config has no codec). Returns the
+  written path."""
+  from lmdm_jax import sources
   from lmdm_jax.training.stage1 import model_from_state
   model = model_from_state(graphdef, jax.device_get(state), use_ema=True)
-  sc = conf.sampler
-  n_tok = text.max_tokens if text is not None else 1
-  stream = S.Stream(model, batch=1, cross_len=n_tok, seed=seed, cfg_guidance=sc.cfg_scale != 1.0,
-                    sampler=S.SamplerParams.make(sc.steps, sc.cfg_scale, False, sc.pingpong))
-  cond = (np.asarray(text([caption]), np.float32) if text is not None
-          else np.zeros((1, 1, cfg.cond_token_dim), np.float32))
-  glob = np.zeros((1, cfg.global_cond_dim), np.float32) if cfg.global_cond_dim else None
-  stream.set_prompt(cond, glob)
-  from lmdm_jax.apps import common as C
-  codec = C.load_codec(conf, cfg, None, log=lambda *_: None)  # None: write latents
-  n = max(1, int(np.ceil(seconds * C.frame_rate(codec) / cfg.chunk)))
-  lat = np.asarray(stream.generate(n * cfg.chunk))[0]
+  system = sources.assemble(model, conf, log=lambda *_: None)
+  out = system.generate(caption, seconds, seed=seed, plus_plus=False)
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  if codec is None:
+  if system.codec is None:
     from lmdm_jax.data.audio import save_npy
-    return save_npy(os.path.splitext(path)[0] + ".npy", lat)
+    return save_npy(os.path.splitext(path)[0] + ".npy", out)
   from lmdm_jax.data.audio import save_audio
-  save_audio(path, codec.decode(lat), codec.sample_rate)
+  save_audio(path, out, system.codec.sample_rate)
   return path
 
 
@@ -166,7 +157,7 @@ def main(argv=None):
         ckpt.save(done, state, meta={"step": done, "config": args.config})
       if tr["sample_every"] and done % tr["sample_every"] == 0 and jax.process_count() == 1:
         caption = held.batch(20_000_000 + done, 1)["captions"][0]
-        out = write_sample(trainer.graphdef, state, conf, cfg, text, caption,
+        out = write_sample(trainer.graphdef, state, conf, cfg, caption,
                            os.path.join(args.workdir, "samples", f"step_{done:07d}.wav"),
                            tr["sample_seconds"], seed=done)
         bar.write(f"[train] step {done}: sample {out} ({caption!r})")
