@@ -15,7 +15,16 @@ piece comes from a generator seeded by (seed, piece path). Resumable: a piece is
 JSON sidecar exists (written last; every file goes through a temp file + rename); failures are
 recorded in ``OUT/skipped.jsonl`` and not retried.
 
+Timbres: ``--timbres classic`` (the default) draws exactly the instruments and random numbers of
+the first corpora, so those are reproduced; ``--timbres wide`` adds General MIDI synth leads and
+pads, electric pianos, electric guitars and basses (``WIDE_ENSEMBLES``: synth ensemble, synth
+pads, electric band, rock band, electric jazz combo) and, under those, a drum kit on MIDI channel 10
+(``drum_events``: a pattern in the piece's meter; its stem is marked ``"pitched": false``). The
+sidecar records ``timbres`` and ``drums`` (the pattern's style, or null). Use a new folder for a
+wide corpus (finished pieces are not re-rendered).
+
   python3 -m lmdm_jax.data.corpus --out data_cache/corpus --hours 3
+  python3 -m lmdm_jax.data.corpus --out data_cache/corpus_wide --hours 3 --timbres wide
 """
 from __future__ import annotations
 
