@@ -39,9 +39,13 @@ enhanced remakes) are held out together, chosen per package by a hash of the wor
 every package (every style) has held-out tracks. The choice is written into each sidecar's
 ``split``, which ``LatentDataset.split`` honours, and listed in ``holdout.json``.
 
-Deterministic (same packages -> same files, captions and split) and resumable: a track is done
-when its sidecar exists (written last, atomically); a rerun skips it.
+Deterministic (same packages -> same audio, captions and split; only the sidecar's
+``seconds_to_make`` varies) and resumable: a track is done when its sidecar exists (written last,
+atomically); a rerun does not decode it again, and only rewrites its sidecar when the metadata,
+hold-out or caption rules changed (captions are re-derived from the stored descriptors).
 
+  apt-get update                          # once, so that apt-get download finds the packages
+  apt-get install openmpt123              # optional: renders fb-music-high's tracker module
   python3 -m lmdm_jax.data.recorded --out data_cache/recorded
   python3 -m lmdm_jax.data.dataset --audio data_cache/recorded/audio \\
       --out data_cache/latents_recorded --codec default
