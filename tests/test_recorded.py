@@ -13,6 +13,7 @@ pytest.importorskip("librosa")
 
 from lmdm_jax.codecs.base import Codec, StreamDecoder  # noqa: E402
 from lmdm_jax.data import dataset as D  # noqa: E402
+from lmdm_jax.data import licences as L  # noqa: E402
 from lmdm_jax.data import recorded as R  # noqa: E402
 
 SR = 22050
@@ -103,34 +104,34 @@ STK = "usr/share/games/supertuxkart/data/music/"
 
 
 def test_machine_readable_copyright_per_track():
-  assert R.is_machine_readable(DEP5) and not R.is_machine_readable(FB_TEXT)
-  c = R.copyright_for(DEP5, STK + "bay.ogg")
+  assert L.is_machine_readable(DEP5) and not L.is_machine_readable(FB_TEXT)
+  c = L.copyright_for(DEP5, STK + "bay.ogg")
   assert c["licence_debian"] == "CC-BY-SA-3.0" and c["copyright"] == "0zone0ne"
   assert c["stanza"] == "data/music/bay.ogg"
   # no stanza of its own: the catch-all (not debian/*), its multi-line holder joined, no email
-  c = R.copyright_for(DEP5, STK + "cocoa_river.ogg")
+  c = L.copyright_for(DEP5, STK + "cocoa_river.ogg")
   assert c["licence_debian"] == "GPL-3+" and c["stanza"] == "*"
   assert c["copyright"] == "2006-2022 SuperTuxKart-Team; 2002-2015 Nikolaus Gebhardt"
-  c = R.copyright_for(DEP5, STK + "ravenbridge_mansion_fast.ogg")  # multi-line Files field
+  c = L.copyright_for(DEP5, STK + "ravenbridge_mansion_fast.ogg")  # multi-line Files field
   assert c["licence_debian"] == "CC-BY-SA-3.0" and "Krobonil" in c["copyright"]
-  c = R.copyright_for(DEP5, STK + "jumping_to_the_stars_remake_fast.ogg")  # a wildcard
+  c = L.copyright_for(DEP5, STK + "jumping_to_the_stars_remake_fast.ogg")  # a wildcard
   assert c["licence_debian"] == "GPL-2+ OR CC-BY-SA"
-  c = R.copyright_for(DEP5, "usr/share/hyperrogue/music/hr3-desert.ogg")  # continuation lines
+  c = L.copyright_for(DEP5, "usr/share/hyperrogue/music/hr3-desert.ogg")  # continuation lines
   assert c["licence_debian"] == "CC-BY-SA-3.0" and c["copyright"].startswith("Shawn Parrotte")
-  assert R._person(c["copyright"]) == "Shawn Parrotte"
-  paras = R.parse_paragraphs(DEP5)
+  assert L.person_name(c["copyright"]) == "Shawn Parrotte"
+  paras = L.parse_paragraphs(DEP5)
   lic = [p for p in paras if "license" in p and "files" not in p][0]["license"]
   assert lic.split("\n")[0] == "GPL-3+" and "\n\n" in lic  # a lone "." is an empty line
 
 
 def test_free_text_copyright():
-  fb = R.copyright_for(FB_TEXT, "usr/share/games/frozen-bubble/snd/frozen-mainzik-2p.xm")
+  fb = L.copyright_for(FB_TEXT, "usr/share/games/frozen-bubble/snd/frozen-mainzik-2p.xm")
   assert fb == dict(licence_debian="GPL-2+", copyright="Matthias Le Bidan", stanza="free text")
-  nx = R.copyright_for(NEXUIZ_TEXT, "pk3/sound/cdtracks/thunder.ogg")
+  nx = L.copyright_for(NEXUIZ_TEXT, "pk3/sound/cdtracks/thunder.ogg")
   assert nx["licence_debian"] == "GPL-2+"
   assert nx["copyright"] == "2002 - 2009 Alientrap, Lee Vermeulen"
-  assert R._person(nx["copyright"]) == "Alientrap, Lee Vermeulen"
-  assert R.copyright_for("no licence here\n", "x.ogg")["licence_debian"] == ""
+  assert L.person_name(nx["copyright"]) == "Alientrap, Lee Vermeulen"
+  assert L.copyright_for("no licence here\n", "x.ogg")["licence_debian"] == ""
 
 
 @pytest.mark.parametrize("debian,spdx,free", [
@@ -151,9 +152,9 @@ def test_free_text_copyright():
     ("Some-Custom-EULA", "LicenseRef-Some-Custom-EULA", False),
 ])
 def test_licence_names_and_freedom(debian, spdx, free):
-  assert R.spdx_name(debian) == spdx
-  assert R.is_free(spdx) is free
-  assert R.is_free("") is False
+  assert L.spdx_name(debian) == spdx
+  assert L.is_free(spdx) is free
+  assert L.is_free("") is False
 
 
 def _clicks(bpm=120.0, seconds=20.0, sr=SR):
