@@ -411,6 +411,27 @@ def test_melody_tracks_and_skyline(with_melody):
   assert bt["melody"].shape == (16, 100) and bt["stem_melody"].shape == (16, 2, 100)
 
 
+def test_melody_leaves_unpitched_stems_out(built, tmp_path):
+  import shutil
+
+  from lmdm_jax.data import melody
+  out = tmp_path / "out"
+  shutil.copytree(built, out)
+  recs = [json.loads(x) for x in (out / "metadata.jsonl").read_text().splitlines()]
+  for r in recs:
+    for s in r["stems"]:
+      if s["name"] != "low":
+        s["pitched"] = False  # as the corpus marks a drum kit
+  (out / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+  melody.build(str(out), str(built.parent / "audio"), log=lambda *a: None)
+  ds = D.LatentDataset(str(out), crop_frames=100, seed=0)
+  (i,) = [k for k, r in enumerate(ds.records) if r["stems"]]
+  r = ds.records[i]
+  low, high = (ds.melody[s["key"]] for s in r["stems"])
+  assert np.isnan(high).all() and np.isfinite(low[2:-2]).all()
+  np.testing.assert_array_equal(ds.melody[r["key"]], low)  # the skyline is the pitched stem's
+
+
 def _extras_cfg(latent_dim=4):
   import dataclasses
 

@@ -667,11 +667,18 @@ class LatentDataset:
 
     ``holdout`` defaults to the fraction recorded in ``dataset.json`` (datasets built before it
     was recorded: 0.05). A larger fraction holds out a superset of a smaller one's sources.
+    An item whose sidecar says ``"split": "train"`` or ``"holdout"`` (``info["split"]``; e.g.
+    ``lmdm_jax.data.recorded``, which holds out whole works) goes where it says, whatever the
+    fraction.
     """
     if holdout is None:
       holdout = float(self.info.get("holdout", LEGACY_HOLDOUT))
     train, held = [], []
     for i, r in enumerate(self.records):
+      fixed = (r.get("info") or {}).get("split")
+      if fixed in ("train", "holdout"):
+        (held if fixed == "holdout" else train).append(i)
+        continue
       h = int.from_bytes(hashlib.sha256(f"{salt}:{r['source']}".encode()).digest()[:8], "little")
       (held if h / 2 ** 64 < holdout else train).append(i)
     return train, held
