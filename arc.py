@@ -24,6 +24,7 @@ that layout. One device is a mesh of one (the same code path).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -40,7 +41,7 @@ from lmdm_jax.nn.discriminator import HeadConfig
 from lmdm_jax.testing import random_model
 from lmdm_jax.training import sharding
 from lmdm_jax.training.arc_forcing import ARCConfig, ARCForcing, jit_step, make_head
-from lmdm_jax.training.checkpoints import Checkpointer, abstract_like, latest_step
+from lmdm_jax.training.checkpoints import Checkpointer, abstract_like, latest_step, run_layout
 from lmdm_jax.training.data import Batcher, make_source
 
 ARC_DIR = "arc_checkpoints"
@@ -92,6 +93,15 @@ def _top_keys(ckptr, item) -> set:
     return set()
 
 
+def model_config(conf, base: str | None = None, stored_model: dict | None = None) -> DiTConfig:
+  """The generator's DiTConfig: ``conf.model`` in the rotary layout of ``stored_model`` (an ARC
+  run's record) if given, else of the base run (``checkpoints.run_layout``)."""
+  cfg = DiTConfig.from_config(conf.model)
+  if stored_model is not None:
+    return dataclasses.replace(cfg, positions=DiTConfig.from_stored(stored_model).positions)
+  return run_layout(cfg, base) if base else cfg
+
+
 def _sections(conf):
   tr = dict(batch_size=2, steps=20, ckpt_every=10, keep=3, log_every=1, fsdp=1)
   if conf.get("arc_train", None) is not None:
@@ -102,10 +112,12 @@ def _sections(conf):
 
 
 def build(conf, seed: int = 0, base: str | None = None, base_step: int | None = None,
-          disc_ckpt: str | None = None, log=print, mesh=None):
+          disc_ckpt: str | None = None, log=print, mesh=None, stored_model: dict | None = None):
   """(trainer, state, frozen) for a config with model/adapter/head/arc sections; with ``mesh``,
-  state and frozen arrays are laid out on it with the stage-1 rules (``sharding.place``)."""
-  cfg = DiTConfig.from_config(conf.model)
+  state and frozen arrays are laid out on it with the stage-1 rules (``sharding.place``).
+  The generator's rotary layout: the one ``stored_model`` (a run's recorded model config)
+  records, else the base run's, else the config's."""
+  cfg = model_config(conf, base, stored_model)
   ac_adapter, hc, ac, _ = _sections(conf)
   if base:
     params, rest, step = load_base_params(base, cfg, base_step, seed, mesh)
@@ -194,7 +206,8 @@ def load_arc_model(workdir: str, base: str | None = None, step: int | None = Non
   conf = load_config(rec["config"])
   seed = rec["seed"] if seed is None else seed
   trainer, state, frozen = build(conf, seed, base if base is not None else rec.get("base"),
-                                 rec.get("base_step"), rec.get("disc_ckpt"), log=lambda *_: None)
+                                 rec.get("base_step"), rec.get("disc_ckpt"), log=lambda *_: None,
+                                 stored_model=rec.get("model", {}))
   ck = Checkpointer(os.path.join(workdir, ARC_DIR))
   state, _ = ck.restore(abstract_like(state), step)
   ck.close()
@@ -240,9 +253,12 @@ def main(argv=None):
     # Pin the base's step: a base run that trains on must not change this adapter's base. A
     # resumed run keeps what it recorded (None for runs recorded before the pin).
     base_step = old.get("base_step") if old is not None else latest_step(_ckpt_dir(args.base))
+  resumed = old is not None and os.path.isdir(os.path.join(args.workdir, ARC_DIR))
+  cfg = model_config(conf, args.base, old.get("model", {}) if resumed else None)
   rec = {"config": args.config, "seed": seed, "data": args.data,
          "base": os.path.abspath(args.base) if args.base else None, "base_step": base_step,
-         "disc_ckpt": args.disc_ckpt, "train": tr, "model": dict(conf.model),
+         "disc_ckpt": args.disc_ckpt, "train": tr,
+         "model": dict(conf.model, positions=cfg.positions),
          "adapter": dict(conf.get("adapter", {}) or {}), "arc": dict(conf.get("arc", {}) or {})}
   if old is not None:
     for k in ("config", "seed", "data", "base", "base_step"):
@@ -256,7 +272,8 @@ def main(argv=None):
   sharding.check_batch(tr["batch_size"], mesh)
   print(f"[arc] mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']} "
         f"({jax.process_count()} process(es))")
-  trainer, state, frozen = build(conf, seed, args.base, base_step, args.disc_ckpt, mesh=mesh)
+  trainer, state, frozen = build(conf, seed, args.base, base_step, args.disc_ckpt, mesh=mesh,
+                                 stored_model=rec["model"])
   cfg = trainer.cfg
   source = make_source(args.data, trainer.frames, cfg, seed)
   # plain mixes with the config's prompts: the rollouts leave the extra channels at zero

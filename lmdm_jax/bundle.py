@@ -73,7 +73,7 @@ def load_bundle(path: str):
   if not os.path.isfile(path):
     raise ValueError(f"model bundle {path!r}: no such file")
   meta = read_meta(path)
-  cfg = DiTConfig.from_config(meta["model"])
+  cfg = DiTConfig.from_stored(meta["model"])
   model = DiT(cfg, rngs=nnx.Rngs(0))
   want = flat_params(model)
   with np.load(path) as z:

@@ -44,7 +44,7 @@ def _load_workdir(path: str, use_ema: bool):
   from lmdm_jax.training.stage1 import Stage1, Stage1Config, model_from_state
   with open(os.path.join(path, "config.json")) as f:
     meta = json.load(f)
-  cfg = DiTConfig.from_config(meta["model"])
+  cfg = DiTConfig.from_stored(meta["model"])
   model = DiT(cfg, rngs=nnx.Rngs(0))
   tc = Stage1Config.from_config(meta["train"].get("stage1", {}))
   trainer = Stage1(model, tc)

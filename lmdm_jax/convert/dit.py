@@ -566,7 +566,7 @@ def _read_meta(path: str) -> dict:
 
 def _restore(path: str, meta: dict, with_pretransform: bool):
   import orbax.checkpoint as ocp
-  cfg = DiTConfig(**meta["dit"])
+  cfg = DiTConfig.from_stored(meta["dit"])
   model = nnx.eval_shape(lambda: DiT(cfg, rngs=nnx.Rngs(0)))
   conds = {k: nnx.eval_shape(lambda c=c: NumberConditioner(NumberConditionerConfig(**c),
                                                          rngs=nnx.Rngs(0)))
