@@ -168,6 +168,8 @@ def load_models(args, conf, log=print):
     log(f"[drift] ARC adapter from {args.arc} (merged into the base kernels)")
   if args.base:
     from lmdm_jax.training.arc_run import load_base_params
+    from lmdm_jax.training.checkpoints import run_layout
+    cfg = run_layout(cfg, args.base)  # the rotary layout the base was trained in
     params, rest, step = load_base_params(args.base, cfg)
     models["base"] = nnx.merge(nnx.split(nnx.eval_shape(lambda: DiT(cfg, rngs=nnx.Rngs(0))),
                                          nnx.Param, ...)[0], params, rest)

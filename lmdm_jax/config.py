@@ -45,9 +45,15 @@ class DiTConfig:
   ``input_add_dim``: channels added to every frame through ``to_input_add_embed``
   (0 for the base model; 1 + io_channels for [context mask | clean context]; more for extra groups
   such as accompaniment or sketch features, which follow in that order).
-  ``chunk``, ``context_chunks`` (K) and ``window_chunks`` set the streaming geometry: a noisy chunk
-  sees K previous clean chunks; the enc-dec regime and the naive baseline use a window of
-  ``window_chunks`` context chunks.
+  ``chunk``, ``context_chunks`` (K) and ``window_chunks`` (W) set the streaming geometry: a noisy
+  chunk sees K previous clean chunks; the enc-dec regime and the naive baseline use a window of
+  W context chunks.
+  ``positions``: the rotary layout the model was trained with (``lmdm_jax.layouts``). "authors":
+  a noisy chunk's window is W context chunks, itself and the global token (at 0), its frames
+  from W * chunk + 1, and a stream starts from W zero-latent context chunks, as the authors'
+  code. "legacy": the window is K chunks (frames from K * chunk + 1) and a stream starts from
+  an empty cache: models trained before the field existed. New models get "authors"; stored
+  models without the field load as "legacy" (``from_stored``).
   """
 
   io_channels: int = 64
@@ -68,6 +74,7 @@ class DiTConfig:
   window_chunks: int = 4
   dtype: str = "float32"  # compute dtype ("bfloat16" on accelerators)
   param_dtype: str = "float32"
+  positions: Literal["authors", "legacy"] = "authors"
 
   def __post_init__(self):
     _check_values(self)
@@ -83,6 +90,11 @@ class DiTConfig:
       raise ValueError(f"global_token must be 'prepend' or 'postpend', got {self.global_token!r}")
     if self.qk_norm not in ("ln", "none"):
       raise ValueError(f"qk_norm must be 'ln' or 'none', got {self.qk_norm!r}")
+    if self.positions not in ("authors", "legacy"):
+      raise ValueError(f"positions must be 'authors' or 'legacy', got {self.positions!r}")
+    if self.positions == "authors" and self.window_chunks < self.context_chunks:
+      raise ValueError(f"window_chunks {self.window_chunks} < context_chunks "
+                       f"{self.context_chunks}: the authors' window holds the attended context")
 
   @property
   def head_dim(self) -> int:
@@ -114,6 +126,15 @@ class DiTConfig:
   @classmethod
   def from_config(cls, cfg) -> "DiTConfig":
     return dataclass_from_config(cls, cfg, "model")
+
+  @classmethod
+  def from_stored(cls, d) -> "DiTConfig":
+    """The config of a stored model (a bundle's, a work directory's or a converted checkpoint's
+    recorded fields). Models stored before ``positions`` existed were trained in the legacy
+    layout and keep it: the one place that rule lives."""
+    d = dict(d)
+    d.setdefault("positions", "legacy")
+    return cls.from_config(d)
 
 
 # Bounds on DiTConfig's numbers: the configs read from model files (bundles, work directories,

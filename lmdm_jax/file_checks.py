@@ -53,7 +53,7 @@ def json_object(data: bytes, where: str) -> dict:
 def model_config(d, where: str) -> DiTConfig:
   """The DiTConfig a file declares (its ``model`` field), checked field by field."""
   try:
-    return DiTConfig.from_config(d)
+    return DiTConfig.from_stored(d)  # a stored model without `positions` is legacy
   except (TypeError, ValueError) as e:
     raise ModelFileError(f"{where}: {str(e)[:300]}") from None
 

@@ -46,11 +46,13 @@ def test_cached_stream_with_accompaniment_equals_no_cache_reference():
     cached.append(blk)
   cached = jnp.concatenate(cached, 1)
   st = S.set_prompt(model, S.init_state(cfg, "block_causal", b, True, s_len, seed=1), cond, glob)
-  hist, key = jnp.zeros((b, 0, cfg.io_channels)), st.key
+  start = S.start_context(cfg, b)  # the zero start chunks, with zero accompaniment channels
+  hist, key = start, st.key
   for i, e in enumerate(extras):
-    hist_extra = (jnp.concatenate(extras[:i], 1) if i else jnp.zeros((b, 0, cfg.extra_dim)))
+    hist_extra = jnp.concatenate([jnp.zeros(start.shape[:2] + (cfg.extra_dim,))] + extras[:i], 1)
     blk, key = S.reference_block(model, hist, st.replace(key=key), e, sp, history_extra=hist_extra)
     hist = jnp.concatenate([hist, blk], 1)
+  hist = hist[:, start.shape[1]:]
   err = rel_err(cached, hist)
   print(f"cached vs no-cache reference with accompaniment channels: rel err {err:.2e}")
   assert err < 1e-5

@@ -33,8 +33,8 @@ import jax
 from lmdm_jax import compile_cache
 from lmdm_jax.config import load_cli_config
 from lmdm_jax.training import sharding
-from lmdm_jax.training.arc_run import (ARC_DIR, METRICS, build, make_step_fns, restore_state,
-                                       sections, train_loop)
+from lmdm_jax.training.arc_run import (ARC_DIR, METRICS, build, make_step_fns, model_config,
+                                       restore_state, sections, train_loop)
 from lmdm_jax.training.checkpoints import Checkpointer, latest_step
 from lmdm_jax.training.data import Batcher, make_source
 from lmdm_jax.training.workdir import checkpoint_dir, truncate_metrics
@@ -77,9 +77,12 @@ def main(argv=None):
     # Pin the base's step: a base run that trains on must not change this adapter's base. A
     # resumed run keeps what it recorded (None for runs recorded before the pin).
     base_step = old.get("base_step") if old is not None else latest_step(checkpoint_dir(args.base))
+  resumed = old is not None and os.path.isdir(os.path.join(args.workdir, ARC_DIR))
+  cfg = model_config(conf, args.base, old.get("model", {}) if resumed else None)
   rec = {"config": args.config, "seed": seed, "data": args.data,
          "base": os.path.abspath(args.base) if args.base else None, "base_step": base_step,
-         "disc_ckpt": args.disc_ckpt, "train": tr, "model": dict(conf.model),
+         "disc_ckpt": args.disc_ckpt, "train": tr,
+         "model": dict(conf.model, positions=cfg.positions),
          "adapter": dict(conf.get("adapter", {}) or {}), "arc": dict(conf.get("arc", {}) or {})}
   if old is not None:
     for k in ("config", "seed", "data", "base", "base_step"):
@@ -93,7 +96,8 @@ def main(argv=None):
   sharding.check_batch(tr["batch_size"], mesh)
   print(f"[arc] mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']} "
         f"({jax.process_count()} process(es))")
-  trainer, state, frozen = build(conf, seed, args.base, base_step, args.disc_ckpt, mesh=mesh)
+  trainer, state, frozen = build(conf, seed, args.base, base_step, args.disc_ckpt, mesh=mesh,
+                                 stored_model=rec["model"])
   cfg = trainer.cfg
   source = make_source(args.data, trainer.frames, cfg, seed)
   # plain mixes with the config's prompts: the rollouts leave the extra channels at zero

@@ -27,7 +27,7 @@ from lmdm_jax import compile_cache
 from lmdm_jax.config import DiTConfig, load_cli_config
 from lmdm_jax.nn.dit import DiT
 from lmdm_jax.training import sharding
-from lmdm_jax.training.checkpoints import Checkpointer, abstract_like
+from lmdm_jax.training.checkpoints import Checkpointer, abstract_like, latest_step, run_layout
 from lmdm_jax.training.data import Batcher, make_source
 from lmdm_jax.training.stage1 import Stage1, Stage1Config
 from lmdm_jax.training.workdir import truncate_metrics
@@ -84,6 +84,8 @@ def main(argv=None):
   sharding.init_distributed()
   conf = load_cli_config(args.config)
   cfg = DiTConfig.from_config(conf.model)
+  if latest_step(os.path.join(args.workdir, "checkpoints")) is not None:
+    cfg = run_layout(cfg, args.workdir)  # a resumed run keeps the rotary layout it trained in
   tr = _train_defaults(conf)
   for k in ("steps", "batch_size", "ckpt_every", "keep", "log_every", "eval_every", "fsdp",
             "sample_every", "sample_seconds"):
@@ -118,7 +120,8 @@ def main(argv=None):
   metrics_path = os.path.join(args.workdir, "metrics.jsonl")
   truncate_metrics(metrics_path, start)
   with open(os.path.join(args.workdir, "config.json"), "w") as f:
-    json.dump({"config": args.config, "model": dict(conf.model), "train": tr, "seed": seed,
+    json.dump({"config": args.config, "model": dict(conf.model, positions=cfg.positions),
+               "train": tr, "seed": seed,
                "data": args.data}, f, indent=1, default=str)
 
   bsh = sharding.batch_sharding(mesh)

@@ -207,7 +207,7 @@ def load(path: str, *, t5: str | None = None, vae: str | None = None, text: bool
   from lmdm_jax import text as text_lib
   path = os.path.abspath(path)
   meta = read_meta(path)
-  cfg = DiTConfig(**meta["dit"])
+  cfg = DiTConfig.from_stored(meta["dit"])
   problems, t5_dir, codec_src = _problems(meta, cfg, t5, vae, text, codec)
   if problems:
     lines = "\n".join(f"  - {p}" for p in problems)

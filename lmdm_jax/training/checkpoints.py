@@ -13,6 +13,7 @@ a step found damaged moves the damaged folder aside (``<step>.damaged``) instead
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -224,3 +225,20 @@ def abstract_like(state, shardings=None):
   if shardings is None:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), state)
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+
+
+def run_layout(cfg, path: str):
+  """``cfg`` in the rotary layout (``DiTConfig.positions``) the train.py run at ``path`` (its work
+  directory or its checkpoints/ folder) recorded in config.json; a run recorded before the field
+  existed trained in the legacy layout (``DiTConfig.from_stored``). Unchanged when ``path``
+  records no model."""
+  path = os.path.abspath(path)
+  dirs = [path] + ([os.path.dirname(path)] if os.path.basename(path) == "checkpoints" else [])
+  for d in dirs:
+    f = os.path.join(d, "config.json")
+    if os.path.isfile(f):
+      with open(f) as fh:
+        model = json.load(fh).get("model")
+      if isinstance(model, dict):
+        return dataclasses.replace(cfg, positions=type(cfg).from_stored(model).positions)
+  return cfg
