@@ -1,14 +1,12 @@
-import atexit
 import os
-import shutil
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-# The commands the tests start use JAX's persistent compilation cache (lmdm_jax.compile_cache):
-# one fresh folder for this test session, shared by its processes, never the user's cache.
-if "LMDM_COMPILE_CACHE" not in os.environ:
-  _cache = tempfile.mkdtemp(prefix="lmdm_jax_test_cache_")
-  os.environ["LMDM_COMPILE_CACHE"] = _cache
-  atexit.register(shutil.rmtree, _cache, True)
+from lmdm_jax import compile_cache  # noqa: E402
+
+# The tests, and the commands they start, use JAX's persistent compilation cache as the commands
+# do (~/.cache/lmdm_jax/jax; LMDM_COMPILE_CACHE=DIR elsewhere, LMDM_NO_COMPILE_CACHE=1 off): most
+# of the tests' time is compiling the same programs, so a second run takes a fraction of the
+# first. Cached programs are keyed by their content and the JAX version: results are the same.
+compile_cache.enable()  # in this process too, before anything compiles

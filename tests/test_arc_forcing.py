@@ -167,6 +167,7 @@ def _sampler_blocks(model, cfg, ctx, cond, gc, key, n, steps, prime):
   return jnp.concatenate(out, axis=1)
 
 
+@pytest.mark.slow
 def test_rollout_with_k_equal_steps_is_the_real_sampler(setup):
   tr, cfg, frozen = setup["trainer"], setup["cfg"], setup["frozen"]
   K, n, steps = cfg.context_chunks, tr.ac.rollout_blocks, tr.ac.steps
@@ -192,6 +193,7 @@ def test_rollout_with_k_equal_steps_is_the_real_sampler(setup):
     assert err < 1e-5
 
 
+@pytest.mark.slow
 def test_gradients_flow_only_through_the_last_step_of_each_block(setup):
   """d rollout / d adapter equals the gradient of sum_j (X_j - T_j v_theta(X_j; ring_j)) with
   X_j (the last step's input), T_j and the K/V ring held constant: no gradient through the
@@ -249,6 +251,7 @@ def test_gradients_flow_only_through_the_last_step_of_each_block(setup):
 # ------------------------------------------------------------------------------ training
 
 
+@pytest.mark.slow
 def test_steps_keep_base_bit_identical_and_optimizer_state_only_for_trainable(setup):
   tr, frozen = setup["trainer"], setup["frozen"]
   state = _copy(setup["state"])
@@ -297,6 +300,7 @@ def test_steps_keep_base_bit_identical_and_optimizer_state_only_for_trainable(se
         f"{len(jax.tree.leaves(state['opt_d']))} for {len(jax.tree.leaves(state['head']))} head leaves")
 
 
+@pytest.mark.slow
 def test_contrastive_roll_gives_every_item_another_items_prompt(setup):
   cond = jnp.arange(4)[:, None, None] * jnp.ones((4, 3, 5))
   rolled = roll_prompts(cond)
@@ -327,6 +331,7 @@ def test_contrastive_roll_gives_every_item_another_items_prompt(setup):
       np.testing.assert_array_equal(c[:2 * b], jnp.concatenate([batch["cond"]] * 2))
 
 
+@pytest.mark.slow
 def test_resume_gives_identical_losses(setup):
   tr, frozen = setup["trainer"], setup["frozen"]
   with tempfile.TemporaryDirectory() as d:
@@ -364,6 +369,7 @@ def test_arc_demo_config_overrides():
     load_config("configs/arc_demo.py:lr_g")
 
 
+@pytest.mark.slow
 def test_generator_step_reports_rollout_and_real_rms(setup):
   """The collapse monitors of the G step: RMS of the rollout blocks and of the real
   continuation (a run drifting to loud output shows up in arc_metrics.jsonl, not only in a
