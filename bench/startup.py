@@ -9,7 +9,8 @@ before the first decoded samples, each phase timed, in fresh processes side by s
 
 Each run is a child process doing sample's steps (default config -> bundled model, codec, MiniLM
 text encoder, prompt encoding, the KV-cached stream and its block step, the decoder warm-up, the
-first block decoded); the table gives wall seconds from the parent's spawn to the end of each
+first block decoded; "model" includes the default config's check that its codec and text
+encoder load, so the text encoder is ready before its own phase); the table gives wall seconds from the parent's spawn to the end of each
 phase, and the child's CPU seconds (all threads) at first audio. On a machine shared with other
 work the wall times grow with the load; CPU seconds much less so. The cache lives in a temporary
 folder (the user cache is not touched).
