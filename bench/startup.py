@@ -9,7 +9,8 @@ before the first decoded samples, each phase timed, in fresh processes side by s
 
 Each run is a child process doing sample's steps (default config -> bundled model, codec, MiniLM
 text encoder, prompt encoding, the KV-cached stream and its block step, the decoder warm-up, the
-first block decoded); the table gives wall seconds from the parent's spawn to the end of each
+first block decoded; "model" includes the default config's check that its codec and text
+encoder load, so the text encoder is ready before its own phase); the table gives wall seconds from the parent's spawn to the end of each
 phase, and the child's CPU seconds (all threads) at first audio. On a machine shared with other
 work the wall times grow with the load; CPU seconds much less so. The cache lives in a temporary
 folder (the user cache is not touched).
@@ -121,11 +122,11 @@ def main(argv=None):
   print(f"time to first audio, {args.checkpoint or 'bundled model'}; {os.cpu_count()} CPUs, load "
         f"average (1/5/15 min) {' -> '.join(loads)}; cache {n_files} files, {size / 2**20:.1f} MiB")
   print("wall seconds from spawn at the end of each phase; CPU = the child's CPU seconds\n")
-  head = f"{'run':<10}" + "".join(f"{name:>11}" for _, name in PHASES) + f"{'CPU':>8}"
+  head = f"{'run':<10}" + "".join(f"{name:>13}" for _, name in PHASES) + f"{'CPU':>8}"
   print(head)
   print("-" * len(head))
   for r in runs:
-    print(f"{r['label']:<10}" + "".join(f"{r[k]:>11.2f}" for k, _ in PHASES)
+    print(f"{r['label']:<10}" + "".join(f"{r[k]:>13.2f}" for k, _ in PHASES)
           + f"{r['cpu']['first_audio']:>8.1f}")
   print("\nper phase: wall seconds (CPU seconds)")
   print(head[:-8])
@@ -134,7 +135,7 @@ def main(argv=None):
     for k, _ in PHASES:
       row.append(f"{r[k] - prev:.2f} ({r['cpu'][k] - prev_cpu:.1f})")
       prev, prev_cpu = r[k], r["cpu"][k]
-    print(f"{r['label']:<10}" + "".join(f"{x:>11}" for x in row))
+    print(f"{r['label']:<10}" + "".join(f"{x:>13}" for x in row))
 
 
 if __name__ == "__main__":

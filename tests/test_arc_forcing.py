@@ -179,6 +179,7 @@ def _sampler_blocks(model, cfg, ctx, cond, gc, key, n, steps, prime):
   return jnp.concatenate(out, axis=1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["setup", "legacy_setup"])
 def test_rollout_with_k_equal_steps_is_the_real_sampler(request, layout):
   setup = request.getfixturevalue(layout)
@@ -206,6 +207,7 @@ def test_rollout_with_k_equal_steps_is_the_real_sampler(request, layout):
     assert err < 1e-5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["setup", "legacy_setup"])
 def test_gradients_flow_only_through_the_last_step_of_each_block(request, layout):
   """d rollout / d adapter equals the gradient of sum_j (X_j - T_j v_theta(X_j; ring_j)) with
@@ -270,6 +272,7 @@ def test_gradients_flow_only_through_the_last_step_of_each_block(request, layout
 # ------------------------------------------------------------------------------ training
 
 
+@pytest.mark.slow
 def test_steps_keep_base_bit_identical_and_optimizer_state_only_for_trainable(setup):
   tr, frozen = setup["trainer"], setup["frozen"]
   state = _copy(setup["state"])
@@ -318,6 +321,7 @@ def test_steps_keep_base_bit_identical_and_optimizer_state_only_for_trainable(se
         f"{len(jax.tree.leaves(state['opt_d']))} for {len(jax.tree.leaves(state['head']))} head leaves")
 
 
+@pytest.mark.slow
 def test_contrastive_roll_gives_every_item_another_items_prompt(setup):
   cond = jnp.arange(4)[:, None, None] * jnp.ones((4, 3, 5))
   rolled = roll_prompts(cond)
@@ -348,6 +352,7 @@ def test_contrastive_roll_gives_every_item_another_items_prompt(setup):
       np.testing.assert_array_equal(c[:2 * b], jnp.concatenate([batch["cond"]] * 2))
 
 
+@pytest.mark.slow
 def test_resume_gives_identical_losses(setup):
   tr, frozen = setup["trainer"], setup["frozen"]
   with tempfile.TemporaryDirectory() as d:
@@ -385,6 +390,7 @@ def test_arc_demo_config_overrides():
     load_config("arc_demo:lr_g")
 
 
+@pytest.mark.slow
 def test_generator_step_reports_rollout_and_real_rms(setup):
   """The collapse monitors of the G step: RMS of the rollout blocks and of the real
   continuation (a run drifting to loud output shows up in arc_metrics.jsonl, not only in a

@@ -177,6 +177,7 @@ def test_bad_input_raises(codec, music):
     get_codec("no-such-codec")
 
 
+@pytest.mark.slow
 def test_refit_decoder_keeps_the_latents(tmp_path, codec, music):
   """`fit_default_codec.py refit-decoder` trains only a new (residual) decoder: the encoder, and so
   every latent already encoded (datasets, trained models), stays bit-identical; the new asset's

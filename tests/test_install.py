@@ -37,16 +37,14 @@ def venv(tmp_path_factory):
   return py, elsewhere
 
 
-def _env(tmp):
-  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-  env.setdefault("LMDM_COMPILE_CACHE", str(tmp / "jax_cache"))
-  return env
+def _env():
+  return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
 
 
 def _py(venv, code):
   py, elsewhere = venv
   r = subprocess.run([py, "-c", code], capture_output=True, text=True, cwd=elsewhere,
-                     env=_env(elsewhere), timeout=300)
+                     env=_env(), timeout=300)
   assert r.returncode == 0, r.stderr
   return r.stdout.strip()
 
@@ -81,7 +79,7 @@ def test_lmdm_sample_from_another_folder(venv):
   assert r.returncode == 0 and all(c in r.stdout for c in ("sample", "jam", "serve", "train",
                                                            "arc", "convert", "bundle"))
   r = subprocess.run([lmdm, "sample", "--seconds", "2", "--out", "x.wav", "--no-progress"],
-                     capture_output=True, text=True, cwd=elsewhere, env=_env(elsewhere),
+                     capture_output=True, text=True, cwd=elsewhere, env=_env(),
                      timeout=900)
   assert r.returncode == 0, r.stdout + r.stderr
   assert "site-packages" in r.stdout and "demo_model.npz" in r.stdout  # the bundled model
