@@ -126,3 +126,15 @@ def test_shipped_bundle_streams_exactly_as_before_the_authors_positions():
   model.cfg = dataclasses.replace(cfg, positions="authors")
   other = golden.stream_blocks(model)[:, :cfg.chunk]
   assert np.abs(other - want[:, :cfg.chunk]).max() > 1e-2
+
+
+def test_shipped_bundle_records_no_absolute_paths():
+  """The bundled model's provenance names folders, not this machine's paths (issue 16)."""
+  import json
+  import os
+
+  from lmdm_jax.bundle import DEFAULT_BUNDLE, read_meta
+  meta = read_meta(DEFAULT_BUNDLE)
+  strings = [v for k, v in meta.items() if k != "model" and isinstance(v, str)]
+  assert strings and not any(os.path.isabs(v) or "/work/" in v for v in strings), meta
+  assert "/work/" not in json.dumps(meta)
