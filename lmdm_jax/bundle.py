@@ -160,10 +160,13 @@ def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("workdir", help="a train.py work directory (or, with --arc, an arc.py one)")
   ap.add_argument("--arc", action="store_true", help="workdir is an arc.py run: merge its adapter")
-  ap.add_argument("--out", default=DEFAULT_BUNDLE)
-  ap.add_argument("--raw", action="store_true", help="the raw weights instead of the EMA")
-  ap.add_argument("--float32", action="store_true", help="store float32 (default float16)")
-  ap.add_argument("--meta", default="{}", help="extra JSON metadata to record")
+  ap.add_argument("--out", required=True,
+                  help="the bundle to write (required: to replace the shipped model, name "
+                       "lmdm_jax/assets/demo_model.npz explicitly)")
+  ap.add_argument("--raw", action="store_true",
+                  help="the raw weights instead of the EMA (default: EMA)")
+  ap.add_argument("--float32", action="store_true", help="store float32 (default: float16)")
+  ap.add_argument("--meta", default="{}", help="extra JSON metadata to record (default: {})")
   args = ap.parse_args(argv)
   dtype = np.float32 if args.float32 else np.float16
   if args.arc:

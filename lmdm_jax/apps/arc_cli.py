@@ -42,20 +42,27 @@ from lmdm_jax.training.workdir import checkpoint_dir, truncate_metrics
 
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  ap.add_argument("--config", default="arc_tiny")
-  ap.add_argument("--data", default="synthetic", help="latent dataset folder, or 'synthetic'")
-  ap.add_argument("--workdir", required=True)
-  ap.add_argument("--base", help="train.py workdir (or checkpoints folder) with the base weights")
-  ap.add_argument("--base-step", type=int)
+  ap.add_argument("--config", default="arc_tiny",
+                  help="a registered ARC config (arc_tiny, arc_demo[:key=value,...]) or your own "
+                       "path/to/config.py (default: arc_tiny)")
+  ap.add_argument("--data", default="synthetic",
+                  help="latent dataset folder, or 'synthetic' (default)")
+  ap.add_argument("--workdir", required=True,
+                  help="run folder: arc_config.json, adapter checkpoints; rerunning resumes")
+  ap.add_argument("--base", help="train.py workdir (or checkpoints folder) with the base weights "
+                  "(default: none: RANDOM base weights, a smoke run)")
+  ap.add_argument("--base-step", type=int,
+                  help="the base's checkpoint step (default: its latest when the run starts, pinned)")
   ap.add_argument("--disc-ckpt", help="checkpoint of a separate discriminator backbone "
-                  "(config key disc_backbone)")
-  ap.add_argument("--steps", type=int)
-  ap.add_argument("--batch-size", type=int)
-  ap.add_argument("--ckpt-every", type=int)
-  ap.add_argument("--keep", type=int)
-  ap.add_argument("--log-every", type=int)
-  ap.add_argument("--seed", type=int)
-  ap.add_argument("--fsdp", type=int, help="devices per FSDP group (train.py's --fsdp)")
+                  "(config key disc_backbone; default: none, random backbone weights)")
+  ap.add_argument("--steps", type=int, help="total steps (default: the config's train.steps)")
+  ap.add_argument("--batch-size", type=int, help="global batch size (default: the config's)")
+  ap.add_argument("--ckpt-every", type=int, help="steps between checkpoints (default: the config's)")
+  ap.add_argument("--keep", type=int, help="checkpoints kept (default: the config's)")
+  ap.add_argument("--log-every", type=int, help="steps between metrics lines (default: the config's)")
+  ap.add_argument("--seed", type=int, help="seed (default: the config's)")
+  ap.add_argument("--fsdp", type=int,
+                  help="devices per FSDP group, as train's --fsdp (default: the config's, 1)")
   args = ap.parse_args(argv)
   compile_cache.enable(log=lambda m: print(f"[arc] {m}"))
 

@@ -63,21 +63,32 @@ def write_sample(graphdef, state, conf, cfg: DiTConfig, caption: str, path: str,
 
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  ap.add_argument("--config", default="tiny")
-  ap.add_argument("--data", default="synthetic", help="latent dataset folder, or 'synthetic'")
-  ap.add_argument("--workdir", required=True)
-  ap.add_argument("--steps", type=int)
-  ap.add_argument("--batch-size", type=int)
-  ap.add_argument("--ckpt-every", type=int)
-  ap.add_argument("--keep", type=int)
-  ap.add_argument("--log-every", type=int)
-  ap.add_argument("--eval-every", type=int)
-  ap.add_argument("--fsdp", type=int)
-  ap.add_argument("--lr", type=float)
-  ap.add_argument("--seed", type=int)
-  ap.add_argument("--sample-every", type=int, help="write an audio sample every N steps (0: never)")
-  ap.add_argument("--sample-seconds", type=float)
-  ap.add_argument("--no-progress", action="store_true")
+  ap.add_argument("--config", default="tiny",
+                  help="a registered config (tiny, demo, saos, ...[:arg]) or your own path/to/config.py "
+                       "(default: tiny)")
+  ap.add_argument("--data", default="synthetic",
+                  help="latent dataset folder (lmdm_jax.data.dataset), or 'synthetic' (default)")
+  ap.add_argument("--workdir", required=True,
+                  help="run folder: config.json, checkpoints/, metrics.jsonl; rerunning resumes")
+  ap.add_argument("--steps", type=int, help="total steps (default: the config's train.steps)")
+  ap.add_argument("--batch-size", type=int,
+                  help="global batch size (default: the config's train.batch_size)")
+  ap.add_argument("--ckpt-every", type=int,
+                  help="steps between checkpoints (default: the config's train.ckpt_every)")
+  ap.add_argument("--keep", type=int, help="checkpoints kept (default: the config's train.keep)")
+  ap.add_argument("--log-every", type=int,
+                  help="steps between metrics lines (default: the config's train.log_every)")
+  ap.add_argument("--eval-every", type=int,
+                  help="steps between held-out losses (default: the config's train.eval_every)")
+  ap.add_argument("--fsdp", type=int,
+                  help="devices per FSDP group; data-parallel over the rest (default: the config's, 1)")
+  ap.add_argument("--lr", type=float, help="peak learning rate (default: the config's train.stage1.lr)")
+  ap.add_argument("--seed", type=int, help="init, data and noise seed (default: the config's seed)")
+  ap.add_argument("--sample-every", type=int,
+                  help="write an audio sample every N steps, 0: never (default: the config's, 0)")
+  ap.add_argument("--sample-seconds", type=float,
+                  help="length of those samples in seconds (default: the config's, 10)")
+  ap.add_argument("--no-progress", action="store_true", help="no progress bar (default: shown)")
   args = ap.parse_args(argv)
   compile_cache.enable(log=lambda m: print(f"[train] {m}"))
 
