@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from lmdm_jax.apps import common as C
 from lmdm_jax.apps import jam
 from lmdm_jax.data.audio import partial_path
 from lmdm_jax.apps import sample_cli as sample
@@ -45,7 +44,8 @@ def no_model(monkeypatch):
   """Loading a model fails the test: the checks must come first."""
   def tripwire(*a, **k):
     raise AssertionError("a model was loaded before the input was checked")
-  monkeypatch.setattr(C, "load", tripwire)
+  from lmdm_jax import sources
+  monkeypatch.setattr(sources, "load", tripwire)  # every command loads through the System
 
 
 def one_error_line(capsys, rc, *needles):
@@ -220,16 +220,14 @@ def test_jam_failure_mid_run_keeps_previous_outputs(files, tmp_path, capsys, mon
   says where both partial files are (valid WAVs) and leaves the existing outputs untouched."""
   from types import SimpleNamespace
   codec = SimpleNamespace(sample_rate=8000, channels=1)
-  conf = SimpleNamespace(sampler=SimpleNamespace(steps=2, cfg_scale=1.0, plus_plus=False,
-                                                 pingpong=True))
-  monkeypatch.setattr(C, "load", lambda *a, **k: (conf, None, None))
-  monkeypatch.setattr(C, "load_codec", lambda *a, **k: codec)
-  monkeypatch.setattr(C, "text_encoder", lambda *a, **k: None)
-  monkeypatch.setattr(jam, "JamSession", _FakeSession)
+  from lmdm_jax import system as system_lib
+  fake = SimpleNamespace(codec=codec, jam=lambda *a, **k: _FakeSession())
+  monkeypatch.setattr(system_lib, "load_system", lambda *a, **k: fake)
   out, part = tmp_path / "duet.wav", tmp_path / "duet_part.wav"
   out.write_bytes(b"previous duet")
   part.write_bytes(b"previous part")
-  rc = jam.main(["--input", str(files / "ok.wav"), "--out", str(out), "--buffer", "400"])
+  rc = jam.main(["--input", str(files / "ok.wav"), "--out", str(out), "--buffer", "400",
+                 "--realtime"])
   _, err = capsys.readouterr()
   assert rc == 1, err
   lines = err.strip().splitlines()
