@@ -242,7 +242,11 @@ def _converted(path: str, *, codec, t5, vae, log) -> System:
           f"{'T5' if conv.text is not None else 'none'}, codec "
           f"{'Oobleck VAE' if chosen is not None else 'none'}, regime {defaults.regime})")
   log(f"[system] loaded {desc}")
-  return System(conv.model, conditioner=cond, cross_len=conv.cross_len, codec=chosen,
-                defaults=defaults, name=f"converted:{os.path.basename(os.path.normpath(path))}",
-                description=desc, seconds_start=float(sc.get("seconds_start") or 0.0),
-                seconds_total=sc.get("seconds_total"))
+  system = System(conv.model, conditioner=cond, cross_len=conv.cross_len, codec=chosen,
+                  defaults=defaults, name=f"converted:{os.path.basename(os.path.normpath(path))}",
+                  description=desc, seconds_start=float(sc.get("seconds_start") or 0.0),
+                  seconds_total=sc.get("seconds_total"))
+  spec = conv.conditioning
+  system.conditioning_note = (f"cross tokens {list(spec.cross_ids)} ({conv.cross_len}), global "
+                              f"{list(spec.global_ids)}")
+  return system

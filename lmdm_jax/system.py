@@ -74,6 +74,7 @@ class System:
     self.codec, self.defaults = codec, defaults
     self.name, self.description = name, description
     self.seconds_start, self.seconds_total = float(seconds_start), seconds_total
+    self.conditioning_note = ""  # what the conditioning holds, for logs (converted models)
     if codec is not None and codec.latent_dim != self.cfg.io_channels:
       raise ValueError(f"the codec's {codec.latent_dim}-dim latents do not match the model's "
                        f"io_channels={self.cfg.io_channels}")

@@ -20,6 +20,8 @@ import time
 
 import numpy as np
 import pytest
+
+pytestmark = pytest.mark.slow  # a server process and (page) headless Chromium
 import soundfile as sf
 
 websockets = pytest.importorskip("websockets", reason="the jam server needs the `websockets` "

@@ -25,6 +25,8 @@ import urllib.request
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # a server process and (page) headless Chromium
+
 websockets = pytest.importorskip("websockets", reason="the jam server needs the `websockets` "
                                  "package (requirements.txt)")
 from websockets.asyncio.client import connect  # noqa: E402

@@ -140,7 +140,7 @@ def test_workdir_config_path_is_never_run(tmp_path, evil):
 
 def test_arc_run_config_path_is_never_run(tmp_path, evil):
   marker, specs = evil
-  import arc  # the CLI module (the repository root is on sys.path via conftest)
+  from lmdm_jax.training import arc_run as arc
   for i, spec in enumerate(specs):
     wd = tmp_path / f"arc{i}"
     wd.mkdir()

@@ -161,6 +161,10 @@ def run(args):
                            regime=args.regime)
   except ValueError as e:  # the named source, config or a sampler setting cannot be used
     raise C.UsageError(str(e)) from e
+  if system.conditioning_note:
+    total = stream.seconds_total if stream.seconds_total is not None else system.seconds_total
+    print(f"[sample] conditioning: {system.conditioning_note}; seconds_start "
+          f"{system.seconds_start:g}, seconds_total {total:g}")
   if len(prompts) > 1 and not system.streams:
     raise C.UsageError("a base model generates the whole clip at once: give one --prompt")
   cfg, codec, st = system.cfg, system.codec, stream.settings
