@@ -40,7 +40,10 @@ def generate_clip(model, frames: int, cond_tokens, global_cond, key, sp: S.Sampl
     v = model(xx, jnp.full((b * n,), t), cross if model.cfg.cond_token_dim else None, glob)
     return (v[:b], v[b:]) if cfg_guidance else (v, v)
 
-  out, _ = S._denoise(x, None, None, k_steps, sp, cfg_guidance, velocity_at)
+  def eps(i):  # pingpong's re-noising at step i
+    return jax.random.normal(jax.random.fold_in(k_steps, i), x.shape, jnp.float32)
+
+  out, _ = S._denoise(x, None, None, eps, sp, cfg_guidance, velocity_at)
   return out
 
 

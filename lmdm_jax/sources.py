@@ -109,9 +109,9 @@ def codec_for(conf, cfg: DiTConfig, override: str | None, log=print):
   except ValueError as e:
     raise SourceError(f"--codec: {e}") from None
   if codec.latent_dim != cfg.io_channels:
-    raise SourceError(f"codec {name!r} has {codec.latent_dim}-dim latents but the model has "
-                      f"io_channels={cfg.io_channels}: pick a matching --codec, or --codec none "
-                      "for latents")
+    log(f"[system] codec {name!r} has {codec.latent_dim}-dim latents but the model has "
+        f"io_channels={cfg.io_channels}: cannot decode; the system streams latents instead")
+    return None
   return codec
 
 

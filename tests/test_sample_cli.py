@@ -169,7 +169,7 @@ def test_main_command_streams_the_bundled_model(tmp_path):
   r = run_sample("--seconds", "1.5", "--out", str(out), timeout=600)
   assert r.returncode == 0, r.stdout + r.stderr
   assert "RANDOM WEIGHTS" not in r.stdout
-  assert f"loaded {DEFAULT_BUNDLE}" in r.stdout and "config demo" in r.stdout, r.stdout
+  assert f"loaded {DEFAULT_BUNDLE}" in r.stdout, r.stdout
   meta = read_meta(DEFAULT_BUNDLE)  # the stage-1 model with its ARC-Forcing adapter merged
   assert meta["config"] == "arc_demo" and "merged ARC-Forcing adapter" in meta["weights"]
   assert meta["arc_step"] > 0 and meta["base_step"] > 0
