@@ -214,7 +214,8 @@ def _split_v(v, b, cfg_on):
 
 def _global_token(model: DiT, cache: KVCache, t):
   """The global token (B2, 1, D) at diffusion time t, for the cached prompt."""
-  return model.embed_global(cache.global_embed, jnp.full((cache.global_embed.shape[0],), t))[:, None]
+  g = cache.global_embed
+  return model.embed_global(g, jnp.full((g.shape[0],), t))[:, None]
 
 
 def _denoise(x, v0, t, eps, n_steps, sp: SamplerParams, cfg_on: bool, velocity_at):
@@ -341,6 +342,8 @@ def cached_step(model: DiT, tables: RopeTables, state: StreamState, extra, sp: S
   cfg = model.cfg
   b, b2 = state.context.shape[0], state.cache.cross_k.shape[1]
   cfg_on, n = b2 != b, b2 // b
+  if cfg_on and last_velocity is not None:
+    raise ValueError("last_velocity (a gradient step) needs a stream without CFG")
   i = state.cache.next_chunk + state.has_pending  # the noisy chunk's stream index
   key, x0, eps = block_noise(state.key, (b, cfg.chunk, cfg.io_channels))
   t = schedule(sp.steps)

@@ -13,10 +13,11 @@ LMDM_REFERENCE §4, in our exact streaming semantics:
   arguments. Each block draws k ~ U{1..max_k} (shared by the batch, as the reference) and runs
   steps 0..k-2 of the ``steps``-step schedule without gradient (the model is merged from
   stop-gradient'ed parameters, so no tangent enters the loop); step k-1 runs with gradient
-  (``last_velocity``: the adapted model) and its denoised prediction x - t_{k-1} v is the block. The window slide (the pending
-  block) and the cache writes are detached, so gradients never cross blocks. Blocks are a
-  ``lax.scan``; the gradient step is rematerialized (``jax.checkpoint``), so each block keeps only
-  its inputs (x, t, its K/V ring) for the backward pass, not its activations.
+  (``last_velocity``: the adapted model) and its denoised prediction x - t_{k-1} v is the
+  block. The window slide (the pending block) and the cache writes are detached, so gradients
+  never cross blocks. Blocks are a ``lax.scan``; the gradient step is rematerialized
+  (``jax.checkpoint``), so each block keeps only its inputs (x, t, its K/V ring) for the
+  backward pass, not its activations.
   With k = steps a rollout block equals the stream's (``generate_block``, tested).
   Text (CFG) dropout with p_cfg is drawn once per rollout and item (the reference caches the
   cross-attention K/V at the stream's bootstrap, so it is effectively per rollout too).
