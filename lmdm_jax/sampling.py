@@ -2,8 +2,10 @@
 
 - ``schedule``: the reference's logSNR-linspace schedule (LMDM_REFERENCE §3.1), with the step count
   a runtime value (changing it does not recompile).
-- ``generate_block(model, tables, state, extra, sp)``: one block (all denoising steps) in the
-  regime of the state. Regimes:
+- ``generate_block(model, tables, state, extra, sp, regime)``: one block (all denoising steps)
+  over a ``StreamState``: ``cached_step`` (the block_causal regimes; also ARC-Forcing's rollouts,
+  with per-item hiding, a random step count and a last step with gradient as arguments) or
+  ``window_step`` (the window regimes). Regimes:
     * ``block_causal``: cached streaming; the first step of block i+1 also commits block i's clean
       K/V into the ring (fused commit), the other steps see [cache | noisy chunk | global token].
       Rotary positions follow the model's layout (``layouts``; the authors' window of W context
@@ -21,9 +23,8 @@
 """
 from __future__ import annotations
 
-import functools
 import logging
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -86,15 +87,29 @@ def update(x, v_c, v_u, t, t_next, eps, sp: SamplerParams, cfg: bool):
 
 @struct.dataclass
 class StreamState:
-  """Everything a stream carries from block to block (donated to ``generate_block``)."""
+  """What a stream carries from block to block. The block step (``generate_block``) takes it
+  donated and returns the next one; its shapes never change, so nothing recompiles.
+
+  Attributes:
+    cache: the KV cache: the prompt (cross-attention K/V, projected global embedding) and the
+      self-attention ring: block_causal, the K/V of the last K committed clean chunks (slot
+      ages in ``cache.slot_chunk``, the next chunk's index in ``cache.next_chunk``); enc_dec,
+      the window context's, refilled every block.
+    context: the clean latents the next block conditions on that the ring does not hold yet:
+      block_causal, the last generated block (B, chunk, C), committed by the next block's first
+      step; window regimes, the window's W context chunks (B, W * chunk, C), oldest first.
+    context_extra: the extra input_add channels of ``context`` (B, *, E).
+    has_pending: () int32, block_causal: 1 when ``context`` holds a block awaiting its commit.
+    block_index: () int32, blocks generated so far.
+    key: the PRNG key the next block's noise comes from (``block_noise``).
+  """
 
   cache: KVCache
-  context: jax.Array  # block_causal: the pending (generated, not yet committed) block (B, chunk, C);
-  #                     window regimes: the window context (B, window_chunks * chunk, C)
-  context_extra: jax.Array  # extra input_add channels of ``context`` (B, *, E)
-  has_pending: jax.Array  # () int32: block_causal only, whether ``context`` awaits its commit
-  block_index: jax.Array  # () int32: blocks generated so far
-  key: jax.Array  # PRNG key
+  context: jax.Array
+  context_extra: jax.Array
+  has_pending: jax.Array
+  block_index: jax.Array
+  key: jax.Array
 
 
 def init_state(cfg: DiTConfig, regime: str, batch: int, cfg_guidance: bool, cross_len: int,
@@ -155,6 +170,40 @@ def block_noise(key, shape):
   return key, jax.random.normal(k_init, shape, jnp.float32), eps
 
 
+# ----------------------------------------------------------------------------- pieces of a step
+
+
+@struct.dataclass
+class RopeTables:
+  """Rotary (cos, sin) rows for the integer positions ``first``, ``first`` + 1, ... (computed
+  once, outside jit, by ``rope_window_tables``); ``at(pos)`` looks positions up."""
+
+  cos: jax.Array  # (N, rotary_dim // 2) float32
+  sin: jax.Array
+  first: int = struct.field(pytree_node=False)
+
+  def at(self, pos):
+    return (jnp.take(self.cos, pos - self.first, axis=0),
+            jnp.take(self.sin, pos - self.first, axis=0))
+
+
+def rope_window_tables(model: DiT) -> RopeTables:
+  """Rotary tables for every window position a stream uses, [-chunk, (max(K, W) + 1) * chunk],
+  from float64 angles cast to float32, with the loaded inverse frequencies."""
+  cfg = model.cfg
+  span = max(cfg.context_chunks, cfg.window_chunks) + 1
+  pos = np.arange(-cfg.chunk, span * cfg.chunk + 1)
+  return RopeTables(*A.rope_tables(np.asarray(model.inv_freq[...]), pos), first=-cfg.chunk)
+
+
+class LastStep(NamedTuple):
+  """The last denoising step of a block: its input x, conditional velocity v and time t."""
+
+  x: jax.Array
+  v: jax.Array
+  t: jax.Array
+
+
 def _dup(x, n):
   return x if n == 1 else jnp.concatenate([x] * n)
 
@@ -163,12 +212,35 @@ def _split_v(v, b, cfg_on):
   return (v[:b], v[b:]) if cfg_on else (v, v)
 
 
-def _tables_lookup(tables, pos, offset):
-  cos, sin = tables
-  return jnp.take(cos, pos + offset, axis=0), jnp.take(sin, pos + offset, axis=0)
+def _global_token(model: DiT, cache: KVCache, t):
+  """The global token (B2, 1, D) at diffusion time t, for the cached prompt."""
+  g = cache.global_embed
+  return model.embed_global(g, jnp.full((g.shape[0],), t))[:, None]
 
 
-def prime_ring(model: DiT, tables, cache: KVCache, context, context_extra, visible=None):
+def _denoise(x, v0, t, eps, n_steps, sp: SamplerParams, cfg_on: bool, velocity_at):
+  """Denoising steps 0..n_steps-1 of schedule t from the initial noise x. ``velocity_at(x, t_i)``
+  -> (v_cond, v_uncond); v0: step 0's pair when already known (the fused first step), else None.
+  Steps after step 0 run in a ``fori_loop``. Returns (x, (x_in, v_cond) of the last step)."""
+  start, last = 0, (x, jnp.zeros_like(x))
+  if v0 is not None:
+    last = (x, v0[0])
+    x = update(x, *v0, t[0], t[1], eps(0), sp, cfg_on)
+    start = 1
+
+  def body(i, val):
+    x, _ = val
+    v_c, v_u = velocity_at(x, t[i])
+    return update(x, v_c, v_u, t[i], t[i + 1], eps(i), sp, cfg_on), (x, v_c)
+
+  return jax.lax.fori_loop(start, n_steps, body, (x, last))
+
+
+# ------------------------------------------------------------------------- the cached stream
+
+
+def prime_ring(model: DiT, tables: RopeTables, cache: KVCache, context, context_extra,
+               visible=None) -> KVCache:
   """The ring as if the clean chunks of ``context`` (B2, n * chunk, C), n >= K, had been
   committed one by one into an empty ring as stream chunks 0..n-1: one pass in which chunk c
   sees chunks c-K..c, keeping the last K. ``visible`` (B2, n * chunk) bool optionally hides keys
@@ -182,12 +254,11 @@ def prime_ring(model: DiT, tables, cache: KVCache, context, context_extra, visib
     own = jnp.asarray(meta.chunk[None, :] == meta.chunk[:, None])
     mask = mask[None] & (visible[:, None, :] | own[None])
   h = model.embed_clean(context, context_extra)
-  _, kv = model.forward_tokens(h, _tables_lookup(tables, jnp.asarray(meta.pos), cs), mask,
-                               cache.cross())
+  _, kv = model.forward_tokens(h, tables.at(jnp.asarray(meta.pos)), mask, cache.cross())
   return cache.fill(kv)
 
 
-def start_stream(model: DiT, tables, state: StreamState) -> StreamState:
+def start_stream(model: DiT, tables: RopeTables, state: StreamState) -> StreamState:
   """block_causal: a fresh stream (nothing committed or pending) gets its start context, the
   ``layouts.start_chunks`` zero-latent chunks (mask 1), under the current prompt; otherwise (or
   in the legacy layout, which starts empty) the state is returned unchanged."""
@@ -204,16 +275,7 @@ def start_stream(model: DiT, tables, state: StreamState) -> StreamState:
   return state.replace(cache=cache)
 
 
-def rope_window_tables(model: DiT):
-  """Rotary tables for window positions [-chunk, (window_chunks + 1) * chunk], in float64 then
-  cast (computed once, outside jit, from the loaded inverse frequencies)."""
-  cfg = model.cfg
-  span = max(cfg.context_chunks, cfg.window_chunks) + 1
-  pos = np.arange(-cfg.chunk, span * cfg.chunk + 1)
-  return A.rope_tables(np.asarray(model.inv_freq[...]), pos)
-
-
-def commit_pending(model: DiT, tables, state: StreamState) -> StreamState:
+def commit_pending(model: DiT, tables: RopeTables, state: StreamState) -> StreamState:
   """block_causal: write the pending clean chunk's K/V into the ring (a no-op without one)."""
   cfg = model.cfg
   cs, K = cfg.chunk, cfg.context_chunks
@@ -225,139 +287,162 @@ def commit_pending(model: DiT, tables, state: StreamState) -> StreamState:
   past_meta = cache.slot_meta(pos)
   mask = A.streaming_mask(pend, A.TokenMeta.concat(past_meta, pend), K)
   h = model.embed_clean(_dup(state.context, n), _dup(state.context_extra, n))
-  _, kv = model.forward_tokens(h, _tables_lookup(tables, pend.pos, cs), mask, cache.cross(),
-                               cache.past(), _tables_lookup(tables, past_meta.pos, cs))
+  _, kv = model.forward_tokens(h, tables.at(pend.pos), mask, cache.cross(), cache.past(),
+                               tables.at(past_meta.pos))
   cache = cache.commit(kv, i - 1, state.has_pending > 0)
   return state.replace(cache=cache, has_pending=jnp.zeros((), jnp.int32))
 
 
-def generate_block(model: DiT, tables, state: StreamState, extra, sp: SamplerParams, regime: str):
-  """One block of ``chunk`` frames. extra: (B, chunk, E) extra input_add channels of the block.
+def cached_forward(model: DiT, tables: RopeTables, ring: KVCache, x, t, i, extra, pending=None,
+                   hidden=None):
+  """One denoising forward of noisy chunk ``i`` against the ring: queries [noisy chunk | global
+  token], keys [ring | themselves], window-relative positions (``layouts.cached_positions``).
 
-  Returns (block (B, chunk, C) float32, new state, aux) with aux = (x_in, v_cond) of the last step.
+  x: (B2, chunk, C) at time t; extra: its extra input_add channels. pending: None, or (tokens
+  (B2, chunk, D) of clean chunk i-1, () bool whether it exists), carried first as extra queries
+  (the fused commit: their K/V come back first). hidden: None, or (B2,) int32: per item, ring
+  chunks below this index are invisible to the noisy chunk. Returns (velocity (B2, chunk, C) of
+  the noisy chunk, K/V (L, B2, N, H, hd) of the fresh tokens).
   """
   cfg = model.cfg
-  b = state.context.shape[0]
-  b2 = state.cache.cross_k.shape[1]
-  cfg_on = b2 != b
-  n = b2 // b
-  cs, K = cfg.chunk, cfg.context_chunks
-  key, x_init, eps = block_noise(state.key, (b, cs, cfg.io_channels))
-  cache = state.cache
-  cross = cache.cross()
-  off = cs  # table index of position 0
-  extra2 = _dup(extra, n)
-
-  def glob_tok(t):
-    return model.embed_global(cache.global_embed, jnp.full((b2,), t))[:, None]
-
-  if regime.startswith("block_causal"):
-    fused = regime == "block_causal"
-    state = start_stream(model, tables, state)
-    cache = state.cache
-    i = cache.next_chunk + state.has_pending  # index of the noisy chunk being generated
-    pos = layouts.cached_positions(i, layouts.span(cfg), cs)
-    noisy = A.TokenMeta.concat(A.chunk_meta(i[None], A.NOISY, cs, pos, xp=jnp),
-                               A.global_meta(i, 0, xp=jnp))
-    pend = A.chunk_meta((i - 1)[None], A.CLEAN, cs, pos, valid=state.has_pending > 0, xp=jnp)
-    h_pend = model.embed_clean(_dup(state.context, n), _dup(state.context_extra, n))
-
-    def run(c: KVCache, x, t, with_pending):
-      past_meta = c.slot_meta(pos)
-      fresh = A.TokenMeta.concat(pend, noisy) if with_pending else noisy
-      mask = A.streaming_mask(fresh, A.TokenMeta.concat(past_meta, fresh), K)
-      h = jnp.concatenate([model.embed_noisy(_dup(x, n), extra2), glob_tok(t)], axis=1)
-      if with_pending:
-        h = jnp.concatenate([h_pend, h], axis=1)
-      out, kv = model.forward_tokens(h, _tables_lookup(tables, fresh.pos, off), mask, cross,
-                                     c.past(), _tables_lookup(tables, past_meta.pos, off))
-      p = cs if with_pending else 0
-      v_c, v_u = _split_v(model.velocity(out[:, p:p + cs]), b, cfg_on)
-      return v_c, v_u, kv
-
-    def commit(c, kv):
-      kv_p = jax.tree.map(lambda a: a[:, :, :cs], kv)
-      return c.commit(kv_p, i - 1, state.has_pending > 0)
-
-    t0 = schedule(sp.steps)[0]
-    if fused:  # step 0 also carries the pending clean chunk and commits its K/V
-      v_c0, v_u0, kv = run(cache, x_init, t0, True)
-      new_cache = commit(cache, kv)
-    else:  # a separate commit pass: the pending clean chunk alone, against the cache
-      new_cache = commit_pending(model, tables, state).cache
-      v_c0, v_u0, _ = run(new_cache, x_init, t0, False)
-
-    def velocity_at(x, t, _):
-      v_c, v_u, _ = run(new_cache, x, t, False)
-      return v_c, v_u
-
-    block, aux = _denoise(x_init, v_c0, v_u0, eps, sp, cfg_on, velocity_at)
-    new_state = state.replace(cache=new_cache, context=block, context_extra=extra,
-                              has_pending=jnp.ones((), jnp.int32))
-  else:
-    kw = cfg.window_chunks
-    win = layouts.window_layout(kw, cs)
-    bidir = regime != "naive"
-    k_mask = kw if bidir else K
-    h_ctx = model.embed_clean(_dup(state.context, n), _dup(state.context_extra, n))
-    rope_all = _tables_lookup(tables, jnp.asarray(win.all.pos), off)
-    if regime == "enc_dec":
-      ctx_rope = _tables_lookup(tables, jnp.asarray(win.context.pos), off)
-      mask_ctx = A.streaming_mask(win.context, win.context, k_mask, bidir)
-      _, kv_ctx = model.forward_tokens(h_ctx, ctx_rope, mask_ctx, cross)
-      cache = cache.fill(kv_ctx)
-      mask_t = A.streaming_mask(win.target, win.all, k_mask, bidir)
-      rope_t = _tables_lookup(tables, jnp.asarray(win.target.pos), off)
-
-      def velocity_at(x, t, _):
-        h = jnp.concatenate([model.embed_noisy(_dup(x, n), extra2), glob_tok(t)], axis=1)
-        out, _ = model.forward_tokens(h, rope_t, mask_t, cross, cache.past(), ctx_rope)
-        return _split_v(model.velocity(out[:, :cs]), b, cfg_on)
-    else:
-      mask_all = A.streaming_mask(win.all, win.all, k_mask, bidir)
-      w = kw * cs
-
-      def velocity_at(x, t, _):
-        h = jnp.concatenate([h_ctx, model.embed_noisy(_dup(x, n), extra2), glob_tok(t)], axis=1)
-        out, _ = model.forward_tokens(h, rope_all, mask_all, cross)
-        return _split_v(model.velocity(out[:, w:w + cs]), b, cfg_on)
-
-    block, aux = _denoise(x_init, None, None, eps, sp, cfg_on, velocity_at)
-    new_state = state.replace(
-        cache=cache,
-        context=jnp.concatenate([state.context[:, cs:], block], axis=1),
-        context_extra=jnp.concatenate([state.context_extra[:, cs:], extra], axis=1))
-  new_state = new_state.replace(block_index=state.block_index + 1, key=key)
-  return block, new_state, aux
+  cs = cfg.chunk
+  pos = layouts.cached_positions(i, layouts.span(cfg), cs)
+  fresh = A.TokenMeta.concat(A.chunk_meta(i[None], A.NOISY, cs, pos, xp=jnp),
+                             A.global_meta(i, 0, xp=jnp))
+  h = jnp.concatenate([model.embed_noisy(x, extra), _global_token(model, ring, t)], axis=1)
+  if pending is not None:
+    fresh = A.TokenMeta.concat(
+        A.chunk_meta((i - 1)[None], A.CLEAN, cs, pos, valid=pending[1], xp=jnp), fresh)
+    h = jnp.concatenate([pending[0], h], axis=1)
+  past = ring.slot_meta(pos)
+  mask = A.streaming_mask(fresh, A.TokenMeta.concat(past, fresh), cfg.context_chunks)
+  if hidden is not None:
+    seen = jnp.concatenate([past.chunk[None] >= hidden[:, None],
+                            jnp.ones((x.shape[0], len(fresh)), bool)], axis=1)
+    mask = mask[None] & seen[:, None, :]
+  out, kv = model.forward_tokens(h, tables.at(fresh.pos), mask, ring.cross(), ring.past(),
+                                 tables.at(past.pos))
+  p = 0 if pending is None else cs
+  return model.velocity(out[:, p:p + cs]), kv
 
 
-def _denoise(x, v_c0, v_u0, eps, sp, cfg_on, velocity_at):
-  """Denoising loop from initial noise x. If v_c0 is given, step 0's velocity is already known
-  (the fused first step); steps ``start..steps-1`` run in a ``fori_loop``.
-  Returns (x_0, (x_in, v_cond) of the last step)."""
+def cached_step(model: DiT, tables: RopeTables, state: StreamState, extra, sp: SamplerParams, *,
+                fused: bool = True, hidden=None, stop=None, last_velocity=None):
+  """One block of the cached stream: the ``block_causal`` regimes and ARC-Forcing's rollouts.
+
+  Step 0 also carries the pending block as clean queries and commits its K/V into the ring
+  (``fused``; else ``commit_pending`` first: the same numbers); every step denoises the next
+  chunk against the ring (``cached_forward``). extra: (B, chunk, E) the block's extra channels.
+  ARC-Forcing's arguments: ``hidden`` (B,) per-item hidden ring chunks (``cached_forward``);
+  ``stop`` () int32: run steps 0..stop-1 of the ``sp.steps`` schedule, the last to t = 0, so
+  that its update is the denoised prediction x - t v; ``last_velocity(ring, x, t, i)``: the
+  last step's velocity (the trained generator, with gradient), the earlier ones from ``model``.
+  The new state's pending block is detached. Returns (block (B, chunk, C), state, LastStep).
+  """
+  cfg = model.cfg
+  b, b2 = state.context.shape[0], state.cache.cross_k.shape[1]
+  cfg_on, n = b2 != b, b2 // b
+  if cfg_on and last_velocity is not None:
+    raise ValueError("last_velocity (a gradient step) needs a stream without CFG")
+  i = state.cache.next_chunk + state.has_pending  # the noisy chunk's stream index
+  key, x0, eps = block_noise(state.key, (b, cfg.chunk, cfg.io_channels))
   t = schedule(sp.steps)
-  start = 0
-  aux = (x, jnp.zeros_like(x))
-  if v_c0 is not None:
-    aux = (x, v_c0)
-    x = update(x, v_c0, v_u0, t[0], t[1], eps(0), sp, cfg_on)
-    start = 1
+  n_steps = sp.steps if stop is None else stop
+  if stop is not None:
+    t = jnp.where(jnp.arange(t.shape[0]) >= stop, 0.0, t)
+  extra2, hid2 = _dup(extra, n), None if hidden is None else _dup(hidden, n)
 
-  def body(i, val):
-    x, _ = val
-    v_c, v_u = velocity_at(x, t[i], i)
-    return update(x, v_c, v_u, t[i], t[i + 1], eps(i), sp, cfg_on), (x, v_c)
+  def velocity(ring, x, t_i, pending=None):
+    v, kv = cached_forward(model, tables, ring, _dup(x, n), t_i, i, extra2, pending, hid2)
+    return _split_v(v, b, cfg_on), kv
 
-  x, aux = jax.lax.fori_loop(start, sp.steps, body, (x, aux))
-  return x, aux
+  if fused:
+    h_pend = model.embed_clean(_dup(state.context, n), _dup(state.context_extra, n))
+    v0, kv = velocity(state.cache, x0, t[0], (h_pend, state.has_pending > 0))
+    ring = state.cache.commit(jax.tree.map(lambda a: a[:, :, :cfg.chunk], kv), i - 1,
+                              state.has_pending > 0)
+  else:
+    ring = commit_pending(model, tables, state).cache
+    v0, _ = velocity(ring, x0, t[0])
+  loop_velocity = lambda x, t_i: velocity(ring, x, t_i)[0]
+  if last_velocity is None:
+    block, (x_in, v_in) = _denoise(x0, v0, t, eps, n_steps, sp, cfg_on, loop_velocity)
+  else:  # steps 0..stop-2 as usual, then the last one's velocity from last_velocity
+    x_in = jnp.where(n_steps == 1, x0,
+                     _denoise(x0, v0, t, eps, n_steps - 1, sp, cfg_on, loop_velocity)[0])
+    v_in = last_velocity(ring, x_in, t[n_steps - 1], i)
+    block = update(x_in, v_in, v_in, t[n_steps - 1], t[n_steps], eps(n_steps - 1), sp, False)
+  state = state.replace(cache=ring, context=jax.lax.stop_gradient(block), context_extra=extra,
+                        has_pending=jnp.ones((), jnp.int32), block_index=state.block_index + 1,
+                        key=key)
+  return block, state, LastStep(x_in, v_in, t[n_steps - 1])
+
+
+# ------------------------------------------------------------------------- the window regimes
+
+
+def window_step(model: DiT, tables: RopeTables, state: StreamState, extra, sp: SamplerParams,
+                regime: str):
+  """One block of a window regime over [W context chunks | noisy chunk | global token], frame k
+  at position k + 1 and the global token at 0 (the authors' window, in either layout):
+    enc_dec: the context (bidirectional) is encoded once, its K/V fill the cache, and every step
+      runs the noisy chunk against them; enc_dec_recompute: the same, recomputing the window
+      every step; naive: the window recomputed every step with the block-causal training mask.
+  The window then slides by one chunk. Returns (block (B, chunk, C), state, LastStep).
+  """
+  cfg = model.cfg
+  cs = cfg.chunk
+  b, b2 = state.context.shape[0], state.cache.cross_k.shape[1]
+  cfg_on, n = b2 != b, b2 // b
+  key, x0, eps = block_noise(state.key, (b, cs, cfg.io_channels))
+  t = schedule(sp.steps)
+  win = layouts.window_layout(cfg.window_chunks, cs)
+  bidir = regime != "naive"
+  mask = lambda q, k: A.streaming_mask(q, k, cfg.window_chunks if bidir else cfg.context_chunks,
+                                       bidir)
+  cache, extra2 = state.cache, _dup(extra, n)
+  h_ctx = model.embed_clean(_dup(state.context, n), _dup(state.context_extra, n))
+  if regime == "enc_dec":
+    ctx_rope = tables.at(jnp.asarray(win.context.pos))
+    _, kv_ctx = model.forward_tokens(h_ctx, ctx_rope, mask(win.context, win.context), cache.cross())
+    cache = cache.fill(kv_ctx)
+    prefix, queries, past = h_ctx[:, :0], win.target, (cache.past(), ctx_rope)
+  else:
+    prefix, queries, past = h_ctx, win.all, (None, None)
+  q_mask, q_rope, p = mask(queries, win.all), tables.at(jnp.asarray(queries.pos)), prefix.shape[1]
+
+  def velocity(x, t_i):
+    h = jnp.concatenate([prefix, model.embed_noisy(_dup(x, n), extra2),
+                         _global_token(model, cache, t_i)], axis=1)
+    out, _ = model.forward_tokens(h, q_rope, q_mask, cache.cross(), *past)
+    return _split_v(model.velocity(out[:, p:p + cs]), b, cfg_on)
+
+  block, (x_in, v_in) = _denoise(x0, None, t, eps, sp.steps, sp, cfg_on, velocity)
+  state = state.replace(
+      cache=cache, context=jnp.concatenate([state.context[:, cs:], block], axis=1),
+      context_extra=jnp.concatenate([state.context_extra[:, cs:], extra], axis=1),
+      block_index=state.block_index + 1, key=key)
+  return block, state, LastStep(x_in, v_in, t[sp.steps - 1])
+
+
+def generate_block(model: DiT, tables: RopeTables, state: StreamState, extra, sp: SamplerParams,
+                   regime: str):
+  """One block of ``chunk`` frames in ``regime`` (extra: (B, chunk, E) its extra input_add
+  channels): ``cached_step`` for a started stream (``start_stream``) in the block_causal regimes,
+  ``window_step`` otherwise. Returns (block (B, chunk, C) float32, new state, LastStep)."""
+  if regime.startswith("block_causal"):
+    return cached_step(model, tables, start_stream(model, tables, state), extra, sp,
+                       fused=regime == "block_causal")
+  return window_step(model, tables, state, extra, sp, regime)
 
 
 def reference_block(model: DiT, history, state: StreamState, extra, sp: SamplerParams,
                     history_extra=None):
   """The no-cache exactness reference for ``block_causal``: block i is denoised by recomputing the
   whole history [clean chunks 0..i-1 | noisy chunk i | global] at every step with the streaming
-  mask and absolute positions. history: (B, i * chunk, C). Uses ``state`` only for its prompt,
-  batch layout and PRNG key, exactly as ``generate_block`` does. Returns (block, key')."""
+  mask and absolute positions. history: (B, i * chunk, C), starting with ``start_context``. Uses
+  ``state`` only for its prompt, batch layout and PRNG key, exactly as ``generate_block`` does.
+  Returns (block, key')."""
   cfg = model.cfg
   cs = cfg.chunk
   b = history.shape[0]
@@ -373,12 +458,12 @@ def reference_block(model: DiT, history, state: StreamState, extra, sp: SamplerP
   extra2 = _dup(extra, n)
   cross = state.cache.cross()
 
-  def velocity_at(x, t, _):
+  def velocity_at(x, t):
     v = layouts.sequence_forward(model, hist2, _dup(x, n), jnp.full((b2, 1), t), cross,
                                  state.cache.global_embed, layout, hist_extra2, extra2, rope)
     return _split_v(v, b, cfg_on)
 
-  block, _ = _denoise(x_init, None, None, eps, sp, cfg_on, velocity_at)
+  block, _ = _denoise(x_init, None, schedule(sp.steps), eps, sp.steps, sp, cfg_on, velocity_at)
   return block, key
 
 
@@ -476,7 +561,10 @@ class Stream:
     return extra
 
   def prime(self, latents, extra=None) -> None:
-    """Seed the stream with real context latents (B, frames, C), frames a multiple of chunk."""
+    """Seed the stream with real context latents (B, frames, C), frames a multiple of chunk,
+    after what it holds. On a fresh block_causal stream in the authors' layout they replace the
+    zero start chunks they cover (as the window regimes' window): a W-chunk context starts the
+    stream exactly as the authors' ``init_audio`` does."""
     cfg = self.cfg
     latents = jnp.asarray(latents, jnp.float32)
     if latents.ndim != 3 or latents.shape[0] != self.batch or latents.shape[2] != cfg.io_channels:

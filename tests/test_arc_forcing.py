@@ -251,9 +251,8 @@ def test_gradients_flow_only_through_the_last_step_of_each_block(request, layout
                               jnp.ones((2, len(noisy)), bool)], 1)
       x, t = aux["x_last"][j], aux["t_last"][j]
       h = jnp.concatenate([m.embed_noisy(x), m.embed_global(g, jnp.full((2,), t))[:, None]], 1)
-      look = lambda p: (jnp.take(tables[0], p + cs, 0), jnp.take(tables[1], p + cs, 0))
-      out, _ = m.forward_tokens(h, look(jnp.asarray(noisy.pos)), mask[None] & seen[:, None],
-                                cross, ring.past(), look(past.pos))
+      out, _ = m.forward_tokens(h, tables.at(jnp.asarray(noisy.pos)), mask[None] & seen[:, None],
+                                cross, ring.past(), tables.at(past.pos))
       total = total + jnp.sum(w[:, j * cs:(j + 1) * cs] * (x - t * m.velocity(out[:, :cs])))
     return total
 

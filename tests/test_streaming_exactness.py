@@ -100,10 +100,10 @@ def test_long_stream_equals_teacher_forcing_forward(model):
   extra = jnp.zeros((1, cfg.chunk, 0))
   blocks, xs, vs = [], [], []
   for _ in range(n):
-    blk, st, (x_in, v) = step(st, extra)
+    blk, st, last = step(st, extra)
     blocks.append(blk)
-    xs.append(x_in)
-    vs.append(v)
+    xs.append(last.x)
+    vs.append(last.v)
   assert st.cache.nbytes() == nbytes0
   assert jax.tree.map(lambda a: a.shape, st) == shapes0
   t_last = float(S.schedule(steps)[steps - 1])

@@ -7,16 +7,18 @@ LMDM_REFERENCE §4, in our exact streaming semantics:
   k ~ U{1..K}; hidden chunks are zero latents, present, after the zero start chunks the context
   does not cover, as a stream starts in the authors' layout (their dropout, without the shift);
   in the legacy layout they are *absent*, as a legacy stream starts), n blocks are generated
-  autoregressively with the cached block-causal stream of ``sampling.generate_block``: the same
-  KV ring, fused commit of the previous block in the first step, window-relative rotary tables,
-  schedule and pingpong update. Each block draws k ~ U{1..max_k} (shared by the batch, as the
-  reference) and runs steps 0..k-2 of the ``steps``-step schedule without gradient (the model is
-  merged from stop-gradient'ed parameters, so no tangent enters the loop); step k-1 runs with
-  gradient and its denoised prediction x - t_{k-1} v is the block. The window slide (the pending
-  block) and the cache writes are detached, so gradients never cross blocks. Blocks are a
-  ``lax.scan``; the gradient step is rematerialized (``jax.checkpoint``), so each block keeps only
-  its inputs (x, t, its K/V ring) for the backward pass, not its activations.
-  With k = steps a rollout block equals ``generate_block``'s output (tested).
+  autoregressively by the stream's own block step, ``sampling.cached_step`` (the same KV ring,
+  fused commit of the previous block in the first step, rotary tables, noise, schedule and
+  pingpong update), given the per-item hiding, the step count and the gradient step as
+  arguments. Each block draws k ~ U{1..max_k} (shared by the batch, as the reference) and runs
+  steps 0..k-2 of the ``steps``-step schedule without gradient (the model is merged from
+  stop-gradient'ed parameters, so no tangent enters the loop); step k-1 runs with gradient
+  (``last_velocity``: the adapted model) and its denoised prediction x - t_{k-1} v is the
+  block. The window slide (the pending block) and the cache writes are detached, so gradients
+  never cross blocks. Blocks are a ``lax.scan``; the gradient step is rematerialized
+  (``jax.checkpoint``), so each block keeps only its inputs (x, t, its K/V ring) for the
+  backward pass, not its activations.
+  With k = steps a rollout block equals the stream's (``generate_block``, tested).
   Text (CFG) dropout with p_cfg is drawn once per rollout and item (the reference caches the
   cross-attention K/V at the stream's bootstrap, so it is effectively per rollout too).
 - **Discriminator** = features of a frozen DiT (by default the generator's own base weights with
@@ -54,7 +56,6 @@ from lmdm_jax import layouts
 from lmdm_jax import sampling as S
 from lmdm_jax.cache import KVCache
 from lmdm_jax.nn import adapters
-from lmdm_jax.nn import attention as A
 from lmdm_jax.nn.dit import DiT
 from lmdm_jax.nn.discriminator import ConvNeXtHead
 from lmdm_jax.training import sharding
@@ -106,9 +107,12 @@ def roll_prompts(cond):
   return jnp.roll(cond, 1, axis=0)
 
 
-def _lookup(tables, pos, offset):
-  cos, sin = tables
-  return jnp.take(cos, pos + offset, axis=0), jnp.take(sin, pos + offset, axis=0)
+def _with_prompt(cache: KVCache, cross, g) -> KVCache:
+  """``cache`` with the prompt's cross-attention K/V (None: a model without conditioning tokens)
+  and projected global embedding g."""
+  if cross is None:
+    return cache.replace(global_embed=g.astype(cache.global_embed.dtype))
+  return cache.with_prompt(cross, g)
 
 
 class ARCForcing:
@@ -195,15 +199,8 @@ class ARCForcing:
     if g is None:
       g = jnp.zeros((b, cfg.embed_dim), model.compute_dtype)
     cross_len = cond.shape[1] if cfg.cond_token_dim else 1
-    cache = KVCache.create(cfg, b, K, cross_len)
-    if cross is not None:
-      cache = cache.with_prompt(sg(cross), sg(g))
-    else:
-      cache = cache.replace(global_embed=sg(g).astype(cache.global_embed.dtype))
-    cross_ng = cache.cross()
-    g_ng = cache.global_embed
+    cache = _with_prompt(KVCache.create(cfg, b, K, cross_len), sg(cross), sg(g))
     extra0 = jnp.zeros((b, cs, cfg.extra_dim), jnp.float32)
-    tables = self.tables
     hidden = jnp.asarray(hidden, jnp.int32)
 
     # Prime the ring with the real context's clean K/V (detached), as a stream primed with it
@@ -217,68 +214,32 @@ class ARCForcing:
     if layouts.start_chunks(cfg):
       ctx = jnp.where((frame_chunk[None] < hidden[:, None])[..., None], 0.0, ctx)
       ctx = jnp.concatenate([jnp.zeros((b, n_pad * cs, C), jnp.float32), ctx], axis=1)
-      hidden = jnp.zeros_like(hidden)
+      hidden = None
     else:
       visible = frame_chunk[None] >= hidden[:, None]
-    cache = S.prime_ring(model_ng, tables, cache, ctx,
+    cache = S.prime_ring(model_ng, self.tables, cache, ctx,
                          jnp.zeros((b, (n_pad + K) * cs, cfg.extra_dim), jnp.float32), visible)
+    state = S.StreamState(cache=cache, context=jnp.zeros((b, cs, C), jnp.float32),
+                          context_extra=extra0, has_pending=jnp.zeros((), jnp.int32),
+                          block_index=jnp.zeros((), jnp.int32), key=key)
 
-    def run(m, c: KVCache, x, t, pend_x, has_pend, i, with_pending, cross_, g_, hid):
-      """One denoising forward, exactly ``generate_block``'s (no CFG), plus per-item hiding."""
-      pos = layouts.cached_positions(i, layouts.span(cfg), cs)
-      noisy = A.TokenMeta.concat(A.chunk_meta(i[None], A.NOISY, cs, pos, xp=jnp),
-                                 A.global_meta(i, 0, xp=jnp))
-      past_meta = c.slot_meta(pos)
-      fresh = noisy
-      if with_pending:
-        pend = A.chunk_meta((i - 1)[None], A.CLEAN, cs, pos, valid=has_pend > 0, xp=jnp)
-        fresh = A.TokenMeta.concat(pend, noisy)
-      mask = A.streaming_mask(fresh, A.TokenMeta.concat(past_meta, fresh), K)
-      seen = jnp.concatenate([past_meta.chunk[None] >= hid[:, None],
-                              jnp.ones((b, len(fresh)), bool)], axis=1)
-      mask = mask[None] & seen[:, None, :]
-      gt = m.embed_global(g_, jnp.full((b,), t))[:, None]
-      h = jnp.concatenate([m.embed_noisy(x, extra0), gt], axis=1)
-      if with_pending:
-        h = jnp.concatenate([m.embed_clean(pend_x, extra0), h], axis=1)
-      out, kv = m.forward_tokens(h, _lookup(tables, fresh.pos, cs), mask, cross_, c.past(),
-                                 _lookup(tables, past_meta.pos, cs))
-      p = cs if with_pending else 0
-      return m.velocity(out[:, p:p + cs]), kv
-
-    def last_step(adapter_, params_, rest_, cross_, g_, c, x, t, i, hid):
-      m = nnx.merge(self.gd, adapter_, params_, rest_)
-      v, _ = run(m, c, x, t, None, None, i, False, cross_, g_, hid)
-      return x - t * v
+    def last_velocity(ring, x, t, i):
+      """The gradient step's velocity: the adapted generator and its prompt, with gradient."""
+      return S.cached_forward(model, self.tables, _with_prompt(ring, cross, g), x, t, i, extra0,
+                              hidden=hidden)[0]
 
     if ac.remat:
-      last_step = jax.checkpoint(last_step)
-    tsched = S.schedule(ac.steps, max_steps=ac.steps)
-    sp = self.sp
+      last_velocity = jax.checkpoint(last_velocity)
 
-    def body(carry, k):
-      c, pending, has_pend, i, key = carry
-      key, x0, eps = S.block_noise(key, (b, cs, C))
-      # step 0, fused with the commit of the pending block (no gradient)
-      v0, kv = run(model_ng, c, x0, tsched[0], pending, has_pend, i, True, cross_ng, g_ng, hidden)
-      new_c = c.commit(jax.tree.map(lambda a: sg(a[:, :, :cs]), kv), i - 1, has_pend > 0)
-      x1 = S.update(x0, v0, v0, tsched[0], tsched[1], eps(0), sp, False)
-
-      def loop(s, x):
-        v, _ = run(model_ng, new_c, x, tsched[s], None, None, i, False, cross_ng, g_ng, hidden)
-        return S.update(x, v, v, tsched[s], tsched[s + 1], eps(s), sp, False)
-
-      x_last = jnp.where(k == 1, x0, jax.lax.fori_loop(1, k - 1, loop, x1))
-      t_last = tsched[k - 1]
-      block = last_step(adapter, params, rest, cross, g, new_c, x_last, t_last, i, hidden)
-      out = dict(block=block, x_last=x_last, t_last=t_last)
+    def body(state, k):
+      block, state, last = S.cached_step(model_ng, self.tables, state, extra0, self.sp,
+                                         hidden=hidden, stop=k, last_velocity=last_velocity)
+      out = dict(block=block, x_last=last.x, t_last=last.t)
       if keep_intermediates:
-        out["cache"] = new_c
-      return (new_c, sg(block), jnp.ones((), jnp.int32), i + 1, key), out
+        out["cache"] = state.cache
+      return state, out
 
-    carry = (cache, jnp.zeros((b, cs, C), jnp.float32), jnp.zeros((), jnp.int32),
-             cache.next_chunk, key)
-    _, outs = jax.lax.scan(body, carry, jnp.asarray(ks, jnp.int32))
+    _, outs = jax.lax.scan(body, state, jnp.asarray(ks, jnp.int32))
     blocks = jnp.swapaxes(outs.pop("block"), 0, 1).reshape(b, -1, C)
     return blocks, outs
 
