@@ -35,7 +35,7 @@ def generate_clip(model, frames: int, cond_tokens, global_cond, key, sp: S.Sampl
   k_init, k_steps = jax.random.split(key)
   x = jax.random.normal(k_init, (b, frames, model.cfg.io_channels), jnp.float32)
 
-  def velocity_at(x, t, _):
+  def velocity_at(x, t):
     xx = x if n == 1 else jnp.concatenate([x, x])
     v = model(xx, jnp.full((b * n,), t), cross if model.cfg.cond_token_dim else None, glob)
     return (v[:b], v[b:]) if cfg_guidance else (v, v)
@@ -43,7 +43,7 @@ def generate_clip(model, frames: int, cond_tokens, global_cond, key, sp: S.Sampl
   def eps(i):  # pingpong's re-noising at step i
     return jax.random.normal(jax.random.fold_in(k_steps, i), x.shape, jnp.float32)
 
-  out, _ = S._denoise(x, None, None, eps, sp, cfg_guidance, velocity_at)
+  out, _ = S._denoise(x, None, S.schedule(sp.steps), eps, sp.steps, sp, cfg_guidance, velocity_at)
   return out
 
 
