@@ -230,6 +230,11 @@ class AudioStream:
     self.stream.set_prompt(tokens, glob)
     self.prompt = prompt
 
+  @property
+  def sketch_features(self):
+    """The sketch's (frames, 14) pitch features, or None."""
+    return self._sketch
+
   def _sketch_extra(self, k: int):
     if self._sketch is None:
       return None

@@ -175,6 +175,11 @@ def run(args):
       print(f"[sample] note: prompt {p.text!r} at {p.start:g} s is past the end "
             f"({n_blocks * block_s:.1f} s) and is never used")
   sched = C.prompt_schedule(prompts, block_s, n_blocks)
+  if args.sketch:
+    feats = stream.sketch_features
+    voiced = float(feats[:, 0].mean()) if len(feats) else 0.0
+    print(f"[sketch] {args.sketch}: {len(feats)} frames, {100 * voiced:.0f}% voiced -> the last "
+          f"{feats.shape[1]} of {cfg.extra_dim} extra channels")
   if cfg.extra_dim and not args.sketch:
     print(f"[sample] the model has {cfg.extra_dim} extra input channels (accompaniment / sketch);"
           " they are left at zero")
