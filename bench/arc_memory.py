@@ -24,7 +24,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from lmdm_jax.config import DiTConfig, load_config  # noqa: E402
+from lmdm_jax.config import DiTConfig, load_cli_config  # noqa: E402
 from lmdm_jax.nn import adapters  # noqa: E402
 from lmdm_jax.nn.dit import Buffer, DiT  # noqa: E402
 from lmdm_jax.nn.discriminator import HeadConfig  # noqa: E402
@@ -61,7 +61,7 @@ def main(argv=None):
   ap.add_argument("--rank", type=int)
   ap.add_argument("--phases", default="g,d")
   args = ap.parse_args(argv)
-  conf = load_config(args.config)
+  conf = load_cli_config(args.config)
   cfg = DiTConfig.from_config(conf.model)
   if "arc" in conf:
     ac_kw = dict(conf.arc)

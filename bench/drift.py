@@ -35,7 +35,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from lmdm_jax import sampling as S  # noqa: E402
-from lmdm_jax.config import DiTConfig, load_config  # noqa: E402
+from lmdm_jax.config import DiTConfig, load_cli_config  # noqa: E402
 from lmdm_jax.nn.dit import DiT  # noqa: E402
 from lmdm_jax.testing import random_model  # noqa: E402
 from lmdm_jax.training.data import Batcher, make_source  # noqa: E402
@@ -168,6 +168,8 @@ def load_models(args, conf, log=print):
     log(f"[drift] ARC adapter from {args.arc} (merged into the base kernels)")
   if args.base:
     from lmdm_jax.training.arc_run import load_base_params
+    from lmdm_jax.training.checkpoints import run_layout
+    cfg = run_layout(cfg, args.base)  # the rotary layout the base was trained in
     params, rest, step = load_base_params(args.base, cfg)
     models["base"] = nnx.merge(nnx.split(nnx.eval_shape(lambda: DiT(cfg, rngs=nnx.Rngs(0))),
                                          nnx.Param, ...)[0], params, rest)
@@ -234,7 +236,7 @@ def main(argv=None):
   ap.add_argument("--out", default="bench_out/drift")
   args = ap.parse_args(argv)
 
-  conf = load_config(args.config)
+  conf = load_cli_config(args.config)
   cfg, models = load_models(args, conf)
   if args.arc_only and "arc" in models:
     models.pop("base")

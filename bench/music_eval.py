@@ -44,31 +44,29 @@ def _restyle(caption: str, key: str, bpm: int) -> str:
 
 
 def _load(spec, log):
-  from lmdm_jax.apps import common as C
+  from lmdm_jax.system import load_system
   label, path = spec.split("=", 1) if "=" in spec else (os.path.basename(spec.rstrip("/")), spec)
-  conf, cfg, model = C.load(None, path, 0, log=log, tag="[eval]")
-  return label, conf, cfg, model
+  return label, load_system(path, log=lambda m: log(f"[eval] {m}"))
 
 
 class Generator:
-  """Batched streaming of B prompts (one compiled stream per batch size and length)."""
+  """Batched streaming of B prompts through a System's model and conditioning (one compiled
+  stream per batch size and length)."""
 
-  def __init__(self, model, conf, text, steps=None, cfg_scale=None, seed=0):
-    self.model, self.conf, self.text, self.seed = model, conf, text, seed
-    sc = conf.sampler
-    self.steps = steps or sc.steps
-    self.cfg_scale = sc.cfg_scale if cfg_scale is None else cfg_scale
-    self.pingpong = sc.pingpong
+  def __init__(self, system, steps=None, cfg_scale=None, seed=0):
+    self.system, self.seed = system, seed
+    self.settings = system.sampler_settings(steps=steps, cfg_scale=cfg_scale, plus_plus=False)
 
   def __call__(self, captions, frames, extra=None):
     from lmdm_jax import sampling as S
-    cfg = self.model.cfg
+    sys_, st = self.system, self.settings
+    cfg = sys_.cfg
     b = len(captions)
-    stream = S.Stream(self.model, batch=b, cross_len=self.text.max_tokens, seed=self.seed,
-                      cfg_guidance=self.cfg_scale != 1.0,
-                      sampler=S.SamplerParams.make(self.steps, self.cfg_scale, False, self.pingpong))
-    stream.set_prompt(np.asarray(self.text(list(captions)), np.float32),
-                      np.zeros((b, cfg.global_cond_dim), np.float32) if cfg.global_cond_dim else None)
+    stream = S.Stream(sys_.model, batch=b, cross_len=sys_.cross_len, seed=self.seed,
+                      cfg_guidance=st.cfg_scale != 1.0,
+                      sampler=S.SamplerParams.make(st.steps, st.cfg_scale, False, st.pingpong))
+    stream.set_prompt(*sys_.conditioner(list(captions), sys_.seconds_start,
+                                        sys_.seconds_total or 0.0))
     n = -(-frames // cfg.chunk) * cfg.chunk
     if extra is not None and extra.shape[1] < n:
       extra = np.pad(extra, ((0, 0), (0, n - extra.shape[1]), (0, 0)))
@@ -82,15 +80,12 @@ def _real_audio(audio_root, rel, seconds, sr, offset=0.0):
   return x[s:s + int(seconds * sr)]
 
 
-def evaluate(label, conf, cfg, model, args, held, ds, log=print):
-  from lmdm_jax import codecs
-  from lmdm_jax import text as text_lib
+def evaluate(label, system, args, held, ds, log=print):
   from lmdm_jax.data.sketch import SKETCH_DIM, pitch_features
   from lmdm_jax.data.audio import save_audio
   from lmdm_jax.training.data import extra_groups
-  codec = codecs.get_codec(conf.codec)
-  text = text_lib.from_config(conf)
-  gen = Generator(model, conf, text, args.steps, args.cfg_scale, args.seed)
+  codec, cfg = system.codec, system.cfg
+  gen = Generator(system, args.steps, args.cfg_scale, args.seed)
   sr, fr = codec.sample_rate, codec.frame_rate
   out_dir = os.path.join(args.out, label)
   os.makedirs(out_dir, exist_ok=True)
@@ -253,8 +248,8 @@ def main(argv=None):
   os.makedirs(args.out, exist_ok=True)
   results = {"real": real_reference(args, held, ds)}
   for spec in args.checkpoint:
-    label, conf, cfg, model = _load(spec, print)
-    results[label] = evaluate(label, conf, cfg, model, args, held, ds)
+    label, system = _load(spec, print)
+    results[label] = evaluate(label, system, args, held, ds)
   with open(os.path.join(args.out, "music_eval.json"), "w") as f:
     json.dump(results, f, indent=1)
   labels = [k for k in results if k != "real"]

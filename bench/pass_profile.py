@@ -23,7 +23,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from lmdm_jax.config import DiTConfig, load_config  # noqa: E402
+from lmdm_jax.config import DiTConfig, load_cli_config  # noqa: E402
 from lmdm_jax.nn.dit import DiT, PastKV  # noqa: E402
 
 
@@ -44,7 +44,7 @@ def main(argv=None):
   ap.add_argument("--batch", type=int, default=2)
   ap.add_argument("--reps", type=int, default=7)
   args = ap.parse_args(argv)
-  cfg = dataclasses.replace(DiTConfig.from_config(load_config(args.config).model), depth=args.depth)
+  cfg = dataclasses.replace(DiTConfig.from_config(load_cli_config(args.config).model), depth=args.depth)
   model = DiT(cfg, rngs=nnx.Rngs(0))
   gd, state = nnx.split(model)
   b, d, cs, K, W = args.batch, cfg.embed_dim, cfg.chunk, cfg.context_chunks, cfg.window_chunks

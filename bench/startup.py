@@ -27,9 +27,8 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PHASES = [("start", "python up"), ("import", "imports"), ("model", "model"), ("codec", "codec"),
-          ("text", "text enc"), ("prompt", "prompt"), ("stream", "block step"),
-          ("decoder", "decoder"), ("first_audio", "1st audio")]
+PHASES = [("start", "python up"), ("import", "imports"), ("system", "system load"),
+          ("stream", "1st block"), ("decoder", "decoder"), ("first_audio", "1st audio")]
 
 
 def child(args) -> None:
@@ -44,35 +43,23 @@ def child(args) -> None:
   import numpy as np
 
   from lmdm_jax import compile_cache
-  from lmdm_jax import sampling as S
-  from lmdm_jax.apps import common as C
+  from lmdm_jax.system import DEFAULT_PROMPT, load_system
   cache = compile_cache.enable()
   mark("import")
-  quiet = lambda *_: None  # noqa: E731
-  conf, cfg, model = C.load(args.config, args.checkpoint, 0, log=quiet)
-  mark("model")
-  codec = C.load_codec(conf, cfg, None, log=quiet)
-  if codec is None:
+  system = load_system(args.checkpoint, config=args.config, log=lambda *_: None)
+  if system.codec is None:
     raise SystemExit("startup: the model has no codec here: nothing to time")
-  mark("codec")
-  text = C.text_encoder(conf, cfg)
-  mark("text")
-  toks = np.asarray(text([C.DEFAULT_PROMPT]))
-  mark("prompt")
-  sc = conf.sampler
-  stream = S.Stream(model, batch=1, regime=sc.regime, cfg_guidance=sc.cfg_scale != 1.0,
-                    cross_len=text.max_tokens, seed=0,
-                    sampler=S.SamplerParams.make(sc.steps, sc.cfg_scale, False, sc.pingpong))
-  glob = np.zeros((1, cfg.global_cond_dim), np.float32) if cfg.global_cond_dim else None
-  stream.set_prompt(toks, glob)
-  first = np.asarray(stream.next_block())[0]
+  mark("system")  # model, codec, text encoder
+  stream = system.stream(DEFAULT_PROMPT, seed=0)  # prompt encoded, block step compiled
+  first = stream.next_latents()
   mark("stream")
-  C.warm_decoder(codec, 4 * cfg.chunk)
+  warm = system.codec.stream_decoder()  # compiles the decoder, as sample does before timing
+  warm.push(np.zeros((4 * system.cfg.chunk, system.cfg.io_channels), np.float32))
+  warm.flush()
   mark("decoder")
-  dec = codec.stream_decoder()
-  audio = dec.push(first)
+  audio = stream.decoder.push(first)
   while audio.shape[-1] == 0:
-    audio = dec.push(np.asarray(stream.next_block())[0])
+    audio = stream.next_block()
   mark("first_audio")
   marks["cpu"] = cpu
   marks["cache"] = cache

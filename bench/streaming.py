@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from lmdm_jax import sampling as S  # noqa: E402
-from lmdm_jax.config import DiTConfig, load_config  # noqa: E402
+from lmdm_jax.config import DiTConfig, load_cli_config  # noqa: E402
 from lmdm_jax.nn.dit import DiT  # noqa: E402
 
 FRAME_RATE = 44100 / 2048  # SAO latent frames per second (a config's `codec` overrides it)
@@ -106,7 +106,7 @@ def main(argv=None):
   ap.add_argument("--dtype", default=None, help="compute dtype override (e.g. bfloat16)")
   args = ap.parse_args(argv)
 
-  conf = load_config(args.config)
+  conf = load_cli_config(args.config)
   cfg = DiTConfig.from_config(conf.model)
   global FRAME_RATE
   if conf.get("codec"):  # latent rate of the config's codec (SAO's 21.53 frames/s otherwise)

@@ -109,7 +109,7 @@ def worker(args) -> dict:
   from flax import nnx
 
   from lmdm_jax import layouts
-  from lmdm_jax.config import DiTConfig, load_config
+  from lmdm_jax.config import DiTConfig, load_cli_config
   from lmdm_jax.convert import dit as conv
   from lmdm_jax.nn import attention as A
   from tests import torch_reference
@@ -120,7 +120,7 @@ def worker(args) -> dict:
   else:
     torch.set_num_threads(os.cpu_count())
   ref = torch_reference.dit_modules()
-  cfg = DiTConfig.from_config(load_config(args.config).model)
+  cfg = DiTConfig.from_config(load_cli_config(args.config).model)
   torch.manual_seed(0)
   kw = dict(io_channels=cfg.io_channels, embed_dim=cfg.embed_dim, depth=cfg.depth,
             num_heads=cfg.num_heads, cond_token_dim=cfg.cond_token_dim,

@@ -2,10 +2,13 @@
 config, so the README's first command makes music with no download.
 
 Layout of the file: ``param/<path>`` arrays (float16 by default; the path is the NNX state path
-joined by ``/``; an ARC-Forcing model is stored with its adapters merged), ``__meta__`` (a JSON string: config name, model config, training step, provenance). Only
+joined by ``/``; an ARC-Forcing model is stored with its adapters merged), ``__meta__`` (a JSON
+string: config name, model config, training step, provenance: folder names only). Only
 ``nnx.Param`` leaves are stored; buffers (the LayerNorm zero bias, rotary ``inv_freq``) are
-rebuilt by the model constructor. Loading checks every stored leaf against the model built
-from the stored config: missing, unexpected or misshapen leaves are errors naming them.
+rebuilt by the model constructor. A bundle is untrusted data: loading checks the stored config
+and every stored array's header against the shapes that config implies before building the
+model or reading an array (missing, unexpected or misshapen leaves are errors naming them), and
+the config name it records is looked up among the registered configs only, never run.
 
   python3 -m lmdm_jax.bundle runs/demo --out lmdm_jax/assets/demo_model.npz   # export (EMA)
   python3 -m lmdm_jax.bundle --arc runs/arc_demo --out lmdm_jax/assets/demo_arc.npz   # ARC merged
@@ -22,7 +25,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from lmdm_jax.config import DiTConfig
+from lmdm_jax import file_checks as fc
+from lmdm_jax.config import registered_spec
 from lmdm_jax.nn.dit import DiT
 
 ASSET_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
@@ -62,35 +66,61 @@ def save_bundle(model: DiT, path: str, meta: dict, dtype=np.float16) -> str:
 
 
 def read_meta(path: str) -> dict:
-  with np.load(path) as z:
-    if "__meta__" not in z.files:
-      raise ValueError(f"{path}: not a model bundle (no __meta__ entry)")
-    return json.loads(bytes(z["__meta__"]).decode())
+  """The bundle's ``__meta__`` (a JSON object), read without reading any parameter."""
+  where = f"model bundle {path!r}"
+  with fc.open_npz(path) as z:
+    return _meta(z, fc.npz_headers(z, where), where)
+
+
+def _meta(z, heads: dict, where: str) -> dict:
+  if "__meta__" not in heads:
+    raise fc.ModelFileError(f"{where}: not a model bundle (no __meta__ entry)")
+  shape, dtype, nbytes = heads["__meta__"]
+  if dtype != "uint8" or len(shape) != 1 or nbytes > fc.META_MAX_BYTES:
+    raise fc.ModelFileError(f"{where}: __meta__ must be JSON text of at most "
+                            f"{fc.META_MAX_BYTES} bytes, got a {dtype} array of shape {shape}")
+  return fc.json_object(fc.read_npz_array(z, "__meta__", where).tobytes(), f"{where} __meta__")
 
 
 def load_bundle(path: str):
-  """-> (DiTConfig, DiT (float32 parameters), meta dict)."""
+  """-> (DiTConfig, DiT (float32 parameters), meta dict).
+
+  The file is untrusted: its declared config (``__meta__["model"]``) is checked field by field,
+  the parameter shapes it implies are computed without allocating, and every stored array's
+  header (name, shape, dtype, size) must match them before the model is built or any array is
+  read. Errors are ``ModelFileError`` (ValueError) naming the file and the problem.
+  """
   if not os.path.isfile(path):
     raise ValueError(f"model bundle {path!r}: no such file")
-  meta = read_meta(path)
-  cfg = DiTConfig.from_config(meta["model"])
-  model = DiT(cfg, rngs=nnx.Rngs(0))
-  want = flat_params(model)
-  with np.load(path) as z:
-    got = {k[len("param/"):]: z[k] for k in z.files if k.startswith("param/")}
-  missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
-  bad = sorted(k for k in set(want) & set(got) if want[k].shape != got[k].shape)
-  if missing or extra or bad:
-    raise ValueError(f"model bundle {path!r} does not match its config: missing {missing[:5]}, "
-                     f"unexpected {extra[:5]}, misshapen "
-                     f"{[(k, got[k].shape, want[k].shape) for k in bad[:5]]}")
-  st = nnx.state(model, nnx.Param)
-  pure = nnx.to_pure_dict(st)
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(pure)
-  new = [np.asarray(got[_path_str(p)], np.float32) for p, _ in leaves]
+  where = f"model bundle {path!r}"
+  with fc.open_npz(path) as z:
+    heads = fc.npz_headers(z, where)
+    meta = _meta(z, heads, where)
+    cfg = fc.model_config(meta.get("model"), f"{where} __meta__ model")
+    want = fc.param_shapes(fc.abstract_model(cfg, where))
+    got = {k[len("param/"):]: v[:2] for k, v in heads.items() if k.startswith("param/")}
+    got.update({k: v[:2] for k, v in heads.items()  # anything else is unexpected
+                if k != "__meta__" and not k.startswith("param/")})
+    fc.compare(want, got, where, check_dtype=False)
+    odd = sorted(k for k, (_, dt) in got.items() if dt not in fc.PARAM_DTYPES)
+    if odd:
+      raise fc.ModelFileError(f"{where}: parameters must be {list(fc.PARAM_DTYPES)}; "
+                              f"{odd[0]} is {got[odd[0]][1]}")
+    model = DiT(cfg, rngs=nnx.Rngs(0))  # only now: the file holds exactly this model's arrays
+    st = nnx.state(model, nnx.Param)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(st))
+    new = [np.asarray(fc.read_npz_array(z, "param/" + _path_str(p), where), np.float32)
+           for p, _ in leaves]
   nnx.replace_by_pure_dict(st, jax.tree_util.tree_unflatten(treedef, new))
   nnx.update(model, st)
   return cfg, model, meta
+
+
+def _provenance(path) -> str | None:
+  """A folder's name only (a run, its base, its data): a bundle is shared, and the folders of
+  the machine that made it are not recorded (``runs/demo`` and ``/home/me/runs/demo`` both give
+  ``demo``; ``synthetic`` stays ``synthetic``)."""
+  return os.path.basename(os.path.normpath(str(path))) if path else None
 
 
 def export_workdir(workdir: str, out: str, use_ema: bool = True, dtype=np.float16,
@@ -98,8 +128,10 @@ def export_workdir(workdir: str, out: str, use_ema: bool = True, dtype=np.float1
   """A train.py work directory's latest checkpoint -> bundle (EMA weights by default)."""
   from lmdm_jax.checkpoint_io import load_model
   cfg, model, ex = load_model(workdir, use_ema=use_ema)
-  meta = dict(config=ex["meta"]["config"], step=ex["step"], weights="ema" if use_ema else "raw",
-              source=os.path.abspath(workdir), data=ex["meta"].get("data"))
+  name = ex["meta"].get("config")
+  meta = dict(config=registered_spec(name) or name, step=ex["step"],
+              weights="ema" if use_ema else "raw", source=_provenance(workdir),
+              data=_provenance(ex["meta"].get("data")))
   meta.update(extra_meta or {})
   return save_bundle(model, out, meta, dtype)
 
@@ -116,9 +148,10 @@ def export_arc(arc_workdir: str, out: str, dtype=np.float16, extra_meta: dict | 
   if base_step is None and rec.get("base"):  # runs recorded before the pin: the base's latest,
     base_step = latest_step(checkpoint_dir(rec["base"]))  # as load_arc_model loads it
   model = load_arc_model(arc_workdir, merge=True)
-  meta = dict(config=rec["config"], weights="base + merged ARC-Forcing adapter",
-              source=os.path.abspath(arc_workdir), base=rec.get("base"),
-              base_step=base_step, arc_step=arc_step, data=rec.get("data"))
+  meta = dict(config=registered_spec(rec["config"]) or rec["config"],
+              weights="base + merged ARC-Forcing adapter",
+              source=_provenance(arc_workdir), base=_provenance(rec.get("base")),
+              base_step=base_step, arc_step=arc_step, data=_provenance(rec.get("data")))
   meta.update(extra_meta or {})
   return save_bundle(model, out, meta, dtype)
 
@@ -127,10 +160,13 @@ def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("workdir", help="a train.py work directory (or, with --arc, an arc.py one)")
   ap.add_argument("--arc", action="store_true", help="workdir is an arc.py run: merge its adapter")
-  ap.add_argument("--out", default=DEFAULT_BUNDLE)
-  ap.add_argument("--raw", action="store_true", help="the raw weights instead of the EMA")
-  ap.add_argument("--float32", action="store_true", help="store float32 (default float16)")
-  ap.add_argument("--meta", default="{}", help="extra JSON metadata to record")
+  ap.add_argument("--out", required=True,
+                  help="the bundle to write (required: to replace the shipped model, name "
+                       "lmdm_jax/assets/demo_model.npz explicitly)")
+  ap.add_argument("--raw", action="store_true",
+                  help="the raw weights instead of the EMA (default: EMA)")
+  ap.add_argument("--float32", action="store_true", help="store float32 (default: float16)")
+  ap.add_argument("--meta", default="{}", help="extra JSON metadata to record (default: {})")
   args = ap.parse_args(argv)
   dtype = np.float32 if args.float32 else np.float16
   if args.arc:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from lmdm_jax.config import DiTConfig
@@ -86,10 +87,16 @@ class KVCache:
         next_chunk=self.next_chunk + enable.astype(jnp.int32))
 
   def fill(self, fresh: PastKV) -> "KVCache":
-    """Replace the whole ring with a window's K/V (the enc-dec regime: chunks 0..n_slots-1)."""
-    return self.replace(k=fresh.k.astype(self.k.dtype), v=fresh.v.astype(self.v.dtype),
-                        slot_chunk=jnp.arange(self.n_slots, dtype=jnp.int32),
-                        next_chunk=jnp.asarray(self.n_slots, jnp.int32))
+    """Replace the whole ring with the K/V (L, B, n * chunk, H, hd) of stream chunks 0..n-1,
+    n >= n_slots, computed in one pass (a window's context, or a stream's start): the last
+    n_slots chunks are kept, chunk c in slot c mod n_slots, and n chunks count as committed."""
+    s, cs = self.n_slots, self.chunk
+    n = fresh.k.shape[2] // cs
+    shift = (n - s) % s  # puts chunk n - s + p (array position p) into slot (n - s + p) mod s
+    keep = lambda a, buf: jnp.roll(a[:, :, (n - s) * cs:], shift * cs, axis=2).astype(buf.dtype)
+    return self.replace(k=keep(fresh.k, self.k), v=keep(fresh.v, self.v),
+                        slot_chunk=jnp.asarray(np.roll(np.arange(n - s, n), shift), jnp.int32),
+                        next_chunk=jnp.asarray(n, jnp.int32))
 
   def nbytes(self) -> int:
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(self))

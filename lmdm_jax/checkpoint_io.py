@@ -4,6 +4,11 @@
   with the converter's metadata, restored by ``lmdm_jax.convert.dit.load_converted``;
 - a ``train.py`` work directory: ``config.json`` + ``checkpoints/`` (orbax), latest step;
 - a model bundle ``.npz`` (``lmdm_jax.bundle``; the bundled default model is one).
+
+All three are untrusted data: the model config they declare is checked, and the parameter shapes
+it implies (computed without allocating) must match the stored arrays' before a model is built or
+an array read (``lmdm_jax.file_checks``). Config names they record are not interpreted here (see
+``lmdm_jax.config.config_named_by_file``).
 """
 from __future__ import annotations
 

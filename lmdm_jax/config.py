@@ -1,14 +1,25 @@
 """Model hyper-parameters as a frozen dataclass, built from an ml-collections config.
 
 Config files under ``configs/`` return a ``ConfigDict`` whose ``model`` entry holds the fields of
-``DiTConfig``; ``load_config(name_or_path)`` resolves ``tiny``/``saos``/``demo`` (optionally with
-``:arg``) or a path to a config file.
+``DiTConfig``. Config files are Python and are run to build the config, so which files may run is
+kept narrow:
+
+- ``load_config("tiny")``, ``load_config("saos:enc_dec")``: a registered config (a file in
+  ``configs/``, by name, with an optional ``:arg`` for its ``get_config``). Nothing else.
+- ``load_config_file("path/to/my.py[:arg]")``: a config file the user named on the command line
+  (their own choice); ``load_cli_config`` takes either form, as a ``--config`` value.
+- ``config_named_by_file(value, field, file)``: a config named inside a file we load (a bundle's
+  ``__meta__``, a work directory's ``config.json``, an ARC run's ``arc_config.json``). Those files
+  are untrusted data: the value is looked up among the registered configs only, never run as a path.
 """
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
+import numbers
 import os
+import re
 from typing import Literal
 
 import ml_collections
@@ -34,9 +45,15 @@ class DiTConfig:
   ``input_add_dim``: channels added to every frame through ``to_input_add_embed``
   (0 for the base model; 1 + io_channels for [context mask | clean context]; more for extra groups
   such as accompaniment or sketch features, which follow in that order).
-  ``chunk``, ``context_chunks`` (K) and ``window_chunks`` set the streaming geometry: a noisy chunk
-  sees K previous clean chunks; the enc-dec regime and the naive baseline use a window of
-  ``window_chunks`` context chunks.
+  ``chunk``, ``context_chunks`` (K) and ``window_chunks`` (W) set the streaming geometry: a noisy
+  chunk sees K previous clean chunks; the enc-dec regime and the naive baseline use a window of
+  W context chunks.
+  ``positions``: the rotary layout the model was trained with (``lmdm_jax.layouts``). "authors":
+  a noisy chunk's window is W context chunks, itself and the global token (at 0), its frames
+  from W * chunk + 1, and a stream starts from W zero-latent context chunks, as the authors'
+  code. "legacy": the window is K chunks (frames from K * chunk + 1) and a stream starts from
+  an empty cache: models trained before the field existed. New models get "authors"; stored
+  models without the field load as "legacy" (``from_stored``).
   """
 
   io_channels: int = 64
@@ -57,8 +74,10 @@ class DiTConfig:
   window_chunks: int = 4
   dtype: str = "float32"  # compute dtype ("bfloat16" on accelerators)
   param_dtype: str = "float32"
+  positions: Literal["authors", "legacy"] = "authors"
 
   def __post_init__(self):
+    _check_values(self)
     if self.embed_dim % self.num_heads:
       raise ValueError(f"embed_dim {self.embed_dim} is not a multiple of num_heads {self.num_heads}")
     if self.cond_token_dim and not self.project_cond_tokens and self.cond_token_dim % self.head_dim:
@@ -69,6 +88,13 @@ class DiTConfig:
                        f"({1 + self.io_channels}): [context mask | clean context | extra]")
     if self.global_token not in ("prepend", "postpend"):
       raise ValueError(f"global_token must be 'prepend' or 'postpend', got {self.global_token!r}")
+    if self.qk_norm not in ("ln", "none"):
+      raise ValueError(f"qk_norm must be 'ln' or 'none', got {self.qk_norm!r}")
+    if self.positions not in ("authors", "legacy"):
+      raise ValueError(f"positions must be 'authors' or 'legacy', got {self.positions!r}")
+    if self.positions == "authors" and self.window_chunks < self.context_chunks:
+      raise ValueError(f"window_chunks {self.window_chunks} < context_chunks "
+                       f"{self.context_chunks}: the authors' window holds the attended context")
 
   @property
   def head_dim(self) -> int:
@@ -101,10 +127,57 @@ class DiTConfig:
   def from_config(cls, cfg) -> "DiTConfig":
     return dataclass_from_config(cls, cfg, "model")
 
+  @classmethod
+  def from_stored(cls, d) -> "DiTConfig":
+    """The config of a stored model (a bundle's, a work directory's or a converted checkpoint's
+    recorded fields). Models stored before ``positions`` existed were trained in the legacy
+    layout and keep it: the one place that rule lives."""
+    d = dict(d)
+    d.setdefault("positions", "legacy")
+    return cls.from_config(d)
+
+
+# Bounds on DiTConfig's numbers: the configs read from model files (bundles, work directories,
+# converted checkpoints) are untrusted, and these sizes decide what building a model allocates.
+# Every real configuration is far inside them (saos: embed_dim 1024, depth 16, chunk 48).
+_INT_RANGE = dict(io_channels=(1, 4096), embed_dim=(1, 16384), depth=(1, 256), num_heads=(1, 256),
+                  cond_token_dim=(0, 16384), global_cond_dim=(0, 16384), input_add_dim=(0, 65536),
+                  ff_mult=(1, 16), timestep_features_dim=(2, 16384), chunk=(1, 4096),
+                  context_chunks=(0, 256), window_chunks=(1, 256))
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _check_values(cfg: "DiTConfig") -> None:
+  """Types and ranges of every field, as one-line ValueErrors naming the field."""
+  for name, (lo, hi) in _INT_RANGE.items():
+    v = getattr(cfg, name)
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or not lo <= v <= hi:
+      raise ValueError(f"model config field {name} must be an integer in [{lo}, {hi}], "
+                       f"got {_short(v)}")
+  if not isinstance(cfg.project_cond_tokens, bool):
+    raise ValueError(f"model config field project_cond_tokens must be true or false, got "
+                     f"{_short(cfg.project_cond_tokens)}")
+  v = cfg.rope_base
+  if isinstance(v, bool) or not isinstance(v, numbers.Real) or not (math.isfinite(v) and v > 1):
+    raise ValueError(f"model config field rope_base must be a finite number > 1, got {_short(v)}")
+  for name in ("dtype", "param_dtype"):
+    if getattr(cfg, name) not in _DTYPES:
+      raise ValueError(f"model config field {name} must be one of {list(_DTYPES)}, got "
+                       f"{_short(getattr(cfg, name))}")
+
+
+def _short(v, n: int = 80) -> str:
+  """repr(v), cut to ``n`` characters: values from files go into one-line messages."""
+  r = repr(v)
+  return r if len(r) <= n else r[:n] + "..."
+
 
 def check_fields(cls, cfg, what: str) -> dict:
   """The config as a dict, after rejecting fields the dataclass ``cls`` does not have, by name."""
-  d = dict(cfg)
+  try:
+    d = dict(cfg)
+  except (TypeError, ValueError):
+    raise ValueError(f"{what} config must be a mapping of fields, got {_short(cfg)}") from None
   names = {f.name for f in dataclasses.fields(cls)}
   unknown = sorted(set(d) - names)
   if unknown:
@@ -117,14 +190,78 @@ def dataclass_from_config(cls, cfg, what: str):
   return cls(**check_fields(cls, cfg, what))
 
 
+def registered_configs() -> list[str]:
+  """Names of the registered configs: the files ``configs/<name>.py``."""
+  return sorted(f[:-3] for f in os.listdir(CONFIG_DIR)
+                if f.endswith(".py") and _NAME.match(f[:-3]) and f != "__init__.py")
+
+
+_NAME = re.compile(r"^[A-Za-z0-9_]+$")
+
+
 def load_config(spec: str) -> ml_collections.ConfigDict:
-  """``tiny``, ``saos:block_causal``, ``configs/demo.py`` ... -> the file's ``get_config(arg)``."""
+  """A registered config: ``tiny``, ``saos:enc_dec`` -> ``configs/<name>.py``'s ``get_config(arg)``.
+
+  Only the files in ``configs/`` are run; any other name (a path, ``../x``) is a ValueError. A
+  config file of the user's own choosing goes through ``load_config_file``.
+  """
+  name, _, arg = str(spec).partition(":")
+  known = registered_configs()
+  if name not in known:
+    raise ValueError(f"config {_short(spec)}: not a registered config; known: {known} (a config "
+                     "file of your own: --config path/to/file.py)")
+  return _run_config(os.path.join(CONFIG_DIR, name + ".py"), arg)
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+  """``path/to/config.py[:arg]`` -> that file's ``get_config(arg)``. The file is RUN: call this
+  only with a path the user gave on the command line, never with a value read from a file."""
   path, _, arg = spec.partition(":")
-  if not path.endswith(".py"):
-    path = os.path.join(CONFIG_DIR, path + ".py")
-  if not os.path.exists(path):
-    known = sorted(f[:-3] for f in os.listdir(CONFIG_DIR) if f.endswith(".py") and f != "__init__.py")
-    raise ValueError(f"config {spec!r}: no file {path}; known configs: {known}")
+  if not os.path.isfile(path):
+    raise ValueError(f"config {spec!r}: no file {path}; registered configs: {registered_configs()}")
+  return _run_config(path, arg)
+
+
+def load_cli_config(value: str) -> ml_collections.ConfigDict:
+  """A ``--config`` value: a registered name (``demo``, ``tiny:enc_dec``) or a path to a ``.py``
+  config file (``configs/demo.py``, ``my_configs/x.py:arg``), which is run (the user's choice)."""
+  path = value.partition(":")[0]
+  if path.endswith(".py") or "/" in path or os.sep in path:
+    return load_config_file(value)
+  return load_config(value)
+
+
+_RECORDED_PATH = re.compile(r"^(?:.*[/\\])?configs[/\\]([A-Za-z0-9_]+)\.py$")
+
+
+def registered_spec(value) -> str | None:
+  """The registered config that a value recorded in a file names, as ``name[:arg]``, or None.
+
+  ``name[:arg]`` with a registered name is itself. A recorded command-line path to one of the
+  registered files (``configs/demo.py:arg``, as ``train.py --config configs/demo.py`` records it)
+  is read as that name: the registered file is what runs, never the path. Anything else is None.
+  """
+  if not isinstance(value, str):
+    return None
+  head, colon, arg = value.partition(":")
+  m = _RECORDED_PATH.match(head)
+  name = m.group(1) if m else head
+  return name + colon + arg if name in registered_configs() else None
+
+
+def config_named_by_file(value, field: str, file: str) -> ml_collections.ConfigDict:
+  """The config named by ``field`` of ``file`` (a bundle's ``__meta__``, a work directory's
+  ``config.json``, an ARC run's ``arc_config.json``): untrusted data, so a registered config only
+  (``registered_spec``); anything else is a one-line ValueError naming the field and the file."""
+  spec = registered_spec(value)
+  if spec is None:
+    raise ValueError(f"{file}: field {field!r} = {_short(value)} is not a registered config "
+                     f"(known: {registered_configs()}); a config named by a file is only looked "
+                     "up by name, never run from a path")
+  return load_config(spec)
+
+
+def _run_config(path: str, arg: str) -> ml_collections.ConfigDict:
   spec_ = importlib.util.spec_from_file_location("lmdm_config", path)
   mod = importlib.util.module_from_spec(spec_)
   spec_.loader.exec_module(mod)

@@ -1,11 +1,17 @@
 """Token layouts of the streaming regimes, and the teacher-forcing forward over a whole stream.
 
-Positions (DESIGN.md): for noisy chunk i the window is its K context chunks and itself; its global
-token sits at window position 0 and frame j of chunk c at (c - i + K) * chunk + j + 1. In a
-full-sequence pass every noisy chunk has its own global token, placed where its window starts;
-shifting all positions by K * chunk makes them absolute from 0:
-  frame f (of a clean or noisy chunk) -> f + 1 + K * chunk,   global token of chunk i -> i * chunk.
+Positions (DESIGN.md, "Exact streaming semantics"): for noisy chunk i the window is its S context
+chunks and itself, S the model's *span* (``span(cfg)``): W = ``window_chunks`` in the authors'
+layout (their training sample: W context chunks, the noisy chunk, the postpend global token),
+K = ``context_chunks`` in the legacy one (models trained before ``DiTConfig.positions``). The
+global token sits at window position 0 and frame j of chunk c at (c - i + S) * chunk + j + 1, so
+the noisy chunk's frames start at S * chunk + 1. Attention reaches K previous chunks either way.
+In a full-sequence pass every noisy chunk has its own global token, placed where its window
+starts; shifting all positions by S * chunk makes them absolute:
+  frame f (of a clean or noisy chunk) -> f + 1 + S * chunk,   global token of chunk i -> i * chunk.
 Only differences enter attention (RoPE is relative), so both agree exactly.
+The stream's start (``start_chunks``): the authors' stream starts from W zero-latent context
+chunks marked present (context mask 1, their full-context-drop case); a legacy one from nothing.
 """
 from __future__ import annotations
 
@@ -19,9 +25,20 @@ from lmdm_jax.nn import attention as A
 from lmdm_jax.nn.dit import DiT
 
 
-def cached_positions(noisy_chunk, context_chunks: int, chunk: int):
-  """Window-relative rotary position of frame j of chunk c, for the noisy chunk ``noisy_chunk``."""
-  return lambda c, j: (c - noisy_chunk + context_chunks) * chunk + j + 1
+def span(cfg) -> int:
+  """Context chunks in a noisy chunk's rotary window: W (authors' layout) or K (legacy)."""
+  return cfg.window_chunks if cfg.positions == "authors" else cfg.context_chunks
+
+
+def start_chunks(cfg) -> int:
+  """Zero-latent context chunks a fresh stream starts from: W (authors' layout) or 0 (legacy)."""
+  return cfg.window_chunks if cfg.positions == "authors" else 0
+
+
+def cached_positions(noisy_chunk, span: int, chunk: int):
+  """Window-relative rotary position of frame j of chunk c, for the noisy chunk ``noisy_chunk``
+  whose window holds ``span`` context chunks."""
+  return lambda c, j: (c - noisy_chunk + span) * chunk + j + 1
 
 
 class WindowLayout(NamedTuple):
@@ -45,11 +62,12 @@ class SequenceLayout(NamedTuple):
   noisy_chunks: np.ndarray  # stream index of each noisy chunk
 
 
-def sequence_layout(n_clean: int, noisy_chunks, context_chunks: int, chunk: int) -> SequenceLayout:
+def sequence_layout(n_clean: int, noisy_chunks, span: int, chunk: int) -> SequenceLayout:
   """Teacher-forcing layout over a stream: clean chunks 0..n_clean-1, then noisy chunks (each
-  followed by its global token), absolute positions from 0."""
+  followed by its global token), absolute positions (global token of chunk i at i * chunk) for
+  windows of ``span`` context chunks (``span(cfg)``)."""
   noisy_chunks = np.asarray(noisy_chunks, np.int32).reshape(-1)
-  shift = context_chunks * chunk
+  shift = span * chunk
   pos = lambda c, j: c * chunk + j + 1 + shift
   parts = [A.chunk_meta(np.arange(n_clean), A.CLEAN, chunk, pos)]
   for i in noisy_chunks:

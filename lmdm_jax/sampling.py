@@ -6,6 +6,9 @@
   regime of the state. Regimes:
     * ``block_causal``: cached streaming; the first step of block i+1 also commits block i's clean
       K/V into the ring (fused commit), the other steps see [cache | noisy chunk | global token].
+      Rotary positions follow the model's layout (``layouts``; the authors' window of W context
+      chunks for new models); in the authors' layout a fresh stream starts from W zero-latent
+      chunks marked present (``start_stream``), unless primed with real context.
       ``block_causal_unfused`` does the commit as a separate pass first (same numbers).
     * ``enc_dec``: the window's context (bidirectional) is encoded once per block, then
       target-only steps against its K/V.
@@ -122,6 +125,13 @@ def init_state(cfg: DiTConfig, regime: str, batch: int, cfg_guidance: bool, cros
                      key=key)
 
 
+def start_context(cfg: DiTConfig, batch: int) -> jax.Array:
+  """The clean history a fresh block_causal stream starts from, (batch, frames, C): the
+  ``layouts.start_chunks`` zero-latent chunks (none in the legacy layout). The no-cache
+  references (``reference_block``, ``layouts.sequence_forward``) take it as the history's start."""
+  return jnp.zeros((batch, layouts.start_chunks(cfg) * cfg.chunk, cfg.io_channels), jnp.float32)
+
+
 def set_prompt(model: DiT, state: StreamState, cond_tokens, global_cond) -> StreamState:
   """Swap the prompt: cross-attention K/V and global embedding for [cond | null] under CFG."""
   b = state.context.shape[0]
@@ -137,9 +147,12 @@ def set_prompt(model: DiT, state: StreamState, cond_tokens, global_cond) -> Stre
   return state.replace(cache=state.cache.with_prompt(cross, g))
 
 
-def _noise_keys(key):
+def block_noise(key, shape):
+  """The noise of one block from the stream's key: (the next key, the initial noise x (shape),
+  ``eps(i)``: the noise of denoising step i (pingpong's re-noising))."""
   key, k_init, k_steps = jax.random.split(key, 3)
-  return key, k_init, k_steps
+  eps = lambda i: jax.random.normal(jax.random.fold_in(k_steps, i), shape, jnp.float32)
+  return key, jax.random.normal(k_init, shape, jnp.float32), eps
 
 
 def _dup(x, n):
@@ -153,6 +166,42 @@ def _split_v(v, b, cfg_on):
 def _tables_lookup(tables, pos, offset):
   cos, sin = tables
   return jnp.take(cos, pos + offset, axis=0), jnp.take(sin, pos + offset, axis=0)
+
+
+def prime_ring(model: DiT, tables, cache: KVCache, context, context_extra, visible=None):
+  """The ring as if the clean chunks of ``context`` (B2, n * chunk, C), n >= K, had been
+  committed one by one into an empty ring as stream chunks 0..n-1: one pass in which chunk c
+  sees chunks c-K..c, keeping the last K. ``visible`` (B2, n * chunk) bool optionally hides keys
+  per item (a hidden chunk still sees itself). Positions as seen from noisy chunk n."""
+  cfg = model.cfg
+  cs, K = cfg.chunk, cfg.context_chunks
+  n = context.shape[1] // cs
+  meta = A.chunk_meta(np.arange(n), A.CLEAN, cs, layouts.cached_positions(n, layouts.span(cfg), cs))
+  mask = jnp.asarray(A.streaming_mask(meta, meta, K))
+  if visible is not None:
+    own = jnp.asarray(meta.chunk[None, :] == meta.chunk[:, None])
+    mask = mask[None] & (visible[:, None, :] | own[None])
+  h = model.embed_clean(context, context_extra)
+  _, kv = model.forward_tokens(h, _tables_lookup(tables, jnp.asarray(meta.pos), cs), mask,
+                               cache.cross())
+  return cache.fill(kv)
+
+
+def start_stream(model: DiT, tables, state: StreamState) -> StreamState:
+  """block_causal: a fresh stream (nothing committed or pending) gets its start context, the
+  ``layouts.start_chunks`` zero-latent chunks (mask 1), under the current prompt; otherwise (or
+  in the legacy layout, which starts empty) the state is returned unchanged."""
+  n = layouts.start_chunks(model.cfg)
+  if not n:
+    return state
+  b2 = state.cache.cross_k.shape[1]
+  cs, e = model.cfg.chunk, model.cfg.extra_dim
+  zeros = jnp.zeros((b2, n * cs, model.cfg.io_channels), jnp.float32)
+  fresh = (state.cache.next_chunk == 0) & (state.has_pending == 0)
+  cache = jax.lax.cond(
+      fresh, lambda c: prime_ring(model, tables, c, zeros, jnp.zeros((b2, n * cs, e), jnp.float32)),
+      lambda c: c, state.cache)
+  return state.replace(cache=cache)
 
 
 def rope_window_tables(model: DiT):
@@ -171,7 +220,7 @@ def commit_pending(model: DiT, tables, state: StreamState) -> StreamState:
   n = state.cache.cross_k.shape[1] // state.context.shape[0]
   cache = state.cache
   i = cache.next_chunk + state.has_pending
-  pos = layouts.cached_positions(i, K, cs)
+  pos = layouts.cached_positions(i, layouts.span(cfg), cs)
   pend = A.chunk_meta((i - 1)[None], A.CLEAN, cs, pos, valid=state.has_pending > 0, xp=jnp)
   past_meta = cache.slot_meta(pos)
   mask = A.streaming_mask(pend, A.TokenMeta.concat(past_meta, pend), K)
@@ -193,11 +242,10 @@ def generate_block(model: DiT, tables, state: StreamState, extra, sp: SamplerPar
   cfg_on = b2 != b
   n = b2 // b
   cs, K = cfg.chunk, cfg.context_chunks
-  key, k_init, k_steps = _noise_keys(state.key)
+  key, x_init, eps = block_noise(state.key, (b, cs, cfg.io_channels))
   cache = state.cache
   cross = cache.cross()
   off = cs  # table index of position 0
-  x_shape = (b, cs, cfg.io_channels)
   extra2 = _dup(extra, n)
 
   def glob_tok(t):
@@ -205,8 +253,10 @@ def generate_block(model: DiT, tables, state: StreamState, extra, sp: SamplerPar
 
   if regime.startswith("block_causal"):
     fused = regime == "block_causal"
+    state = start_stream(model, tables, state)
+    cache = state.cache
     i = cache.next_chunk + state.has_pending  # index of the noisy chunk being generated
-    pos = layouts.cached_positions(i, K, cs)
+    pos = layouts.cached_positions(i, layouts.span(cfg), cs)
     noisy = A.TokenMeta.concat(A.chunk_meta(i[None], A.NOISY, cs, pos, xp=jnp),
                                A.global_meta(i, 0, xp=jnp))
     pend = A.chunk_meta((i - 1)[None], A.CLEAN, cs, pos, valid=state.has_pending > 0, xp=jnp)
@@ -229,7 +279,6 @@ def generate_block(model: DiT, tables, state: StreamState, extra, sp: SamplerPar
       kv_p = jax.tree.map(lambda a: a[:, :, :cs], kv)
       return c.commit(kv_p, i - 1, state.has_pending > 0)
 
-    x_init = jax.random.normal(k_init, x_shape, jnp.float32)
     t0 = schedule(sp.steps)[0]
     if fused:  # step 0 also carries the pending clean chunk and commits its K/V
       v_c0, v_u0, kv = run(cache, x_init, t0, True)
@@ -242,7 +291,7 @@ def generate_block(model: DiT, tables, state: StreamState, extra, sp: SamplerPar
       v_c, v_u, _ = run(new_cache, x, t, False)
       return v_c, v_u
 
-    block, aux = _denoise(x_init, v_c0, v_u0, k_steps, sp, cfg_on, velocity_at)
+    block, aux = _denoise(x_init, v_c0, v_u0, eps, sp, cfg_on, velocity_at)
     new_state = state.replace(cache=new_cache, context=block, context_extra=extra,
                               has_pending=jnp.ones((), jnp.int32))
   else:
@@ -273,8 +322,7 @@ def generate_block(model: DiT, tables, state: StreamState, extra, sp: SamplerPar
         out, _ = model.forward_tokens(h, rope_all, mask_all, cross)
         return _split_v(model.velocity(out[:, w:w + cs]), b, cfg_on)
 
-    x_init = jax.random.normal(k_init, x_shape, jnp.float32)
-    block, aux = _denoise(x_init, None, None, k_steps, sp, cfg_on, velocity_at)
+    block, aux = _denoise(x_init, None, None, eps, sp, cfg_on, velocity_at)
     new_state = state.replace(
         cache=cache,
         context=jnp.concatenate([state.context[:, cs:], block], axis=1),
@@ -283,15 +331,11 @@ def generate_block(model: DiT, tables, state: StreamState, extra, sp: SamplerPar
   return block, new_state, aux
 
 
-def _denoise(x, v_c0, v_u0, k_steps, sp, cfg_on, velocity_at):
+def _denoise(x, v_c0, v_u0, eps, sp, cfg_on, velocity_at):
   """Denoising loop from initial noise x. If v_c0 is given, step 0's velocity is already known
   (the fused first step); steps ``start..steps-1`` run in a ``fori_loop``.
   Returns (x_0, (x_in, v_cond) of the last step)."""
   t = schedule(sp.steps)
-
-  def eps(i):
-    return jax.random.normal(jax.random.fold_in(k_steps, i), x.shape, jnp.float32)
-
   start = 0
   aux = (x, jnp.zeros_like(x))
   if v_c0 is not None:
@@ -321,8 +365,8 @@ def reference_block(model: DiT, history, state: StreamState, extra, sp: SamplerP
   cfg_on = b2 != b
   n = b2 // b
   i = history.shape[1] // cs
-  key, k_init, k_steps = _noise_keys(state.key)
-  layout = layouts.sequence_layout(i, [i], cfg.context_chunks, cs)
+  key, x_init, eps = block_noise(state.key, (b, cs, cfg.io_channels))
+  layout = layouts.sequence_layout(i, [i], layouts.span(cfg), cs)
   rope = A.rope_tables(np.asarray(model.inv_freq[...]), layout.meta.pos)
   hist2 = _dup(history, n)
   hist_extra2 = None if history_extra is None else _dup(history_extra, n)
@@ -334,8 +378,7 @@ def reference_block(model: DiT, history, state: StreamState, extra, sp: SamplerP
                                  state.cache.global_embed, layout, hist_extra2, extra2, rope)
     return _split_v(v, b, cfg_on)
 
-  x_init = jax.random.normal(k_init, (b, cs, cfg.io_channels), jnp.float32)
-  block, _ = _denoise(x_init, None, None, k_steps, sp, cfg_on, velocity_at)
+  block, _ = _denoise(x_init, None, None, eps, sp, cfg_on, velocity_at)
   return block, key
 
 
@@ -443,6 +486,14 @@ class Stream:
     check_frames(frames, cfg.chunk, "context latents")
     extra = self._check_extra(extra, frames)
     if self.regime.startswith("block_causal"):
+      st = self.state
+      n_start = layouts.start_chunks(cfg) - frames // cfg.chunk
+      if n_start > 0 and int(st.cache.next_chunk) == 0 and int(st.has_pending) == 0:
+        # a fresh stream: the real context replaces the zero start chunks it covers
+        pad = jnp.zeros((self.batch, n_start * cfg.chunk, latents.shape[2]), jnp.float32)
+        latents = jnp.concatenate([pad, latents], axis=1)
+        extra = jnp.concatenate([jnp.zeros(pad.shape[:2] + extra.shape[2:]), extra], axis=1)
+        frames = latents.shape[1]
       for c in range(frames // cfg.chunk):
         sl = slice(c * cfg.chunk, (c + 1) * cfg.chunk)
         self.state = self._commit(self.params, self.tables, self.state)

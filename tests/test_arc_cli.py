@@ -31,14 +31,30 @@ def _arc(workdir, base, steps, *extra):
               "--workdir", workdir, "--steps", str(steps), "--ckpt-every", "1", *extra)
 
 
+def _positions(path):
+  with open(path) as f:
+    return json.load(f)["model"].get("positions")
+
+
 def test_arc_pins_base_step_across_resume_and_export(tmp_path):
+  """... and the base's rotary layout: a base recorded before ``positions`` existed (legacy)
+  trains on in it when resumed, and its adapter and exported bundle keep it."""
   base, wd = str(tmp_path / "base"), str(tmp_path / "arc")
   _train(base, 2)
+  rec = os.path.join(base, "config.json")
+  assert _positions(rec) == "authors"
+  with open(rec) as f:
+    old = json.load(f)
+  del old["model"]["positions"]  # as train.py wrote it before the field existed
+  with open(rec, "w") as f:
+    json.dump(old, f)
   out = _arc(wd, base, 1)
   assert out.returncode == 0, out.stdout + out.stderr
   with open(os.path.join(wd, "arc_config.json")) as f:
     assert json.load(f)["base_step"] == 2  # the base's latest step when the run started
-  _train(base, 3)  # the base trains on
+  assert _positions(os.path.join(wd, "arc_config.json")) == "legacy"
+  _train(base, 3)  # the base trains on, in its layout
+  assert _positions(rec) == "legacy"
   out = _arc(wd, base, 2)  # resume: still on step 2 of the base
   assert out.returncode == 0, out.stdout + out.stderr
   assert "base parameters from" in out.stdout and "step 2" in out.stdout, out.stdout
@@ -53,3 +69,6 @@ def test_arc_pins_base_step_across_resume_and_export(tmp_path):
   meta = read_meta(bundle)
   assert (meta["config"], meta["base_step"], meta["arc_step"]) == ("arc_tiny", 2, 2)
   assert meta["data"] == "synthetic" and "merged" in meta["weights"]
+  # provenance is folder names only: nothing of this machine's paths is in a shared bundle
+  assert (meta["source"], meta["base"]) == ("arc", "base") and str(tmp_path) not in json.dumps(meta)
+  assert meta["model"]["positions"] == "legacy"

@@ -4,6 +4,7 @@ Compiles with XLA's backend optimization level 0 (numerically the same program, 
 faster to compile on CPU); every jitted function is compiled once per module.
 """
 import copy
+import dataclasses
 import functools
 import os
 import tempfile
@@ -55,14 +56,13 @@ def _base_state(cfg):
 
 
 def base_model(cfg):
-  """The base of the fixture's adapted model (the same weights), built once."""
+  """The base of the fixture's adapted model (the same weights), built once per layout."""
   return nnx.merge(*_base_state(cfg))
 
 
-@pytest.fixture(scope="module")
-def setup():
+def _setup(positions):
   conf = load_config("arc_tiny")
-  cfg = DiTConfig.from_config(conf.model)
+  cfg = dataclasses.replace(DiTConfig.from_config(conf.model), positions=positions)
   model = built(lambda: AD.add_adapters(random_model(cfg, seed=0),
                                         AD.AdapterConfig(rank=4, alpha=8.0)))
   ac = ARCConfig.from_config(dict(conf.arc, rollout_blocks=2, steps=4, max_k=3))
@@ -72,6 +72,17 @@ def setup():
   batches = Batcher(SyntheticLatents(trainer.frames, cfg.io_channels, seed=0), cfg)
   return dict(conf=conf, cfg=cfg, model=model, trainer=trainer, state=state, frozen=frozen,
               batches=batches, fns=arc.make_step_fns(trainer, OPTS))
+
+
+@pytest.fixture(scope="module")
+def setup():
+  return _setup("authors")
+
+
+@pytest.fixture(scope="module")
+def legacy_setup():
+  """The same in the legacy rotary layout (models trained before the authors' layout)."""
+  return _setup("legacy")
 
 
 def _copy(tree):
@@ -155,8 +166,9 @@ def _sampler_blocks(model, cfg, ctx, cond, gc, key, n, steps, prime):
   st = S.init_state(cfg, "block_causal", b, False, cond.shape[1], seed=key)
   st = S.set_prompt(model, st, cond, gc)
   zero = jnp.zeros((b, cs, cfg.extra_dim))
-  if prime:
-    for c in range(cfg.context_chunks):
+  if prime:  # a fresh stream: the context replaces the zero start chunks it covers
+    ctx = jnp.concatenate([S.start_context(cfg, b)[:, ctx.shape[1]:], ctx], axis=1)
+    for c in range(ctx.shape[1] // cs):
       st = S.commit_pending(model, tables, st)
       st = st.replace(context=ctx[:, c * cs:(c + 1) * cs], context_extra=zero,
                       has_pending=jnp.ones((), jnp.int32))
@@ -168,7 +180,9 @@ def _sampler_blocks(model, cfg, ctx, cond, gc, key, n, steps, prime):
 
 
 @pytest.mark.slow
-def test_rollout_with_k_equal_steps_is_the_real_sampler(setup):
+@pytest.mark.parametrize("layout", ["setup", "legacy_setup"])
+def test_rollout_with_k_equal_steps_is_the_real_sampler(request, layout):
+  setup = request.getfixturevalue(layout)
   tr, cfg, frozen = setup["trainer"], setup["cfg"], setup["frozen"]
   K, n, steps = cfg.context_chunks, tr.ac.rollout_blocks, tr.ac.steps
   ad = perturbed(setup["state"]["adapter"])
@@ -194,10 +208,12 @@ def test_rollout_with_k_equal_steps_is_the_real_sampler(setup):
 
 
 @pytest.mark.slow
-def test_gradients_flow_only_through_the_last_step_of_each_block(setup):
+@pytest.mark.parametrize("layout", ["setup", "legacy_setup"])
+def test_gradients_flow_only_through_the_last_step_of_each_block(request, layout):
   """d rollout / d adapter equals the gradient of sum_j (X_j - T_j v_theta(X_j; ring_j)) with
   X_j (the last step's input), T_j and the K/V ring held constant: no gradient through the
   earlier steps, the cache writes or the window slide. k = 1 and k > 1 blocks, mixed hiding."""
+  setup = request.getfixturevalue(layout)
   tr, cfg, frozen = setup["trainer"], setup["cfg"], setup["frozen"]
   K, cs, n = cfg.context_chunks, cfg.chunk, tr.ac.rollout_blocks
   ad = perturbed(setup["state"]["adapter"])
@@ -215,18 +231,23 @@ def test_gradients_flow_only_through_the_last_step_of_each_block(setup):
   (l_roll, aux), g_roll = compiled(jax.value_and_grad(loss, has_aux=True), ad)(ad)
   tables = tr.tables
 
+  # the authors' layout zeroes hidden context chunks (present) when priming, after its zero start
+  # chunks; the legacy one hides them (absent) from every step
+  authors = layouts.start_chunks(cfg) > 0
+  first = max(layouts.start_chunks(cfg), K)
+
   def last_steps_only(a):
     m = nnx.merge(tr.gd, a, frozen["params"], frozen["rest"])
     cross, g = m.cross_kv(cond), m.project_global(gc)
     total = 0.0
     for j in range(n):
       ring = jax.tree.map(lambda x: x[j], aux["cache"])
-      i = K + j
-      pos = layouts.cached_positions(i, K, cs)
+      i = first + j
+      pos = layouts.cached_positions(i, layouts.span(cfg), cs)
       noisy = A.TokenMeta.concat(A.chunk_meta([i], A.NOISY, cs, pos), A.global_meta(i, 0))
       past = ring.slot_meta(pos)
       mask = A.streaming_mask(noisy, A.TokenMeta.concat(past, noisy), K)
-      seen = jnp.concatenate([past.chunk[None] >= hidden[:, None],
+      seen = jnp.concatenate([past.chunk[None] >= (0 * hidden if authors else hidden)[:, None],
                               jnp.ones((2, len(noisy)), bool)], 1)
       x, t = aux["x_last"][j], aux["t_last"][j]
       h = jnp.concatenate([m.embed_noisy(x), m.embed_global(g, jnp.full((2,), t))[:, None]], 1)
@@ -352,8 +373,8 @@ def test_resume_gives_identical_losses(setup):
 
 
 def test_arc_demo_config_overrides():
-  """configs/arc_demo.py:key=value,... (the sweep specs recorded in arc_config.json)."""
-  c = load_config("configs/arc_demo.py:lr_g=3e-5,lr_d=1e-5,w_contrastive=0.5,head.channels=32,"
+  """arc_demo:key=value,... (the sweep specs recorded in arc_config.json)."""
+  c = load_config("arc_demo:lr_g=3e-5,lr_d=1e-5,w_contrastive=0.5,head.channels=32,"
                   "disc_noise=logit_normal")
   ref = load_config("arc_demo")
   assert (c.arc["lr_g"], c.arc["lr_d"], c.arc["w_contrastive"]) == (3e-5, 1e-5, 0.5)
@@ -364,9 +385,9 @@ def test_arc_demo_config_overrides():
                                                              "disc_noise")}
   ARCConfig.from_config(c.arc)
   with pytest.raises(ValueError, match="no such key"):
-    load_config("configs/arc_demo.py:lr_gg=1e-5")
+    load_config("arc_demo:lr_gg=1e-5")
   with pytest.raises(ValueError, match="key=value"):
-    load_config("configs/arc_demo.py:lr_g")
+    load_config("arc_demo:lr_g")
 
 
 @pytest.mark.slow

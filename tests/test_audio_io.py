@@ -123,6 +123,41 @@ def test_errors_name_file_and_problem(tmp_path):
   _check_error(short, "too short", min_seconds=1.0)
 
 
+def test_truncated_wav_is_refused_with_sizes(tmp_path):
+  """A WAV whose header claims more data than the file holds (a cut-off download or copy) is an
+  error naming the file and both sizes, not a silently shorter load; intact files, files with
+  extra chunks and streamed headers of unknown size still load."""
+  whole = tmp_path / "whole.wav"
+  A.save_audio(whole, _sine(440, 8000, 1.0, channels=2), 8000)  # 16-bit: 32000 data bytes
+  raw = whole.read_bytes()
+  cut = tmp_path / "cut.wav"
+  cut.write_bytes(raw[:-1000])
+  for fn in (A.load_audio, A.audio_info):
+    with pytest.raises(A.AudioFileError) as ei:
+      fn(cut)
+    assert ei.value.path == str(cut)
+    assert "truncated WAV" in str(ei.value) and "32000" in str(ei.value) and "31000" in str(ei.value)
+  assert A.load_audio(whole).shape == (2, 8000)
+  # a LIST chunk (odd size, padded) before the data chunk; then a cut: still found
+  i = raw.index(b"data")
+  extra = b"LIST" + (5).to_bytes(4, "little") + b"INFOx\0"
+  listed = tmp_path / "listed.wav"
+  listed.write_bytes(raw[:4] + (len(raw) - 8 + len(extra)).to_bytes(4, "little") + raw[8:i] +
+                     extra + raw[i:])
+  assert A.load_audio(listed).shape == (2, 8000)
+  listed.write_bytes(listed.read_bytes()[:-2])
+  with pytest.raises(A.AudioFileError, match="truncated WAV.*32000.*31998"):
+    A.load_audio(listed)
+  # a streaming writer's header (data size 0xFFFFFFFF: unknown) is not called truncated
+  streamed = tmp_path / "streamed.wav"
+  streamed.write_bytes(raw[:i + 4] + b"\xff\xff\xff\xff" + raw[i + 8:])
+  assert A._riff_data_sizes(str(streamed)) is None
+  # a WavWriter's partial file mid-stream is always consistent
+  with A.WavWriter(tmp_path / "live.wav", 8000, 1) as w:
+    w.append(_sine(440, 8000, 0.5))
+    assert A.load_audio(w.partial_path).shape == (1, 4000)
+
+
 def test_audio_info(tmp_path):
   p = tmp_path / "i.flac"
   A.save_audio(p, _sine(440, 22050, 2.0, channels=2), 22050)
@@ -143,8 +178,11 @@ def test_wav_writer_valid_after_every_append(tmp_path):
   p = tmp_path / "stream.wav"
   rng = np.random.default_rng(0)
   blocks = [rng.uniform(-0.9, 0.9, (2, n)).astype(np.float32) for n in (1000, 1, 4410, 2048)]
+  p.write_bytes(b"the previous result")
   with A.WavWriter(p, 44100, 2) as w:
-    n, c, _ = _strict_read(p)  # valid (empty) before any block
+    part = w.partial_path
+    assert part == str(p) + ".partial.wav"
+    n, c, _ = _strict_read(part)  # valid (empty) before any block
     assert (n, c) == (0, 2)
     total = 0
     for i, b in enumerate(blocks):
@@ -152,15 +190,16 @@ def test_wav_writer_valid_after_every_append(tmp_path):
       total += b.shape[1]
       assert w.frames_written == total
       # read back while the writer is still open: both a strict and a libsndfile reader
-      n, c, pcm = _strict_read(p)
+      n, c, pcm = _strict_read(part)
       assert (n, c) == (total, 2)
-      back, sr = sf.read(p, dtype="float32")
+      back, sr = sf.read(part, dtype="float32")
       assert sr == 44100 and back.shape == (total, 2)
       expect = np.concatenate([x for x in blocks[:i + 1]], axis=1).T
       np.testing.assert_allclose(back, expect, atol=1.0 / 32767)
       assert abs(w.seconds_written - total / 44100) < 1e-12
-  assert w.closed
-  assert sf.info(p).frames == total
+      assert p.read_bytes() == b"the previous result"  # untouched until the writer commits
+  assert w.closed and w.committed and w.written_path == str(p)
+  assert sf.info(p).frames == total and not os.path.exists(part)
 
 
 def test_wav_writer_mono_clip_float(tmp_path):
@@ -172,19 +211,23 @@ def test_wav_writer_mono_clip_float(tmp_path):
   y, _ = sf.read(p, dtype="float32")
   np.testing.assert_allclose(y, [0, 1, -1], atol=1e-4)
   pf = tmp_path / "f.wav"
-  with A.WavWriter(pf, 8000, 1, subtype="FLOAT") as w:
+  with A.WavWriter(pf, 8000, 1, subtype="FLOAT", partial=False) as w:  # written in place
     w.append(np.array([0.5, 1.5], np.float32))
     y, _ = sf.read(pf, dtype="float32")
     np.testing.assert_allclose(y, [0.5, 1.5])
 
 
 def test_wav_writer_survives_exception(tmp_path):
+  """An exception inside the block keeps the partial file and never touches the target."""
   p = tmp_path / "interrupted.wav"
+  p.write_bytes(b"the previous result")
   with pytest.raises(KeyboardInterrupt):
     with A.WavWriter(p, 8000, 1) as w:
       w.append(np.full((1, 800), 0.25, np.float32))
       raise KeyboardInterrupt
-  assert _strict_read(p)[0] == 800
+  assert w.closed and not w.committed and w.written_path == A.partial_path(p)
+  assert _strict_read(A.partial_path(p))[0] == 800
+  assert p.read_bytes() == b"the previous result"
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
@@ -220,6 +263,7 @@ def test_wav_writer_killed_process_leaves_playable_file(tmp_path, sig):
   finally:
     if proc.poll() is None:
       proc.kill()
-  n, c, pcm = _strict_read(p)
+  assert not p.exists()  # never committed
+  n, c, pcm = _strict_read(A.partial_path(p))
   assert c == 2 and n >= 5 * 1600 and n % 1600 == 0
   assert np.all(pcm == pcm[0, 0]) and abs(int(pcm[0, 0]) - 0.1 * 32768) <= 1

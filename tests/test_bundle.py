@@ -1,4 +1,8 @@
-"""The bundled-model file format (lmdm_jax.bundle): round trip, half precision, bad files."""
+"""The bundled-model file format (lmdm_jax.bundle): round trip, half precision, bad files, the
+recorded rotary layout and the shipped bundle's stream."""
+import dataclasses
+import json
+
 import numpy as np
 import pytest
 from flax import nnx
@@ -77,3 +81,60 @@ def test_load_model_accepts_a_bundle(tmp_path):
   cfg, m2, extras = load_model(path)
   assert cfg == m.cfg and extras["step"] == 3 and extras["meta"]["config"] == "tiny"
   np.testing.assert_array_equal(_forward(m), _forward(m2))
+
+
+def _strip_positions(src, dst):
+  """A copy of bundle ``src`` whose recorded model config lacks ``positions`` (as bundles
+  written before the field existed)."""
+  with np.load(src) as z:
+    arrays = {k: z[k] for k in z.files}
+  meta = json.loads(bytes(arrays["__meta__"]).decode())
+  del meta["model"]["positions"]
+  arrays["__meta__"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+  np.savez(dst, **arrays)
+  return str(dst)
+
+
+def test_new_bundles_record_their_layout_and_old_ones_load_as_legacy(tmp_path):
+  m = _model()
+  assert m.cfg.positions == "authors"  # new models: the authors' layout
+  path = bundle.save_bundle(m, str(tmp_path / "m.npz"), {"config": "tiny"}, np.float32)
+  assert bundle.read_meta(path)["model"]["positions"] == "authors"
+  assert bundle.load_bundle(path)[0].positions == "authors"
+  old = _strip_positions(path, tmp_path / "old.npz")
+  cfg, _, _ = bundle.load_bundle(old)
+  assert cfg.positions == "legacy" and cfg == dataclasses.replace(m.cfg, positions="legacy")
+  assert DiTConfig.from_stored({**dataclasses.asdict(m.cfg)}).positions == "authors"
+  with pytest.raises(ValueError, match="positions"):
+    DiTConfig.from_stored({**dataclasses.asdict(m.cfg), "positions": "absolute"})
+
+
+def test_shipped_bundle_streams_exactly_as_before_the_authors_positions():
+  """The bundled model was trained in the legacy layout: it records no ``positions``, loads as
+  "legacy" and streams the blocks the code before the authors' layout streamed
+  (tests/golden/bundle_stream.npz, written by tests/golden/make_bundle_stream.py)."""
+  from tests.golden import make_bundle_stream as golden
+  assert "positions" not in bundle.read_meta(bundle.DEFAULT_BUNDLE)["model"]
+  cfg, model, _ = bundle.load_bundle(bundle.DEFAULT_BUNDLE)
+  assert cfg.positions == "legacy"
+  want = np.load(golden.OUT)["blocks"]
+  got = golden.stream_blocks(model)
+  err = float(np.abs(got - want).max())
+  print(f"shipped bundle, {golden.BLOCKS} blocks vs golden: max abs diff {err:.2e}")
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  # the same weights in the authors' layout stream differently from the first block on
+  model.cfg = dataclasses.replace(cfg, positions="authors")
+  other = golden.stream_blocks(model)[:, :cfg.chunk]
+  assert np.abs(other - want[:, :cfg.chunk]).max() > 1e-2
+
+
+def test_shipped_bundle_records_no_absolute_paths():
+  """The bundled model's provenance names folders, not this machine's paths (issue 16)."""
+  import json
+  import os
+
+  from lmdm_jax.bundle import DEFAULT_BUNDLE, read_meta
+  meta = read_meta(DEFAULT_BUNDLE)
+  strings = [v for k, v in meta.items() if k != "model" and isinstance(v, str)]
+  assert strings and not any(os.path.isabs(v) or "/work/" in v for v in strings), meta
+  assert "/work/" not in json.dumps(meta)

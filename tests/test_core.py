@@ -41,9 +41,10 @@ def test_window_masks_match_reference_formulas():
   np.testing.assert_array_equal(ours_ed, ref_ed)
 
 
-def test_sequence_mask_semantics():
+@pytest.mark.parametrize("span", [4, 3])  # the authors' layout (W = 4), the legacy one (K = 3)
+def test_sequence_mask_semantics(span):
   cs, K = 2, 3
-  lay = layouts.sequence_layout(6, [6], K, cs)
+  lay = layouts.sequence_layout(6, [6], span, cs)
   m = A.streaming_mask(lay.meta, lay.meta, K)
   meta = lay.meta
   for qi in range(len(meta)):
@@ -56,10 +57,13 @@ def test_sequence_mask_semantics():
         want = (k_clean and qc - K <= kc < qc) or (not k_clean and kc == qc)
       assert m[qi, ki] == want
   assert m.any(axis=1).all()  # no empty softmax row
-  # the global token of noisy chunk 6 sits where its window starts: 3 chunks back
+  # the global token of noisy chunk 6 sits where its window starts, ``span`` chunks back; the
+  # noisy chunk's frames start at span * chunk + 1
   g = int(np.nonzero(meta.kind == A.GLOBAL)[0][0])
-  first_ctx = int(np.nonzero((meta.chunk == 6 - K) & (meta.kind == A.CLEAN))[0][0])
+  first_ctx = int(np.nonzero((meta.chunk == 6 - span) & (meta.kind == A.CLEAN))[0][0])
   assert meta.pos[first_ctx] - meta.pos[g] == 1
+  first_noisy = int(np.nonzero(meta.kind == A.NOISY)[0][0])
+  assert meta.pos[first_noisy] - meta.pos[g] == span * cs + 1
 
 
 def test_cache_ring_writes_whole_chunks_and_wraps():
@@ -164,8 +168,11 @@ def test_model_without_global_conditioning():
     s.set_prompt(cond, jnp.ones((1, 4)))
 
 
-def test_prime_then_stream_equals_reference_history(model):
+@pytest.mark.parametrize("positions", ["authors", "legacy"])
+def test_prime_then_stream_equals_reference_history(model, positions):
   """Priming with real context equals generating after that context in the no-cache reference."""
+  import dataclasses
+  model = random_model(dataclasses.replace(model.cfg, positions=positions), seed=0)
   cfg = model.cfg
   ctx = jax.random.normal(jax.random.key(5), (1, 3 * cfg.chunk, cfg.io_channels))
   sp = S.SamplerParams.make(steps=3, cfg_scale=1.5)
@@ -176,8 +183,11 @@ def test_prime_then_stream_equals_reference_history(model):
   got = s.generate(2 * cfg.chunk)
   st = S.set_prompt(model, S.init_state(cfg, "block_causal", 1, True, 5, seed=4), cond,
                     jnp.zeros((1, cfg.global_cond_dim)))
-  hist, key = ctx, st.key
+  # the context replaces the zero start chunks it covers (the authors' W = 4 > 3: one remains)
+  pad = S.start_context(cfg, 1)[:, ctx.shape[1]:]
+  assert pad.shape[1] == (cfg.chunk if positions == "authors" else 0)
+  hist, key = jnp.concatenate([pad, ctx], axis=1), st.key
   for _ in range(2):
     blk, key = S.reference_block(model, hist, st.replace(key=key), jnp.zeros((1, cfg.chunk, 0)), sp)
     hist = jnp.concatenate([hist, blk], axis=1)
-  np.testing.assert_allclose(got, hist[:, ctx.shape[1]:], rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(got, hist[:, pad.shape[1] + ctx.shape[1]:], rtol=1e-4, atol=1e-5)

@@ -159,3 +159,70 @@ def test_cli_help_and_empty_run(tmp_path, capsys):
   assert C.main(["--out", str(tmp_path), "--hours", "0", "--quiet"]) == 0
   stats = json.loads(capsys.readouterr().out)
   assert stats["pieces"] == 0 and stats["run_new_pieces"] == 0
+
+
+WIDE_PROGRAMS = {5, 26, 27, 29, 30, 33, 34, 38, 80, 81, 88, 89, 90, 95}
+
+
+def test_wide_timbres_add_synths_electric_instruments_and_keep_classic():
+  from music21 import corpus
+  an = C.analyze_score(corpus.parse(CHORALE), CHORALE)
+  classic, wide = set(), set()
+  for s in range(60):
+    a = C.orchestrate(an, "bach", C._seed_for(s, CHORALE))
+    assert a == C.orchestrate(an, "bach", C._seed_for(s, CHORALE), "classic")
+    classic.update(a[1])
+    b = C.orchestrate(an, "bach", C._seed_for(s, CHORALE), "wide")
+    assert b == C.orchestrate(an, "bach", C._seed_for(s, CHORALE), "wide")
+    wide.update(b[1])
+    assert all(p in C.GM and p != C.DRUMS for p in b[1])
+  assert not classic & WIDE_PROGRAMS  # the classic set never draws a new timbre
+  assert {80, 81} & wide and {88, 89, 90} & wide  # synth leads and pads
+  assert {4, 26, 27, 29, 30} & wide and {33, 34} & wide  # electric keys/guitars, electric bass
+  with pytest.raises(ValueError, match="timbres"):
+    C.orchestrate(an, "bach", C._seed_for(0, CHORALE), "loud")
+
+
+def test_drum_part_follows_the_meter(tmp_path):
+  import pretty_midi
+  from music21 import corpus
+  an = C.analyze_score(corpus.parse(CHORALE), CHORALE)
+  assert an.time_signature == "4/4" and an.beat_ql == 1.0
+  spq = 0.5  # 120 quarter notes per minute
+  ev = C.drum_events(an, spq, cut_ql=16.0 + an.measure_offsets[1], repeats=1,
+                     rng=np.random.default_rng(0), style="backbeat")
+  bars = C._bars(an, 16.0 + an.measure_offsets[1])
+  full = [s for s, length in bars if length == 4.0]
+  kicks = [t for t, _, k, _ in ev if k == C.KICK]
+  snares = [t for t, _, k, _ in ev if k == C.SNARE]
+  for s in full:  # kick on beats 1 and 3, snare on 2 and 4 (within the humanization jitter)
+    for beat, hits in ((0, kicks), (2, kicks), (1, snares), (3, snares)):
+      assert min(abs(t - (s + beat) * spq) for t in hits) < 0.02, (s, beat)
+  assert all(0 <= t < (16.0 + an.measure_offsets[1]) * spq + 0.05 for t, *_ in ev)
+  waltz = C.Analysis(**{**an.__dict__, "time_signature": "3/4", "measure_offsets": [0.0, 3.0, 6.0],
+                        "total_ql": 9.0})
+  ev3 = C.drum_events(waltz, spq, 9.0, 1, np.random.default_rng(0), "backbeat")
+  assert sorted(round(t / spq) for t, _, k, _ in ev3 if k == C.KICK) == [0, 3, 6]
+  assert sorted(round(t / spq) for t, _, k, _ in ev3 if k == C.SNARE) == [1, 2, 4, 5, 7, 8]
+  mid = str(tmp_path / "d.mid")  # written on the percussion channel
+  C._write_stem_midi(mid, ev, C.DRUMS, 64, 40, 0)
+  inst = pretty_midi.PrettyMIDI(mid).instruments
+  assert len(inst) == 1 and inst[0].is_drum and len(inst[0].notes) == len(ev)
+
+
+@needs_fluidsynth
+def test_wide_render_with_drums(tmp_path, monkeypatch):
+  class Always(dict):
+    def get(self, key, default=None):
+      return 1.0
+  monkeypatch.setattr(C, "WIDE_DRUMS", Always())
+  cfg = C.RenderConfig(min_seconds=5.0, max_seconds=8.0, sample_rate=22050, channels=1,
+                       timbres="wide")
+  meta = C.render_piece(CHORALE, str(tmp_path), seed=1, cfg=cfg)
+  assert meta["timbres"] == "wide" and meta["drums"] in C.DRUM_STYLES
+  drum = [s for s in meta["stems"] if s["program"] == C.DRUMS]
+  assert len(drum) == 1 and drum[0]["pitched"] is False and drum[0]["instrument"] == "drum kit"
+  assert all(s["pitched"] for s in meta["stems"] if s["program"] != C.DRUMS)
+  assert "drum kit" in meta["players"] and "drum kit" in meta["caption"]
+  x, _ = _read(os.path.join(tmp_path, "audio", drum[0]["file"]))
+  assert 20 * np.log10(np.sqrt(np.mean(x ** 2)) + 1e-12) > -50  # the kit plays

@@ -182,6 +182,45 @@ def test_listing_file(tmp_path, kind):
   assert ds.records[0]["info"]["genre"] == "folk"
 
 
+def test_stems_and_listed_files_stay_inside_the_audio_folder(tmp_path):
+  """A stems list (sidecar or listing) or a listing path that names a file outside the audio
+  folder, by ``..`` or an absolute path, is refused with an error naming the entry; nothing
+  outside is read."""
+  audio = tmp_path / "data" / "audio"
+  audio.mkdir(parents=True)
+  secret = tmp_path / "secret.wav"  # outside the audio folder, readable
+  save_audio(secret, _tone(440, 2.0), SR)
+  save_audio(audio / "ok.wav", _tone(300, 2.0), SR)
+  (audio / "ok.json").write_text(json.dumps({"caption": "fine", "stems": ["ok_stem.wav"]}))
+  save_audio(audio / "ok_stem.wav", _tone(300, 2.0), SR)
+  for name, entry in [("up", "../../secret.wav"), ("abs", str(secret))]:
+    save_audio(audio / f"{name}.wav", _tone(300, 2.0), SR)
+    (audio / f"{name}.json").write_text(json.dumps({"caption": name, "stems": [{"file": entry}]}))
+  items = {it.source: it for it in D.find_items(str(audio))}
+  assert [s["source"] for s in items["ok.wav"].stems] == ["ok_stem.wav"]
+  for name, entry, why in [("up", "../../secret.wav", "outside the audio folder"),
+                           ("abs", str(secret), "absolute path")]:
+    err = items[f"{name}.wav"].info["sidecar_error"]
+    assert f"{name}.json: stem entry 0 {entry!r}" in err and why in err, err
+    assert not items[f"{name}.wav"].stems
+  # the build records those items as bad files, with the reason, and goes on
+  with pytest.warns(RuntimeWarning, match="2 files skipped"):
+    rep = D.build_dataset(str(audio), str(tmp_path / "out"), RMSCodec(), progress=False)
+  assert rep["items"] == 1
+  assert sorted(b["source"] for b in rep["bad"]) == ["abs.wav", "up.wav"]
+  assert all("stem entry 0" in b["reason"] for b in rep["bad"])
+  # a listing: stems and item paths are held to the same folders
+  for row, entry in [({"path": "ok.wav", "caption": "c", "stems": ["../../secret.wav"]},
+                      "../../secret.wav"),
+                     ({"path": str(secret), "caption": "c"}, str(secret)),
+                     ({"path": "../../secret.wav", "caption": "c"}, "../../secret.wav")]:
+    listing = audio / "captions.jsonl"
+    listing.write_text(json.dumps(row) + "\n")
+    with pytest.raises(ValueError, match="captions.jsonl") as ei:
+      D.find_items(str(audio))
+    assert repr(entry) in str(ei.value)
+
+
 def test_resume_after_crash_matches_clean_build(tmp_path):
   n = _make_folder(tmp_path / "audio")
   clean_out = tmp_path / "clean"
@@ -370,6 +409,27 @@ def test_melody_tracks_and_skyline(with_melody):
   np.testing.assert_array_equal(sky[only_low], low[only_low])
   bt = ds.batch(0, 16)
   assert bt["melody"].shape == (16, 100) and bt["stem_melody"].shape == (16, 2, 100)
+
+
+def test_melody_leaves_unpitched_stems_out(built, tmp_path):
+  import shutil
+
+  from lmdm_jax.data import melody
+  out = tmp_path / "out"
+  shutil.copytree(built, out)
+  recs = [json.loads(x) for x in (out / "metadata.jsonl").read_text().splitlines()]
+  for r in recs:
+    for s in r["stems"]:
+      if s["name"] != "low":
+        s["pitched"] = False  # as the corpus marks a drum kit
+  (out / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+  melody.build(str(out), str(built.parent / "audio"), log=lambda *a: None)
+  ds = D.LatentDataset(str(out), crop_frames=100, seed=0)
+  (i,) = [k for k, r in enumerate(ds.records) if r["stems"]]
+  r = ds.records[i]
+  low, high = (ds.melody[s["key"]] for s in r["stems"])
+  assert np.isnan(high).all() and np.isfinite(low[2:-2]).all()
+  np.testing.assert_array_equal(ds.melody[r["key"]], low)  # the skyline is the pitched stem's
 
 
 def _extras_cfg(latent_dim=4):

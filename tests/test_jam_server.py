@@ -8,6 +8,7 @@ its own connection, abrupt disconnects); headless Chromium (fake microphone play
 checks the page: audio goes in, generated audio comes back, round-trip latency measured.
 """
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -77,10 +78,13 @@ class Server:
     return f"ws://127.0.0.1:{self.port}/ws"
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-  d = tmp_path_factory.mktemp("jam_server")
+@contextlib.contextmanager
+def launch(d, *extra, xla=None):
+  """A server subprocess for a tiny accompaniment model in folder `d` (its config), with `extra`
+  command-line flags and the compilation cache `xla` (default: in `d`); stopped with SIGINT at
+  the end, which must exit 0 with no traceback in its output."""
   cfg = write_config(d / "acc.py", extra=ACC)  # input_add_dim = 1 + LAT + (1 + LAT)
+  xla = d / "xla" if xla is None else xla
   env = dict(os.environ)
   env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
   env.setdefault("JAX_PLATFORMS", "cpu")
@@ -88,7 +92,7 @@ def server(tmp_path_factory):
   proc = subprocess.Popen(
       [sys.executable, "-m", "lmdm_jax.apps.server", "--config", cfg, "--port", "0", "--steps",
        "2", "--cfg-scale", "1", "--delay-blocks", "2", "--max-message-bytes", str(MAX_MESSAGE),
-       "--stats-interval", "0.25", "--compile-cache", str(d / "xla")],
+       "--stats-interval", "0.25", "--compile-cache", str(xla), *extra],
       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
   srv = Server(proc)
   try:
@@ -107,6 +111,15 @@ def server(tmp_path_factory):
   out = srv.output(100000)
   assert proc.returncode == 0, f"server exit code {proc.returncode}:\n{srv.output()}"
   assert "Traceback" not in out, out
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+  # one compilation cache for the test run: another module's server (tests/test_jam_page.py,
+  # tests/test_server_security.py) loads the session's compiled steps instead of compiling them
+  xla = tmp_path_factory.getbasetemp() / "jam_server_xla"
+  with launch(tmp_path_factory.mktemp("jam_server"), xla=xla) as srv:
+    yield srv
 
 
 def alive(server):

@@ -12,6 +12,7 @@ import soundfile as sf
 
 from lmdm_jax.apps.common import TimedPrompt, UsageError, parse_prompts, prompt_schedule
 from lmdm_jax.codecs.spectral import DEFAULT_ASSET
+from lmdm_jax.data.audio import partial_path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = os.path.join(ROOT, "sample.py")
@@ -96,7 +97,9 @@ def test_bad_prompt_cli_errors():
 
 @pytest.mark.slow
 def test_wav_duration_and_time_varying_prompts(config, tmp_path):
+  """... and a complete run replaces an existing output, leaving no partial file."""
   out = tmp_path / "song.wav"
+  out.write_bytes(b"the previous result")
   r = run_sample("--config", config, "--seconds", "2", "--prompt", "0:solo piano, calm",
                  "--prompt", "1:string quartet, lively", "--out", str(out))
   assert r.returncode == 0, r.stdout + r.stderr
@@ -109,6 +112,7 @@ def test_wav_duration_and_time_varying_prompts(config, tmp_path):
   audio, _ = sf.read(str(out))
   assert np.all(np.isfinite(audio)) and np.abs(audio).max() > 0
   assert "real-time factor" in r.stdout
+  assert not os.path.exists(partial_path(out))
 
 
 @pytest.mark.slow
@@ -120,12 +124,15 @@ def test_codec_mismatch_writes_latents(tmp_path):
   assert "cannot decode" in r.stdout
   lat = np.load(tmp_path / "x.npy")
   assert lat.shape[1] == 8 and lat.shape[0] % 4 == 0
-  assert not out.exists()
+  assert not out.exists() and not os.path.exists(partial_path(tmp_path / "x.npy"))
 
 
 @pytest.mark.slow
 def test_sigint_mid_stream_leaves_valid_wav(config, tmp_path):
+  """Ctrl-C keeps what was made in the partial file (a valid WAV) and leaves --out untouched."""
   out = tmp_path / "long.wav"
+  out.write_bytes(b"the previous result")
+  part = partial_path(out)
   p = subprocess.Popen([sys.executable, SAMPLE, "--no-progress", "--config", config, "--seconds",
                         "600", "--out", str(out)], stdout=subprocess.PIPE,
                        stderr=subprocess.STDOUT, text=True, env=child_env(), cwd=ROOT,
@@ -133,7 +140,7 @@ def test_sigint_mid_stream_leaves_valid_wav(config, tmp_path):
   try:
     deadline = time.time() + 240
     while time.time() < deadline and p.poll() is None:
-      if out.exists() and out.stat().st_size > 44 + 2 * 3 * SR:  # > 3 s of 16-bit audio
+      if os.path.exists(part) and os.path.getsize(part) > 44 + 2 * 3 * SR:  # > 3 s of 16-bit audio
         break
       time.sleep(0.2)
     assert p.poll() is None, p.stdout.read()
@@ -144,10 +151,12 @@ def test_sigint_mid_stream_leaves_valid_wav(config, tmp_path):
       p.kill()
   assert p.returncode == 130, stdout
   assert "interrupted" in stdout
-  info = sf.info(str(out))
+  assert f"is in {part}; {out} was not changed" in stdout, stdout
+  assert out.read_bytes() == b"the previous result"
+  info = sf.info(part)
   assert info.samplerate == SR and info.frames >= 3 * SR
   assert info.frames % HOP == 0  # the decoder was flushed: whole latent frames
-  audio, _ = sf.read(str(out))
+  audio, _ = sf.read(part)
   assert len(audio) == info.frames and np.all(np.isfinite(audio))
 
 

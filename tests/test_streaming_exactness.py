@@ -1,4 +1,7 @@
-"""Cached streaming equals its no-cache references (fp32, CPU, the `tiny` config)."""
+"""Cached streaming equals its no-cache references (fp32, CPU, the `tiny` config), in both rotary
+layouts (the authors' and the legacy one, ``DiTConfig.positions``)."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -6,14 +9,16 @@ import pytest
 
 from lmdm_jax import layouts
 from lmdm_jax import sampling as S
+from lmdm_jax.config import DiTConfig, load_config
 from lmdm_jax.testing import random_model, rel_err
 
 B, S_LEN = 2, 5
 
 
-@pytest.fixture(scope="module")
-def model():
-  return random_model("tiny", seed=0)
+@pytest.fixture(scope="module", params=["authors", "legacy"])
+def model(request):
+  cfg = DiTConfig.from_config(load_config("tiny").model)
+  return random_model(dataclasses.replace(cfg, positions=request.param), seed=0)
 
 
 def prompt(model, batch=B):
@@ -45,11 +50,13 @@ def test_block_causal_cached_equals_full_history_recompute(model):
   cached, _, _ = stream_blocks(model, "block_causal", n, SP)
   st = S.set_prompt(model, S.init_state(model.cfg, "block_causal", B, True, S_LEN, seed=1),
                     *prompt(model))
-  hist, key = jnp.zeros((B, 0, model.cfg.io_channels)), st.key
+  start = S.start_context(model.cfg, B)  # the authors' zero start chunks (legacy: none)
+  hist, key = start, st.key
   extra = jnp.zeros((B, model.cfg.chunk, 0))
   for _ in range(n):
     blk, key = S.reference_block(model, hist, st.replace(key=key), extra, SP)
     hist = jnp.concatenate([hist, blk], axis=1)
+  hist = hist[:, start.shape[1]:]
   err = rel_err(cached, hist)
   print(f"block_causal cached vs full-history recompute over {n} blocks: rel err {err:.2e}")
   assert err < 1e-5
@@ -69,6 +76,8 @@ def test_fused_commit_equals_separate_commit_pass(model, plus_plus, pingpong):
 
 
 def test_enc_dec_cached_equals_window_recompute(model):
+  if model.cfg.positions == "legacy":
+    pytest.skip("the window regimes do not depend on the layout")
   cached, _, _ = stream_blocks(model, "enc_dec", 8, SP)
   ref, _, _ = stream_blocks(model, "enc_dec_recompute", 8, SP)
   err = rel_err(cached, ref)
@@ -98,11 +107,13 @@ def test_long_stream_equals_teacher_forcing_forward(model):
   assert st.cache.nbytes() == nbytes0
   assert jax.tree.map(lambda a: a.shape, st) == shapes0
   t_last = float(S.schedule(steps)[steps - 1])
-  layout = layouts.sequence_layout(n, np.arange(n), cfg.context_chunks, cfg.chunk)
-  assert int(layout.meta.pos.min()) == 0
+  start = S.start_context(cfg, 1)
+  n0 = start.shape[1] // cfg.chunk
+  layout = layouts.sequence_layout(n0 + n, np.arange(n0, n0 + n), layouts.span(cfg), cfg.chunk)
+  assert int(layout.meta.pos.min()) == n0 * cfg.chunk  # the first global token's
   v_full = layouts.sequence_forward(
-      model, jnp.concatenate(blocks, 1), jnp.concatenate(xs, 1), jnp.full((1, n), t_last),
-      st.cache.cross(), st.cache.global_embed, layout)
+      model, jnp.concatenate([start] + blocks, 1), jnp.concatenate(xs, 1),
+      jnp.full((1, n), t_last), st.cache.cross(), st.cache.global_embed, layout)
   v_stream = jnp.concatenate(vs, 1)
   per_block = [rel_err(v_stream[:, i * cfg.chunk:(i + 1) * cfg.chunk],
                        v_full[:, i * cfg.chunk:(i + 1) * cfg.chunk]) for i in range(n)]

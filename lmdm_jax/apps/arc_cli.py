@@ -31,10 +31,10 @@ import time
 import jax
 
 from lmdm_jax import compile_cache
-from lmdm_jax.config import load_config
+from lmdm_jax.config import load_cli_config
 from lmdm_jax.training import sharding
-from lmdm_jax.training.arc_run import (ARC_DIR, METRICS, build, make_step_fns, restore_state,
-                                       sections, train_loop)
+from lmdm_jax.training.arc_run import (ARC_DIR, METRICS, build, make_step_fns, model_config,
+                                       restore_state, sections, train_loop)
 from lmdm_jax.training.checkpoints import Checkpointer, latest_step
 from lmdm_jax.training.data import Batcher, make_source
 from lmdm_jax.training.workdir import checkpoint_dir, truncate_metrics
@@ -42,25 +42,32 @@ from lmdm_jax.training.workdir import checkpoint_dir, truncate_metrics
 
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  ap.add_argument("--config", default="arc_tiny")
-  ap.add_argument("--data", default="synthetic", help="latent dataset folder, or 'synthetic'")
-  ap.add_argument("--workdir", required=True)
-  ap.add_argument("--base", help="train.py workdir (or checkpoints folder) with the base weights")
-  ap.add_argument("--base-step", type=int)
+  ap.add_argument("--config", default="arc_tiny",
+                  help="a registered ARC config (arc_tiny, arc_demo[:key=value,...]) or your own "
+                       "path/to/config.py (default: arc_tiny)")
+  ap.add_argument("--data", default="synthetic",
+                  help="latent dataset folder, or 'synthetic' (default)")
+  ap.add_argument("--workdir", required=True,
+                  help="run folder: arc_config.json, adapter checkpoints; rerunning resumes")
+  ap.add_argument("--base", help="train.py workdir (or checkpoints folder) with the base weights "
+                  "(default: none: RANDOM base weights, a smoke run)")
+  ap.add_argument("--base-step", type=int,
+                  help="the base's checkpoint step (default: its latest when the run starts, pinned)")
   ap.add_argument("--disc-ckpt", help="checkpoint of a separate discriminator backbone "
-                  "(config key disc_backbone)")
-  ap.add_argument("--steps", type=int)
-  ap.add_argument("--batch-size", type=int)
-  ap.add_argument("--ckpt-every", type=int)
-  ap.add_argument("--keep", type=int)
-  ap.add_argument("--log-every", type=int)
-  ap.add_argument("--seed", type=int)
-  ap.add_argument("--fsdp", type=int, help="devices per FSDP group (train.py's --fsdp)")
+                  "(config key disc_backbone; default: none, random backbone weights)")
+  ap.add_argument("--steps", type=int, help="total steps (default: the config's train.steps)")
+  ap.add_argument("--batch-size", type=int, help="global batch size (default: the config's)")
+  ap.add_argument("--ckpt-every", type=int, help="steps between checkpoints (default: the config's)")
+  ap.add_argument("--keep", type=int, help="checkpoints kept (default: the config's)")
+  ap.add_argument("--log-every", type=int, help="steps between metrics lines (default: the config's)")
+  ap.add_argument("--seed", type=int, help="seed (default: the config's)")
+  ap.add_argument("--fsdp", type=int,
+                  help="devices per FSDP group, as train's --fsdp (default: the config's, 1)")
   args = ap.parse_args(argv)
   compile_cache.enable(log=lambda m: print(f"[arc] {m}"))
 
   sharding.init_distributed()
-  conf = load_config(args.config)
+  conf = load_cli_config(args.config)
   _, _, _, tr = sections(conf)
   for k in ("steps", "batch_size", "ckpt_every", "keep", "log_every", "fsdp"):
     if getattr(args, k) is not None:
@@ -77,9 +84,12 @@ def main(argv=None):
     # Pin the base's step: a base run that trains on must not change this adapter's base. A
     # resumed run keeps what it recorded (None for runs recorded before the pin).
     base_step = old.get("base_step") if old is not None else latest_step(checkpoint_dir(args.base))
+  resumed = old is not None and os.path.isdir(os.path.join(args.workdir, ARC_DIR))
+  cfg = model_config(conf, args.base, old.get("model", {}) if resumed else None)
   rec = {"config": args.config, "seed": seed, "data": args.data,
          "base": os.path.abspath(args.base) if args.base else None, "base_step": base_step,
-         "disc_ckpt": args.disc_ckpt, "train": tr, "model": dict(conf.model),
+         "disc_ckpt": args.disc_ckpt, "train": tr,
+         "model": dict(conf.model, positions=cfg.positions),
          "adapter": dict(conf.get("adapter", {}) or {}), "arc": dict(conf.get("arc", {}) or {})}
   if old is not None:
     for k in ("config", "seed", "data", "base", "base_step"):
@@ -93,7 +103,8 @@ def main(argv=None):
   sharding.check_batch(tr["batch_size"], mesh)
   print(f"[arc] mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']} "
         f"({jax.process_count()} process(es))")
-  trainer, state, frozen = build(conf, seed, args.base, base_step, args.disc_ckpt, mesh=mesh)
+  trainer, state, frozen = build(conf, seed, args.base, base_step, args.disc_ckpt, mesh=mesh,
+                                 stored_model=rec["model"])
   cfg = trainer.cfg
   source = make_source(args.data, trainer.frames, cfg, seed)
   # plain mixes with the config's prompts: the rollouts leave the extra channels at zero

@@ -7,6 +7,7 @@
   lmdm train [...]     stage-1 training of a model (= python3 train.py)
   lmdm arc [...]       ARC-Forcing post-training of a trained model (= python3 arc.py)
   lmdm convert [...]   a stable-audio-tools / LMDM checkpoint -> a folder sample can load
+  lmdm export [...]    any of our models -> a stable-audio-tools checkpoint (safetensors + config)
   lmdm bundle [...]    a train/arc work directory -> a one-file model bundle (.npz)
 
 `lmdm COMMAND --help` describes each command's flags and their defaults. The commands keep JAX's
@@ -27,6 +28,7 @@ COMMANDS = {
     "train": "lmdm_jax.apps.train_cli",
     "arc": "lmdm_jax.apps.arc_cli",
     "convert": "lmdm_jax.convert.__main__",
+    "export": "lmdm_jax.convert.export",
     "bundle": "lmdm_jax.bundle",
 }
 

@@ -1,16 +1,15 @@
-"""What the applications (sample.py, jam, sketch) share: picking a config, loading the model,
-codec and text encoder, parsing time-varying prompts, and a real-time-factor clock.
+"""What the commands share beyond the System (``lmdm_jax.system``): the one-line usage error,
+time-varying prompts (``SECONDS:TEXT``), a decoder warm-up and a real-time-factor clock.
 """
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 import time
 
 import numpy as np
 
-from lmdm_jax.config import DiTConfig, load_config
+from lmdm_jax.system import DEFAULT_PROMPT
 
 
 class UsageError(ValueError):
@@ -26,16 +25,6 @@ _NUM = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)$")
 class TimedPrompt:
   start: float  # seconds
   text: str
-
-
-# String quartet: the bundled model plays this at about -20 dBFS (seeds 0-1, 30 s), while short
-# generic "Piano playing ..." prompts come out quiet, -50 to -80 (README, "The bundled model").
-DEFAULT_PROMPT = "String quartet playing a lively piece. G major, 4/4 time, 120 BPM."
-SAO_FRAME_RATE = 44100 / 2048  # latent frames/s of the SAO VAE: the time base when no codec decodes
-
-
-def frame_rate(codec) -> float:
-  return codec.frame_rate if codec is not None else SAO_FRAME_RATE
 
 
 def parse_prompts(specs, default: str = DEFAULT_PROMPT) -> list[TimedPrompt]:
@@ -81,95 +70,6 @@ def prompt_schedule(prompts: list[TimedPrompt], block_seconds: float, n_blocks: 
       cur += 1
     sched.append(cur)
   return sched
-
-
-# -------------------------------------------------------------------------------------- setup
-
-
-def codec_name(conf, override: str | None = None) -> str | None:
-  if override:
-    return None if override.lower() == "none" else override
-  return conf.get("codec", None) if hasattr(conf, "get") else None
-
-
-def default_config(log=print) -> str:
-  """``demo`` when its codec and text encoder load here, else ``tiny`` (and say why)."""
-  try:
-    conf = load_config("demo")
-    from lmdm_jax import codecs
-    codecs.get_codec(conf.codec)
-    _text_encoder(conf)  # loaded once: text_encoder() reuses it
-    log("[sample] config demo (spectral codec + MiniLM prompts; pass --config to change)")
-    return "demo"
-  except Exception as e:  # noqa: BLE001 - any missing piece falls back to tiny
-    log(f"[sample] config tiny: the demo config needs its codec and MiniLM text encoder, which "
-        f"did not load here ({type(e).__name__}: {str(e)[:160]}); tiny writes latents, not audio")
-    return "tiny"
-
-
-def load(config: str | None, checkpoint: str | None, seed: int, log=print, tag="[sample]"):
-  """-> (conf, DiTConfig, model). Random weights (said on the first line) without a checkpoint."""
-  from flax import nnx
-
-  from lmdm_jax.nn.dit import DiT
-  if not checkpoint and config is None:
-    config = default_config(log)
-    from lmdm_jax.bundle import DEFAULT_BUNDLE
-    if config == "demo" and os.path.isfile(DEFAULT_BUNDLE):
-      checkpoint = DEFAULT_BUNDLE  # the trained default model shipped in the repository
-  if checkpoint:
-    from lmdm_jax.checkpoint_io import load_model
-    cfg, model, extras = load_model(checkpoint)
-    conf = load_config(config or "tiny")
-    if "meta" in extras:  # a train.py run: its config names its text encoder, codec and sampler
-      conf = load_config(extras["meta"]["config"])
-    meta = extras.get("meta") or {}
-    if meta.get("arc_step") is not None:  # an ARC-Forcing bundle: base + merged adapter
-      trained = f"base step {meta.get('base_step', '?')} + ARC-Forcing step {meta['arc_step']}"
-    else:
-      trained = f"step {extras.get('step', '?')}"
-    log(f"{tag} loaded {checkpoint} ({cfg.depth}x{cfg.embed_dim}, {trained}), config {conf.name}")
-    return conf, cfg, model
-  conf = load_config(config)
-  cfg = DiTConfig.from_config(conf.model)
-  log(f"{tag} config {conf.name}: RANDOM WEIGHTS from seed {seed} (no trained checkpoint given): "
-      "this exercises the streaming sampler and decoder; it does not make music.")
-  return conf, cfg, DiT(cfg, rngs=nnx.Rngs(seed))
-
-
-def load_codec(conf, cfg: DiTConfig, override: str | None, log=print, tag="[sample]"):
-  """The codec that decodes this model's latents, or None (and say why)."""
-  name = codec_name(conf, override)
-  if name is None:
-    log(f"{tag} no codec named (the config has no `codec` field and no --codec): cannot decode; "
-        "writing latents instead")
-    return None
-  from lmdm_jax import codecs
-  codec = codecs.get_codec(name)
-  if codec.latent_dim != cfg.io_channels:
-    log(f"{tag} codec {name!r} has {codec.latent_dim}-dim latents but the model has "
-        f"io_channels={cfg.io_channels}: cannot decode; writing latents instead")
-    return None
-  return codec
-
-
-def text_encoder(conf, cfg: DiTConfig):
-  """The config's text encoder (None for a model without text conditioning), loaded once per
-  process for a given conditioner section (encoders hold no per-use state)."""
-  if not cfg.cond_token_dim:
-    return None
-  return _text_encoder(conf)
-
-
-_TEXT_ENCODERS: dict = {}
-
-
-def _text_encoder(conf):
-  key = repr((sorted(dict(conf.conditioner).items()), conf.model.get("cond_token_dim")))
-  if key not in _TEXT_ENCODERS:
-    from lmdm_jax import text as text_lib
-    _TEXT_ENCODERS[key] = text_lib.from_config(conf)
-  return _TEXT_ENCODERS[key]
 
 
 def warm_decoder(codec, frames: int) -> None:

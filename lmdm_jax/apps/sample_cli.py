@@ -1,14 +1,16 @@
-"""Text-to-music: stream blocks with the jitted, KV-cached sampler, decode them as they come and
-write a WAV that stays valid at every moment (Ctrl-C keeps what was made).
+"""Text-to-music (and sketch-to-music): stream blocks with the jitted, KV-cached sampler, decode
+them as they come and write a WAV that stays valid at every moment. The WAV is written to
+OUT.partial.wav (beside OUT) and renamed to OUT only when the run completes: a run stopped by
+Ctrl-C or an error keeps what it made there (and says so) and never touches an existing OUT.
 
-With no arguments: the `demo` config (spectral codec, MiniLM prompts) when its pieces load here,
-else `tiny` (which has no codec and writes latents). Without --checkpoint the weights are RANDOM:
-that exercises the whole path (sampler, cache, codec, real-time factor), it does not make music.
+With no --checkpoint and no --config: the bundled trained model (lmdm_jax/assets/demo_model.npz).
+--config alone builds that config with RANDOM weights (it exercises the pipeline, no music).
 
-  python3 sample.py
-  python3 sample.py --prompt "0:solo piano, calm" --prompt "20:string quartet, lively" --seconds 40
-  python3 sample.py --checkpoint runs/demo --steps 8 --cfg-scale 3 --plus-plus --play
-  python3 sample.py --sketch melody.wav       # sketch-to-music (a model with sketch channels)
+  lmdm sample                                         # 30 s of the bundled model
+  lmdm sample --prompt "0:solo piano, calm" --prompt "20:string quartet, lively" --seconds 40
+  lmdm sample --checkpoint runs/demo --steps 8 --cfg-scale 3 --plus-plus --play
+  lmdm sample --sketch melody.wav                     # sketch-to-music (audio or .mid melody)
+  lmdm sample --checkpoint converted/ --t5 t5-base/   # a converted stable-audio-tools model
 
 --prompt SECONDS:TEXT changes the prompt at the block containing that second (no recompilation).
 """
@@ -22,35 +24,56 @@ import sys
 import numpy as np
 
 from lmdm_jax import compile_cache
+from lmdm_jax.apps import checks as K
 from lmdm_jax.apps import common as C
 
 
 def build_parser():
+  from lmdm_jax import clip_sampling
   from lmdm_jax import sampling as S
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  ap = argparse.ArgumentParser(prog="lmdm sample", description=__doc__,
+                               formatter_class=argparse.RawTextHelpFormatter)
+  ap.add_argument("--checkpoint", default=None, metavar="SOURCE",
+                  help="the model: a bundle .npz, a train.py or arc.py work directory, or a "
+                       "converted checkpoint (lmdm convert) (default: the bundled trained model)")
   ap.add_argument("--config", default=None,
-                  help="tiny | demo | saos | path/to/config.py[:arg] (default: demo if its codec "
-                       "and text encoder load, else tiny)")
-  ap.add_argument("--checkpoint", default=None,
-                  help="a train.py work directory or a converted checkpoint (python3 -m lmdm_jax.convert)")
+                  help="a registered config (tiny | demo | saos | arc_demo ...[:arg]) or your own "
+                       "path/to/config.py[:arg]: without --checkpoint, that config with RANDOM "
+                       "weights; with one, overrides the config it records (default: none)")
   ap.add_argument("--prompt", action="append", default=None, metavar="[SECONDS:]TEXT",
                   help="repeatable; '20:string quartet' switches at 20 s (default: a string-quartet "
                        "prompt in the style of the training captions)")
-  ap.add_argument("--seconds", type=float, default=30.0)
-  ap.add_argument("--steps", type=int, default=None)
-  ap.add_argument("--cfg-scale", type=float, default=None)
-  ap.add_argument("--plus-plus", action="store_true", help="CFG++ update")
-  ap.add_argument("--sampler", choices=["pingpong", "euler"], default=None)
-  ap.add_argument("--regime", default=None, choices=list(S.REGIMES))
-  ap.add_argument("--seed", type=int, default=0)
-  ap.add_argument("--codec", default=None, help="codec name (default: the config's `codec`); 'none' "
-                  "writes latents")
+  ap.add_argument("--seconds", type=float, default=30.0,
+                  help=f"length in seconds, at most {K.MAX_SECONDS:g} (default: 30)")
+  ap.add_argument("--steps", type=int, default=None,
+                  help=f"denoising steps per block, 1..{S.MAX_STEPS} (default: the model's, 4 for "
+                       "the bundled model)")
+  ap.add_argument("--cfg-scale", type=float, default=None,
+                  help="classifier-free guidance scale; 1 turns CFG off (default: the model's)")
+  ap.add_argument("--plus-plus", action="store_true", help="CFG++ update (default: the model's)")
+  ap.add_argument("--sampler", choices=["pingpong", "euler"], default=None,
+                  help="denoising update (default: the model's, pingpong)")
+  ap.add_argument("--regime", default=None, choices=list(S.REGIMES) + [clip_sampling.REGIME],
+                  help="streaming regime (default: the model's, block_causal; 'clip' for base "
+                       "models that generate whole clips)")
+  ap.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
+  ap.add_argument("--codec", default=None,
+                  help="codec name (default: the model's); 'none' writes latents (.npy)")
   ap.add_argument("--sketch", default=None, metavar="FILE",
-                  help="melody sketch (audio or .mid) -> the model's sketch channels")
+                  help="melody sketch (audio or .mid) -> the model's sketch channels (default: none)")
   ap.add_argument("--out", default="outputs/sample.wav",
-                  help="WAV path (latents go to the same name with .npy when there is no codec)")
-  ap.add_argument("--play", action="store_true", help="also play through the sound card (sounddevice)")
-  ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+                  help="WAV path; latents go to the same name with .npy when there is no codec; "
+                       "written as OUT.partial.wav and renamed to OUT when complete "
+                       "(default: outputs/sample.wav)")
+  ap.add_argument("--play", action="store_true",
+                  help="also play through the sound card (needs sounddevice; default: off)")
+  ap.add_argument("--no-progress", action="store_true", help="no progress bar (default: shown)")
+  ap.add_argument("--t5", default=None, metavar="DIR",
+                  help="local Hugging Face T5 folder for T5-conditioned models (--config saos, a "
+                       "converted checkpoint) (default: the folder recorded by the converter)")
+  ap.add_argument("--vae", default=None, metavar="PATH",
+                  help="VAE for a converted checkpoint that has none: a converted directory "
+                       "holding one, or a VAE .safetensors/.ckpt (default: the checkpoint's own)")
   return ap
 
 
@@ -78,70 +101,96 @@ def main(argv=None):
   try:
     return run(args)
   except C.UsageError as e:
-    print(f"sample.py: error: {e}", file=sys.stderr)
+    print(f"sample.py: error: {K.one_line(e)}", file=sys.stderr)
     return 2
+  except KeyboardInterrupt:  # before the stream started: nothing was written
+    print("[sample] interrupted before any output was written", file=sys.stderr)
+    return 130
+
+
+class NonFiniteOutput(RuntimeError):
+  """The model (or the decoder) produced NaN or infinite values."""
+
+
+def latents_path(out: str) -> str:
+  return os.path.splitext(out)[0] + ".npy"
+
+
+def check_args(args):
+  """Every value that can be checked without a model (UsageError on the first bad one); -> the
+  parsed prompts."""
+  K.seconds("--seconds", args.seconds)
+  K.steps(args.steps)
+  if args.cfg_scale is not None:
+    K.number("--cfg-scale", args.cfg_scale)
+  K.seed(args.seed)
+  prompts = C.parse_prompts(args.prompt)
+  for p in prompts:
+    K.text("--prompt", p.text)
+  K.codec(args.codec)
+  if args.checkpoint:
+    K.input_file("--checkpoint", args.checkpoint)
+  if args.sketch:
+    from lmdm_jax.data import sketch as sketch_data
+    try:
+      sketch_data.check_sketch(args.sketch)
+    except sketch_data.SketchError as e:
+      raise C.UsageError(f"--sketch: {e}") from e
+  inputs = {"--sketch": args.sketch, "--checkpoint": args.checkpoint}
+  K.output("--out", args.out, inputs)
+  K.output("--out (its latents file)", latents_path(args.out), inputs)
+  if args.config is not None:
+    conf = K.config(args.config)
+    K.regime(args.regime or conf.sampler.regime, f"the sampler regime of config {args.config!r}")
+  return prompts
 
 
 def run(args):
-  prompts = C.parse_prompts(args.prompt)  # before any slow loading: bad specs fail fast
-  if args.seconds <= 0:
-    raise C.UsageError(f"--seconds must be positive, got {args.seconds}")
-  import jax.numpy as jnp
-
-  from lmdm_jax import sampling as S
-  from lmdm_jax.data.audio import WavWriter
-  conf, cfg, model = C.load(args.config, args.checkpoint, args.seed)
-  codec = C.load_codec(conf, cfg, args.codec)
-  frame_rate = C.frame_rate(codec)
-  sc = conf.sampler
-  steps = args.steps or sc.steps
-  cfg_scale = sc.cfg_scale if args.cfg_scale is None else args.cfg_scale
-  pingpong = (args.sampler or ("pingpong" if sc.pingpong else "euler")) == "pingpong"
-  regime = args.regime or sc.regime
-  block_s = cfg.chunk / frame_rate
-  n_blocks = max(1, int(np.ceil(args.seconds / block_s - 1e-9)))
+  prompts = check_args(args)  # before any slow loading: bad values fail fast
+  from lmdm_jax.data.audio import WavWriter, save_npy
+  from lmdm_jax.system import load_system
+  import time
+  try:
+    system = load_system(args.checkpoint, config=args.config, codec=args.codec, t5=args.t5,
+                         vae=args.vae, seed=args.seed, log=print)
+    t0 = time.perf_counter()
+    stream = system.stream(prompts[0].text, seed=args.seed, sketch=args.sketch,
+                           seconds=args.seconds, steps=args.steps, cfg_scale=args.cfg_scale,
+                           plus_plus=args.plus_plus or None,
+                           pingpong=None if args.sampler is None else args.sampler == "pingpong",
+                           regime=args.regime)
+  except ValueError as e:  # the named source, config or a sampler setting cannot be used
+    raise C.UsageError(str(e)) from e
+  if len(prompts) > 1 and not system.streams:
+    raise C.UsageError("a base model generates the whole clip at once: give one --prompt")
+  cfg, codec, st = system.cfg, system.codec, stream.settings
+  frame_rate, block_s = system.frame_rate, system.block_seconds
+  n_blocks = system.blocks_for(args.seconds)
   for p in prompts:
     if p.start >= n_blocks * block_s:
       print(f"[sample] note: prompt {p.text!r} at {p.start:g} s is past the end "
             f"({n_blocks * block_s:.1f} s) and is never used")
   sched = C.prompt_schedule(prompts, block_s, n_blocks)
-
-  # conditioning: every prompt encoded once, up front
-  text = C.text_encoder(conf, cfg)
-  if text is not None:
-    toks = [np.asarray(text([p.text])) for p in prompts]
-    n_tok = text.max_tokens
-  else:
-    toks, n_tok = [np.zeros((1, 1, 0), np.float32)] * len(prompts), 1
-  glob = np.zeros((1, cfg.global_cond_dim), np.float32) if cfg.global_cond_dim else None
-  extra_fn = None
-  if args.sketch:
-    from lmdm_jax.apps import sketch as sketch_lib
-    extra_fn = sketch_lib.extra_for_model(args.sketch, cfg, frame_rate, n_blocks * cfg.chunk)
-  elif cfg.extra_dim:
+  if cfg.extra_dim and not args.sketch:
     print(f"[sample] the model has {cfg.extra_dim} extra input channels (accompaniment / sketch);"
           " they are left at zero")
-
-  import time
-  t0 = time.perf_counter()
-  stream = S.Stream(model, batch=1, regime=regime, cfg_guidance=cfg_scale != 1.0, cross_len=n_tok,
-                    seed=args.seed,
-                    sampler=S.SamplerParams.make(steps, cfg_scale, args.plus_plus, pingpong))
-  stream.set_prompt(toks[0], glob)
   if codec is not None:
     C.warm_decoder(codec, 4 * cfg.chunk)
-  print(f"[sample] compiled the block step{' and the decoder' if codec is not None else ''} in {time.perf_counter() - t0:.1f} s "
-        f"(regime {regime}, {steps} steps, CFG {cfg_scale}{'++' if args.plus_plus else ''}, "
-        f"{cfg.chunk}-frame blocks of {block_s:.2f} s)")
+  print(f"[sample] compiled the block step{' and the decoder' if codec is not None else ''} in "
+        f"{time.perf_counter() - t0:.1f} s (regime {st.regime}, {st.steps} steps, CFG "
+        f"{st.cfg_scale}{'++' if st.plus_plus else ''}, {cfg.chunk}-frame blocks of {block_s:.2f} s)")
   if len(prompts) > 1:
     print("[sample] prompts: " + "; ".join(f"{p.start:g} s: {p.text!r}" for p in prompts))
 
-  out = args.out
+  # the output goes to a partial file, renamed over --out only when the run completes
+  out = args.out if codec is not None else latents_path(args.out)
   latents = []
   writer = decoder = player = None
   if codec is not None:
-    writer = WavWriter(out, codec.sample_rate, codec.channels)
-    decoder = codec.stream_decoder()
+    wav_bytes = n_blocks * block_s * codec.sample_rate * codec.channels * 2
+    writer = WavWriter(out, codec.sample_rate, codec.channels,
+                       format="RF64" if wav_bytes > 2 ** 32 - 2 ** 24 else "WAV")
+    decoder = stream.decoder
     if args.play:
       player = open_player(codec.sample_rate, codec.channels)
   elif args.play:
@@ -149,6 +198,8 @@ def run(args):
 
   def emit(audio):
     if audio.shape[-1]:
+      if not np.all(np.isfinite(audio)):
+        raise NonFiniteOutput("the decoder produced NaN or infinite audio")
       writer.append(audio)
       if player is not None:
         player.write(np.ascontiguousarray(audio.T, np.float32))
@@ -158,18 +209,26 @@ def run(args):
     from tqdm import tqdm
     bar = tqdm(total=n_blocks, unit="block", desc="[sample]", file=sys.stderr, dynamic_ncols=True)
   rtf = C.RTF()
-  interrupted = False
-  cur = 0
+  interrupted = complete = False
+  failure = None
   done = 0
-  try:
+
+  def say(msg):
+    (bar.write(msg) if bar is not None else print(msg))
+
+  def produce():
+    nonlocal done
+    cur = 0
     for k in range(n_blocks):
       if sched[k] != cur:
         cur = sched[k]
-        stream.set_prompt(toks[cur], glob)
-        msg = f"[sample] {k * block_s:.1f} s: prompt -> {prompts[cur].text!r}"
-        (bar.write(msg) if bar is not None else print(msg))
-      extra = None if extra_fn is None else extra_fn(k)
-      blk = np.asarray(stream.next_block(extra))[0]
+        stream.set_prompt(prompts[cur].text)
+        say(f"[sample] {k * block_s:.1f} s: prompt -> {prompts[cur].text!r}")
+      try:
+        blk = stream.next_latents()
+      except FloatingPointError:
+        raise NonFiniteOutput(f"block {k} ({k * block_s:.1f} s): the model produced NaN or "
+                              "infinite latents") from None
       if decoder is not None:
         emit(decoder.push(blk))
       else:
@@ -179,34 +238,57 @@ def run(args):
       if bar is not None:
         bar.set_postfix_str(f"{rtf.value:.2f}x real time", refresh=False)
         bar.update(1)
+    if decoder is not None:
+      emit(decoder.flush())
+
+  try:
+    produce()
+    complete = True
   except KeyboardInterrupt:
     interrupted = True
-    msg = f"[sample] interrupted after {done} blocks: keeping what was made"
-    (bar.write(msg) if bar is not None else print(msg))
-  finally:
-    if bar is not None:
-      bar.close()
+    say(f"[sample] interrupted after {done} blocks: keeping what was made")
     if decoder is not None:
       try:
         emit(decoder.flush())
-      except KeyboardInterrupt:
+      except (KeyboardInterrupt, NonFiniteOutput):
         pass
-      writer.close()
-      if player is not None:
-        player.stop()
-        player.close()
+  except NonFiniteOutput as e:
+    failure = str(e)
+  finally:
+    if bar is not None:
+      bar.close()
+    if player is not None:
+      player.stop()
+      player.close()
+    if codec is not None:
+      if complete:
+        writer.commit()
+      else:
+        writer.close()
+      where = writer.written_path
+    else:
+      lat = np.concatenate(latents, axis=0) if latents else np.zeros((0, cfg.io_channels), np.float32)
+      where = save_npy(out, lat, partial=not complete)
+    kept = (f"{writer.seconds_written:.2f} s" if codec is not None
+            else f"{lat.shape[0] / frame_rate:.2f} s of latents")
+    untouched = f"{out} was not changed" if os.path.exists(out) else f"{out} was not written"
+    partial_note = f"the partial output ({kept}) is in {where}; {untouched}"
+    if not (complete or interrupted or failure):  # an unexpected error: its traceback follows
+      print(f"[sample] stopped by an error: {partial_note}", file=sys.stderr)
+  if failure:
+    print(f"sample.py: error: {failure}; {partial_note}", file=sys.stderr)
+    return 1
+  if interrupted:
+    print(f"[sample] {partial_note}")
+    return 130
   final_rtf = rtf.value
   if codec is not None:
     print(f"[sample] wrote {writer.seconds_written:.2f} s ({codec.sample_rate} Hz, "
-          f"{codec.channels} ch) to {out}; real-time factor {final_rtf:.2f}x including decode")
+          f"{codec.channels} ch) to {where}; real-time factor {final_rtf:.2f}x including decode")
   else:
-    path = os.path.splitext(out)[0] + ".npy"
-    lat = np.concatenate(latents, axis=0) if latents else np.zeros((0, cfg.io_channels), np.float32)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    np.save(path, lat)
     print(f"[sample] wrote {lat.shape[0]} latent frames x {lat.shape[1]} channels "
-          f"({lat.shape[0] / frame_rate:.1f} s) to {path}; real-time factor {final_rtf:.2f}x")
-  return 130 if interrupted else 0
+          f"({lat.shape[0] / frame_rate:.1f} s) to {where}; real-time factor {final_rtf:.2f}x")
+  return 0
 
 
 def entry():

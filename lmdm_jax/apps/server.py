@@ -17,6 +17,10 @@ Protocol (``/ws``):
   ``{"type": "prompt_ok"}``; ``{"type": "stop"}`` -> ``{"type": "stopped", "stats"}``;
   ``{"type": "ping", "t"}`` -> ``{"type": "pong", "t"}``; ``{"type": "report", ...}`` (the
   page's measurements, logged by the server) -> ``{"type": "report_ok"}``.
+- while a session is set up (before ``started``): ``{"type": "progress", "stage", "elapsed_s"}``
+  each time the set-up enters a stage (waiting for another session's set-up, encoding the prompt,
+  compiling the block step, compiling the decoder, warming up the encoder); ``elapsed_s`` counts
+  from the start request.
 - binary, both ways: little-endian float32 mono PCM at ``sample_rate``. The client is the clock:
   every binary frame of n samples it sends (the partner, live) is answered by one binary frame of
   n samples, the next n samples of the model's part. Output sample i is the model's music for the
@@ -26,11 +30,19 @@ Protocol (``/ws``):
 - ``{"type": "stats", ...}`` every ``--stats-interval`` seconds while a session runs: the
   session's delay, blocks, deadline misses, under-runs, block compute time, and the server's
   per-frame handling time.
-- bad input never ends the connection: malformed JSON, unknown types, bad start values, binary
-  frames that are not a whole number of float32 samples, that hold NaN/inf or are too long, or
-  that run ahead of real time, get ``{"type": "error", "error": "...", "code": "..."}`` and are
-  dropped. A message over ``--max-message-bytes`` closes that connection only (close code 1009,
-  "message too big"); a vanished client's session and sampler thread are stopped.
+- bad input never ends the connection or the session: malformed JSON or JSON nested over
+  ``MAX_JSON_DEPTH`` levels, unknown types, bad start values (numbers out of range, prompts that
+  are not valid Unicode), binary frames that are not a whole number of float32 samples, that hold
+  NaN/inf or are too long, or that run ahead of real time, get ``{"type": "error", "error": "...",
+  "code": "..."}`` and are dropped. Finite samples beyond [-1, 1] are clipped to it and the frame
+  is answered; the connection gets ``{"type": "warning", "code": "clipped", ...}`` (at most one a
+  second; the stats count ``clipped_samples``). A message over ``--max-message-bytes`` closes that
+  connection only (close code 1009, "message too big"); a vanished client's session and sampler
+  thread are stopped.
+- who may connect: requests must name an allowed ``Host`` (localhost, 127.0.0.1, [::1] on the
+  server's port, the ``--host`` address, ``--allow-host`` entries; else 421), and a WebSocket
+  handshake's ``Origin``, when sent, must be http(s) on an allowed host (else 403, unless
+  ``--any-origin``); see ``host_policy``.
 """
 from __future__ import annotations
 
@@ -50,11 +62,15 @@ import urllib.parse
 
 import numpy as np
 
+from lmdm_jax.apps.host_policy import HostPolicy, parse_allow_host
+
 WEB_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web")
 STATIC = {"/": "index.html", "/index.html": "index.html", "/jam.js": "jam.js",
           "/worklet.js": "worklet.js"}
 PROTOCOL_VERSION = 1
 MAX_PROMPT_CHARS = 500
+MAX_JSON_DEPTH = 32  # nesting of a control message (a report's measurements need a few levels)
+CLIP_WARNING_SECONDS = 1.0  # at most one "clipped" warning per connection per this long
 
 
 class BadMessage(ValueError):
@@ -66,30 +82,31 @@ class BadMessage(ValueError):
 
 
 def _log(*a):
-  print("[server]", *a, flush=True)
+  # client text can hold lone surrogates, which a strict UTF-8 stdout cannot print
+  text = " ".join(str(x) for x in a).encode("utf-8", "backslashreplace").decode("utf-8")
+  print("[server]", text, flush=True)
 
 
 # ------------------------------------------------------------------------------ shared state
 
 
 class JamServer:
-  """What all connections share: the model, codec and text encoder, and the limits."""
+  """What all connections share: the System (model, conditioning, codec), and the limits."""
 
-  def __init__(self, model, codec, text, *, config_name: str = "?", random_weights: bool = True,
+  def __init__(self, system, *, config_name: str = "?", random_weights: bool = True,
                prompt: str = "", delay_blocks: int = 2, steps: int = 8, cfg_scale: float = 1.0,
                plus_plus: bool = False, pingpong: bool = True, seed: int = 0,
                max_sessions: int = 4, max_message_bytes: int = 1 << 20,
                stats_interval: float = 0.5, idle_timeout: float = 30.0, any_origin: bool = False,
-               log=_log):
-    cfg = model.cfg
-    if codec.latent_dim != cfg.io_channels:
-      raise ValueError(f"the codec's {codec.latent_dim}-dim latents do not match the model's "
-                       f"io_channels={cfg.io_channels}")
+               allow_hosts=(), log=_log):
+    cfg, codec = system.cfg, system.codec
+    if codec is None:
+      raise ValueError("jamming needs a codec that decodes this model's latents")
     if cfg.extra_dim < 1 + codec.latent_dim:
       raise ValueError(f"jamming needs accompaniment channels: the model has extra_dim="
                        f"{cfg.extra_dim}, it needs >= 1 + latent_dim = {1 + codec.latent_dim} "
                        f"(input_add_dim = 1 + io_channels + {1 + codec.latent_dim})")
-    self.model, self.codec, self.text = model, codec, text
+    self.system, self.codec = system, codec
     self.config_name, self.random_weights = config_name, random_weights
     self.defaults = dict(prompt=prompt, delay_blocks=int(delay_blocks), steps=int(steps),
                          cfg=float(cfg_scale))
@@ -101,6 +118,13 @@ class JamServer:
     self.max_sessions, self.max_message_bytes = int(max_sessions), int(max_message_bytes)
     self.stats_interval, self.idle_timeout = float(stats_interval), float(idle_timeout)
     self.any_origin = any_origin
+    self.allow_hosts = tuple(allow_hosts)
+    for entry in self.allow_hosts:  # a bad entry is the caller's error, before any listening
+      try:
+        parse_allow_host(entry)
+      except ValueError as e:
+        raise ValueError(f"--allow-host {entry!r}: {e}") from None
+    self.hosts = None  # HostPolicy of the listening address, set by listening()
     self.log = log
     self.sessions = 0  # live JamSessions (the event loop's thread only)
     self.connections = 0
@@ -122,14 +146,18 @@ class JamServer:
 
   # ---------------------------------------------------------------------------- sessions
 
-  def make_session(self, prompt: str, delay_blocks: int, steps: int, cfg: float):
+  def make_session(self, prompt: str, delay_blocks: int, steps: int, cfg: float, progress=None):
     """Build a JamSession (worker thread). Its stream is guarded by its own lock, so a prompt or
-    sampler change from the event loop never races the sampler thread's donated state."""
-    from lmdm_jax.apps.jam import JamSession
+    sampler change from the event loop never races the sampler thread's donated state.
+    ``progress(stage)`` (called from this thread) names each set-up stage as it begins."""
+    from lmdm_jax.jamming import JamSession
+    progress = progress or (lambda stage: None)
+    if self.setup_lock.locked():
+      progress("waiting for another session's set-up")
     with self.setup_lock:
-      sess = JamSession(self.model, self.codec, self.text, prompt, delay_blocks=delay_blocks,
-                        steps=steps, cfg_scale=cfg, plus_plus=self.plus_plus,
-                        pingpong=self.pingpong, seed=self.seed)
+      sess = JamSession(self.system, prompt, delay_blocks=delay_blocks, steps=steps,
+                        cfg_scale=cfg, plus_plus=self.plus_plus, pingpong=self.pingpong,
+                        seed=self.seed, progress=progress)
     lock = threading.Lock()
     stream = sess.stream
     step = stream.next_block
@@ -143,25 +171,54 @@ class JamServer:
     return sess
 
   def encode_prompt(self, prompt: str):
-    if self.text is None:
-      return None
-    return np.asarray(self.text([prompt]), np.float32)
+    """-> (cross tokens, global conditioning) of ``prompt`` for this server's model."""
+    return self.system.condition(prompt)
 
   # ------------------------------------------------------------------------------- HTTP
 
+  def listening(self, host: str, port: int):
+    """The server now listens on ``host``:``port``: the Host/Origin allowlist follows from it."""
+    self.hosts = HostPolicy(port, self.allow_hosts, bind_host=host)
+    self.log(f"answering Host {self.hosts.describe()}"
+             + (", WebSocket pages of any origin" if self.any_origin else ""))
+
+  def _refuse(self, connection, status: int, why: str):
+    why = " ".join(why.split())  # one line
+    peer = getattr(connection, "remote_address", None)
+    self.log(f"refused a request from {peer}: {status} {why}")
+    return connection.respond(status, why + "\n")
+
   def process_request(self, connection, request):
-    """Static files over plain HTTP; the WebSocket handshake only on /ws (same origin)."""
+    """Static files over plain HTTP; the WebSocket handshake only on /ws. Both only for an allowed
+    ``Host`` (421 otherwise), the handshake only from an allowed ``Origin`` or none (403); a
+    request with two Host or Origin headers gets 400. Each refusal logs one line."""
+    try:
+      return self._process_request(connection, request)
+    except Exception as e:  # noqa: BLE001 - a request we did not foresee: refused, no traceback
+      return self._refuse(connection, 400, f"bad request: {type(e).__name__}: {e}")
+
+  def _process_request(self, connection, request):
+    headers = request.headers
+    hosts = headers.get_all("Host")
+    if len(hosts) != 1:
+      return self._refuse(connection, 400, f"a request needs exactly one Host header, it has "
+                          f"{len(hosts)}")
+    problem = self.hosts.host_problem(hosts[0])
+    if problem is not None:
+      return self._refuse(connection, 421, problem)
     path = urllib.parse.urlsplit(request.path).path
-    upgrade = request.headers.get("Upgrade", "").lower() == "websocket"
+    upgrade = any(v.strip().lower() == "websocket"
+                  for h in headers.get_all("Upgrade") for v in h.split(","))
     if upgrade:
       if path != "/ws":
         return connection.respond(404, "the WebSocket is at /ws\n")
-      origin = request.headers.get("Origin")
-      host = request.headers.get("Host", "")
-      if origin is not None and not self.any_origin and origin not in (f"http://{host}",
-                                                                       f"https://{host}"):
-        return connection.respond(403, f"origin {origin} is not this server's page "
-                                  "(start the server with --any-origin to allow it)\n")
+      origins = headers.get_all("Origin")
+      if len(origins) > 1:
+        return self._refuse(connection, 400, f"a WebSocket handshake has at most one Origin "
+                            f"header, this one has {len(origins)}")
+      problem = None if not origins or self.any_origin else self.hosts.origin_problem(origins[0])
+      if problem is not None:
+        return self._refuse(connection, 403, problem)
       return None
     name = STATIC.get(path)
     if name is None:
@@ -196,23 +253,81 @@ def _no_constant(name):
   raise ValueError(f"{name} is not JSON")
 
 
+def _json_depth(obj) -> int:
+  """How deeply lists and objects nest in a parsed JSON value (iterative: no recursion)."""
+  deepest, todo = 0, [(obj, 1)]
+  while todo:
+    v, d = todo.pop()
+    if isinstance(v, (list, dict)):
+      deepest = max(deepest, d)
+      if d > MAX_JSON_DEPTH:
+        break
+      todo.extend((x, d + 1) for x in (v.values() if isinstance(v, dict) else v))
+  return deepest
+
+
+def parse_message(text: str) -> dict:
+  """A control message: a JSON object with a string 'type', nested at most MAX_JSON_DEPTH deep
+  (a deeper one would break whatever walks it later); anything else -> BadMessage."""
+  try:
+    msg = json.loads(text, parse_constant=_no_constant)
+  except RecursionError:
+    raise BadMessage("bad_json", f"JSON nested too deeply (at most {MAX_JSON_DEPTH} levels)") \
+        from None
+  except ValueError as e:
+    raise BadMessage("bad_json", f"malformed JSON: {e}") from None
+  if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
+    raise BadMessage("bad_message", "a control message is a JSON object with a string 'type'")
+  if _json_depth(msg) > MAX_JSON_DEPTH:
+    raise BadMessage("bad_json", f"JSON nested too deeply (at most {MAX_JSON_DEPTH} levels)")
+  return msg
+
+
+def _show(v) -> str:
+  """A client's value for an error message: short, and its repr never fails."""
+  if isinstance(v, int) and not isinstance(v, bool) and abs(v) >= 10 ** 30:
+    try:
+      return f"an integer of {len(str(abs(v)))} digits"
+    except ValueError:  # beyond Python's int -> str digit limit
+      return "an integer of thousands of digits"
+  r = repr(v)
+  return r if len(r) <= 60 else r[:57] + "..."
+
+
+def _finite(v) -> float | None:
+  """A JSON number as a finite float, or None (not a number, a bool, inf/NaN, or an integer
+  beyond float range: JSON integers are unbounded)."""
+  if isinstance(v, bool) or not isinstance(v, (int, float)):
+    return None
+  try:
+    f = float(v)
+  except OverflowError:
+    return None
+  return f if math.isfinite(f) else None
+
+
 def _int_field(msg, key, default, lo, hi):
   v = msg.get(key, default)
-  if isinstance(v, bool) or not isinstance(v, (int, float)) or not float(v).is_integer():
-    raise BadMessage("bad_value", f"{key!r} must be an integer, got {v!r}")
-  v = int(v)
-  if not lo <= v <= hi:
-    raise BadMessage("bad_value", f"{key!r} must be in [{lo}, {hi}], got {v}")
-  return v
+  if isinstance(v, int) and not isinstance(v, bool) and not lo <= v <= hi:  # JSON ints: any size
+    raise BadMessage("bad_value", f"{key!r} must be in [{lo}, {hi}], got {_show(v)}")
+  f = _finite(v)
+  if f is None or not f.is_integer():
+    raise BadMessage("bad_value", f"{key!r} must be an integer, got {_show(v)}")
+  if not lo <= f <= hi:
+    raise BadMessage("bad_value", f"{key!r} must be in [{lo}, {hi}], got {_show(v)}")
+  return int(f)
 
 
 def _float_field(msg, key, default, lo, hi):
   v = msg.get(key, default)
-  if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-    raise BadMessage("bad_value", f"{key!r} must be a finite number, got {v!r}")
-  if not lo <= v <= hi:
-    raise BadMessage("bad_value", f"{key!r} must be in [{lo}, {hi}], got {v}")
-  return float(v)
+  if isinstance(v, int) and not isinstance(v, bool) and not lo <= v <= hi:  # JSON ints: any size
+    raise BadMessage("bad_value", f"{key!r} must be in [{lo}, {hi}], got {_show(v)}")
+  f = _finite(v)
+  if f is None:
+    raise BadMessage("bad_value", f"{key!r} must be a finite number, got {_show(v)}")
+  if not lo <= f <= hi:
+    raise BadMessage("bad_value", f"{key!r} must be in [{lo}, {hi}], got {_show(v)}")
+  return f
 
 
 def _prompt_field(msg, default):
@@ -222,6 +337,11 @@ def _prompt_field(msg, default):
   if len(v) > MAX_PROMPT_CHARS:
     raise BadMessage("bad_value", f"'prompt' is {len(v)} characters, at most "
                      f"{MAX_PROMPT_CHARS} are allowed")
+  try:
+    v.encode("utf-8")
+  except UnicodeEncodeError as e:  # JSON's \ud800 escapes can name half a surrogate pair
+    raise BadMessage("bad_value", f"'prompt' is not valid Unicode text: a lone surrogate "
+                     f"U+{ord(v[e.start]):04X} at character {e.start}") from None
   return v
 
 
@@ -238,6 +358,8 @@ class Connection:
     self.pushed = 0  # input samples pushed into the session
     self.frames = 0
     self.rejected = 0
+    self.clipped = 0  # input samples beyond [-1, 1], clipped
+    self.clip_warned = -math.inf  # when this connection last got a "clipped" warning
     self.handle_ms: list[float] = []
     self.in_sq = 0.0  # sum of squares of the input (is anything coming in?)
     self.out_sq = 0.0
@@ -289,12 +411,7 @@ class Connection:
   # ----------------------------------------------------------------------------- control
 
   async def on_text(self, text: str):
-    try:
-      msg = json.loads(text, parse_constant=_no_constant)
-    except ValueError as e:
-      raise BadMessage("bad_json", f"malformed JSON: {e}") from None
-    if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
-      raise BadMessage("bad_message", "a control message is a JSON object with a string 'type'")
+    msg = parse_message(text)
     kind = msg["type"]
     handler = {"start": self.on_start, "prompt": self.on_prompt, "stop": self.on_stop,
                "ping": self.on_ping, "report": self.on_report, "status": self.on_status
@@ -330,9 +447,27 @@ class Connection:
     import websockets
     srv = self.srv
     t0 = time.perf_counter()
+    loop = asyncio.get_running_loop()
+
+    async def send_progress(stage, elapsed):
+      try:
+        await self.send_json(type="progress", stage=stage, elapsed_s=elapsed)
+      except websockets.ConnectionClosed:
+        pass  # run() cleans up
+
+    sending = set()  # (the loop keeps only weak references to tasks)
+
+    def send_soon(stage, elapsed):
+      task = loop.create_task(send_progress(stage, elapsed))
+      sending.add(task)
+      task.add_done_callback(sending.discard)
+
+    def progress(stage):  # (the set-up's worker thread)
+      loop.call_soon_threadsafe(send_soon, stage, time.perf_counter() - t0)
+
     try:
-      sess = await asyncio.get_running_loop().run_in_executor(
-          srv.pool, srv.make_session, prompt, delay, steps, cfg)
+      sess = await loop.run_in_executor(srv.pool, srv.make_session, prompt, delay, steps, cfg,
+                                        progress)
     except Exception as e:  # noqa: BLE001
       self.starting = False
       self._release()
@@ -381,9 +516,7 @@ class Connection:
       cond = srv.encode_prompt(prompt) if prompt is not None else None
       with sess.stream_lock:
         if cond is not None:
-          glob = (np.zeros((1, sess.cfg.global_cond_dim), np.float32)
-                  if sess.cfg.global_cond_dim else None)
-          sess.stream.set_prompt(cond, glob)
+          sess.stream.set_prompt(*cond)
         kw = {}
         if steps is not None:
           kw["steps"] = steps
@@ -409,9 +542,9 @@ class Connection:
 
   async def on_ping(self, msg):
     t = msg.get("t")
-    if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float))
-                          or not math.isfinite(t)):
-      raise BadMessage("bad_value", "'t' must be a finite number")
+    if t is not None and _finite(t) is None:
+      raise BadMessage("bad_value", f"'t' must be a finite number within float range, got "
+                       f"{_show(t)}")
     await self.send_json(type="pong", t=t, server_time=time.time())
 
   async def on_status(self, msg):
@@ -459,6 +592,17 @@ class Connection:
     if self.pushed and ahead > slack:
       raise BadMessage("ahead", f"input runs {ahead:.2f} s ahead of real time (allowed "
                        f"{slack:.2f} s): send audio as it is played; frame dropped")
+    peak = float(np.abs(x).max())
+    if peak > 1.0:  # finite but out of range (3e38 overflows the codec): clipped, and said so
+      over = int(np.count_nonzero(np.abs(x) > 1.0))
+      x = np.clip(x, -1.0, 1.0)
+      self.clipped += over
+      if time.monotonic() - self.clip_warned >= CLIP_WARNING_SECONDS:
+        self.clip_warned = time.monotonic()
+        await self.send_json(type="warning", code="clipped", clipped_samples=self.clipped,
+                             error=f"{over} samples of this frame lie beyond [-1, 1] (peak "
+                             f"{peak:.3g}): clipped to [-1, 1] (float PCM is in [-1, 1]); "
+                             f"{self.clipped} so far")
     audio = np.repeat(x[None].astype(np.float32), srv.codec_channels, axis=0)
     try:
       sess.push(audio)
@@ -492,7 +636,8 @@ class Connection:
               input_lead_seconds=self.pushed / srv.sr - sess.now(),
               input_rms=math.sqrt(self.in_sq / n), output_rms=math.sqrt(self.out_sq / n),
               frame_handling_ms_mean=float(hm.mean()), frame_handling_ms_max=float(hm.max()),
-              rejected_messages=self.rejected, active_sessions=srv.sessions)
+              rejected_messages=self.rejected, clipped_samples=self.clipped,
+              active_sessions=srv.sessions)
     for k, v in list(st.items()):
       if isinstance(v, float) and not math.isfinite(v):
         st[k] = None
@@ -553,6 +698,7 @@ async def serve(srv: JamServer, host: str, port: int, ready=None):
                       max_size=srv.max_message_bytes, compression=None, max_queue=64,
                       ping_interval=20, ping_timeout=20, close_timeout=5) as server:
     bound = server.sockets[0].getsockname()[1]
+    srv.listening(host, bound)
     shown = f"[{host}]" if ":" in host else host
     srv.log(f"listening on http://{shown}:{bound}/ (WebSocket at ws://{shown}:{bound}/ws)")
     if ready is not None:
@@ -562,27 +708,44 @@ async def serve(srv: JamServer, host: str, port: int, ready=None):
 
 
 def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  ap.add_argument("--config", default=None, help="a config with accompaniment channels "
-                  "(extra_dim >= 1 + latent_dim)")
-  ap.add_argument("--checkpoint", default=None)
-  ap.add_argument("--prompt", default="", help="default text prompt (the page can change it)")
-  ap.add_argument("--codec", default=None)
-  ap.add_argument("--delay-blocks", type=int, default=2)
-  ap.add_argument("--steps", type=int, default=None)
-  ap.add_argument("--cfg-scale", type=float, default=None)
-  ap.add_argument("--seed", type=int, default=0)
+  ap = argparse.ArgumentParser(prog="lmdm serve", description=__doc__,
+                               formatter_class=argparse.RawTextHelpFormatter)
+  ap.add_argument("--checkpoint", default=None, metavar="SOURCE",
+                  help="the model (a bundle, work directory or converted checkpoint) with "
+                       "accompaniment channels (default: the bundled trained model)")
+  ap.add_argument("--config", default=None,
+                  help="a config with accompaniment channels: without --checkpoint, RANDOM "
+                       "weights; with one, overrides the config it records (default: none)")
+  ap.add_argument("--prompt", default="",
+                  help="the page's default prompt (default: the page's own caption-style prompt)")
+  ap.add_argument("--codec", default=None, help="codec name (default: the model's)")
+  ap.add_argument("--delay-blocks", type=int, default=2,
+                  help="default generative delay in blocks; the page can change it (default: 2)")
+  ap.add_argument("--steps", type=int, default=None,
+                  help="default denoising steps (default: the model's)")
+  ap.add_argument("--cfg-scale", type=float, default=None,
+                  help="default guidance scale (default: the model's)")
+  ap.add_argument("--seed", type=int, default=0, help="noise seed of every session (default: 0)")
   ap.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: "
                   "this machine only)")
-  ap.add_argument("--port", type=int, default=8765, help="0 picks a free port")
-  ap.add_argument("--max-sessions", type=int, default=4)
+  ap.add_argument("--port", type=int, default=8765, help="port; 0 picks a free one (default: 8765)")
+  ap.add_argument("--max-sessions", type=int, default=4,
+                  help="concurrent jam sessions (default: 4)")
   ap.add_argument("--max-message-bytes", type=int, default=1 << 20,
-                  help="a larger message closes its connection (code 1009)")
-  ap.add_argument("--stats-interval", type=float, default=0.5)
+                  help="a larger message closes its connection with code 1009 (default: 1 MiB)")
+  ap.add_argument("--stats-interval", type=float, default=0.5,
+                  help="seconds between stats messages to the page (default: 0.5)")
   ap.add_argument("--idle-timeout", type=float, default=30.0,
-                  help="stop a session that gets no audio for this long (seconds)")
+                  help="stop a session that gets no audio for this long, in seconds (default: 30)")
   ap.add_argument("--any-origin", action="store_true",
-                  help="accept WebSocket connections from pages of other origins")
+                  help="accept WebSocket connections from pages of other origins (the Host "
+                  "header is still checked; default: off)")
+  ap.add_argument("--allow-host", action="append", default=[], metavar="NAME[:PORT]",
+                  help="also answer requests for this host name or address (repeatable): NAME "
+                  "on the server's port, NAME:PORT, or NAME:* for any port (behind a reverse "
+                  "proxy). Always answered: localhost, 127.0.0.1, [::1] and the --host address. "
+                  "Other names are refused (421), so that a site that points its name at this "
+                  "machine (DNS rebinding) cannot drive the server")
   ap.add_argument("--compile-cache", default=None,
       help="JAX's persistent compilation cache folder (default: $LMDM_COMPILE_CACHE, else "
       "~/.cache/lmdm_jax/jax): every session compiles its own block step, the cache turns the "
@@ -596,6 +759,12 @@ def main(argv=None):
   from lmdm_jax import compile_cache
   from lmdm_jax.apps import common as C
   tag = "[server]"
+  for entry in args.allow_host:  # checked before the model loads
+    try:
+      parse_allow_host(entry)
+    except ValueError as e:
+      print(f"{tag} error: --allow-host {entry!r}: {e}", file=sys.stderr)
+      return 2
   t0 = time.perf_counter()
   if args.blas_threads > 0:
     try:
@@ -604,24 +773,23 @@ def main(argv=None):
     except ImportError:
       pass
   compile_cache.enable(args.compile_cache, log=lambda m: print(f"{tag} {m}"))
-  conf, cfg, model = C.load(args.config or "demo", args.checkpoint, args.seed, tag=tag)
-  codec = C.load_codec(conf, cfg, args.codec, tag=tag)
-  if codec is None:
-    print(f"{tag} error: jamming needs a codec that matches the model", file=sys.stderr)
-    return 2
-  sc = conf.sampler
+  from lmdm_jax.system import load_system
   try:
-    srv = JamServer(model, codec, C.text_encoder(conf, cfg), config_name=conf.name,
-                    random_weights=not args.checkpoint, prompt=args.prompt,
-                    delay_blocks=args.delay_blocks, steps=args.steps or sc.steps,
-                    cfg_scale=sc.cfg_scale if args.cfg_scale is None else args.cfg_scale,
-                    plus_plus=sc.plus_plus, pingpong=sc.pingpong, seed=args.seed,
-                    max_sessions=args.max_sessions, max_message_bytes=args.max_message_bytes,
+    system = load_system(args.checkpoint, config=args.config, codec=args.codec, seed=args.seed,
+                         log=lambda m: print(f"{tag} {m}"))
+    d = system.sampler_settings(steps=args.steps, cfg_scale=args.cfg_scale)
+    srv = JamServer(system, config_name=system.name,
+                    random_weights=not args.checkpoint and args.config is not None,
+                    prompt=args.prompt, delay_blocks=args.delay_blocks, steps=d.steps,
+                    cfg_scale=d.cfg_scale, plus_plus=d.plus_plus, pingpong=d.pingpong,
+                    seed=args.seed, max_sessions=args.max_sessions,
+                    max_message_bytes=args.max_message_bytes,
                     stats_interval=args.stats_interval, idle_timeout=args.idle_timeout,
-                    any_origin=args.any_origin)
+                    any_origin=args.any_origin, allow_hosts=args.allow_host)
   except ValueError as e:
-    print(f"{tag} error: {e}", file=sys.stderr)
+    print(f"{tag} error: {' '.join(str(e).split())}", file=sys.stderr)
     return 2
+  codec, cfg = system.codec, system.cfg
   C.warm_decoder(codec, cfg.chunk)
   print(f"{tag} model ready in {time.perf_counter() - t0:.1f} s: {codec.sample_rate} Hz, blocks "
         f"of {srv.block_samples / srv.sr:.3f} s", flush=True)

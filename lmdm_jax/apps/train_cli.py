@@ -24,10 +24,10 @@ from flax import nnx
 from tqdm import tqdm
 
 from lmdm_jax import compile_cache
-from lmdm_jax.config import DiTConfig, load_config
+from lmdm_jax.config import DiTConfig, load_cli_config
 from lmdm_jax.nn.dit import DiT
 from lmdm_jax.training import sharding
-from lmdm_jax.training.checkpoints import Checkpointer, abstract_like
+from lmdm_jax.training.checkpoints import Checkpointer, abstract_like, latest_step, run_layout
 from lmdm_jax.training.data import Batcher, make_source
 from lmdm_jax.training.stage1 import Stage1, Stage1Config
 from lmdm_jax.training.workdir import truncate_metrics
@@ -42,58 +42,61 @@ def _train_defaults(conf):
   return d
 
 
-def write_sample(graphdef, state, conf, cfg: DiTConfig, text, caption: str, path: str,
+def write_sample(graphdef, state, conf, cfg: DiTConfig, caption: str, path: str,
                  seconds: float, seed: int = 0) -> str:
-  """Streams ``seconds`` of ``caption`` with the EMA weights of ``state``; writes a WAV (or the
-  latents as .npy when the config has no codec). Returns the written path."""
-  from lmdm_jax import sampling as S
+  """Streams ``seconds`` of ``caption`` with the EMA weights of ``state`` through the System of
+  the config; writes a WAV (or the latents as .npy when the config has no codec). Returns the
+  written path."""
+  from lmdm_jax import sources
   from lmdm_jax.training.stage1 import model_from_state
   model = model_from_state(graphdef, jax.device_get(state), use_ema=True)
-  sc = conf.sampler
-  n_tok = text.max_tokens if text is not None else 1
-  stream = S.Stream(model, batch=1, cross_len=n_tok, seed=seed, cfg_guidance=sc.cfg_scale != 1.0,
-                    sampler=S.SamplerParams.make(sc.steps, sc.cfg_scale, False, sc.pingpong))
-  cond = (np.asarray(text([caption]), np.float32) if text is not None
-          else np.zeros((1, 1, cfg.cond_token_dim), np.float32))
-  glob = np.zeros((1, cfg.global_cond_dim), np.float32) if cfg.global_cond_dim else None
-  stream.set_prompt(cond, glob)
-  from lmdm_jax.apps import common as C
-  codec = C.load_codec(conf, cfg, None, log=lambda *_: None)  # None: write latents
-  n = max(1, int(np.ceil(seconds * C.frame_rate(codec) / cfg.chunk)))
-  lat = np.asarray(stream.generate(n * cfg.chunk))[0]
+  system = sources.assemble(model, conf, log=lambda *_: None)
+  out = system.generate(caption, seconds, seed=seed, plus_plus=False)
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  if codec is None:
-    path = os.path.splitext(path)[0] + ".npy"
-    np.save(path, lat)
-    return path
+  if system.codec is None:
+    from lmdm_jax.data.audio import save_npy
+    return save_npy(os.path.splitext(path)[0] + ".npy", out)
   from lmdm_jax.data.audio import save_audio
-  save_audio(path, codec.decode(lat), codec.sample_rate)
+  save_audio(path, out, system.codec.sample_rate)
   return path
 
 
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  ap.add_argument("--config", default="tiny")
-  ap.add_argument("--data", default="synthetic", help="latent dataset folder, or 'synthetic'")
-  ap.add_argument("--workdir", required=True)
-  ap.add_argument("--steps", type=int)
-  ap.add_argument("--batch-size", type=int)
-  ap.add_argument("--ckpt-every", type=int)
-  ap.add_argument("--keep", type=int)
-  ap.add_argument("--log-every", type=int)
-  ap.add_argument("--eval-every", type=int)
-  ap.add_argument("--fsdp", type=int)
-  ap.add_argument("--lr", type=float)
-  ap.add_argument("--seed", type=int)
-  ap.add_argument("--sample-every", type=int, help="write an audio sample every N steps (0: never)")
-  ap.add_argument("--sample-seconds", type=float)
-  ap.add_argument("--no-progress", action="store_true")
+  ap.add_argument("--config", default="tiny",
+                  help="a registered config (tiny, demo, saos, ...[:arg]) or your own path/to/config.py "
+                       "(default: tiny)")
+  ap.add_argument("--data", default="synthetic",
+                  help="latent dataset folder (lmdm_jax.data.dataset), or 'synthetic' (default)")
+  ap.add_argument("--workdir", required=True,
+                  help="run folder: config.json, checkpoints/, metrics.jsonl; rerunning resumes")
+  ap.add_argument("--steps", type=int, help="total steps (default: the config's train.steps)")
+  ap.add_argument("--batch-size", type=int,
+                  help="global batch size (default: the config's train.batch_size)")
+  ap.add_argument("--ckpt-every", type=int,
+                  help="steps between checkpoints (default: the config's train.ckpt_every)")
+  ap.add_argument("--keep", type=int, help="checkpoints kept (default: the config's train.keep)")
+  ap.add_argument("--log-every", type=int,
+                  help="steps between metrics lines (default: the config's train.log_every)")
+  ap.add_argument("--eval-every", type=int,
+                  help="steps between held-out losses (default: the config's train.eval_every)")
+  ap.add_argument("--fsdp", type=int,
+                  help="devices per FSDP group; data-parallel over the rest (default: the config's, 1)")
+  ap.add_argument("--lr", type=float, help="peak learning rate (default: the config's train.stage1.lr)")
+  ap.add_argument("--seed", type=int, help="init, data and noise seed (default: the config's seed)")
+  ap.add_argument("--sample-every", type=int,
+                  help="write an audio sample every N steps, 0: never (default: the config's, 0)")
+  ap.add_argument("--sample-seconds", type=float,
+                  help="length of those samples in seconds (default: the config's, 10)")
+  ap.add_argument("--no-progress", action="store_true", help="no progress bar (default: shown)")
   args = ap.parse_args(argv)
   compile_cache.enable(log=lambda m: print(f"[train] {m}"))
 
   sharding.init_distributed()
-  conf = load_config(args.config)
+  conf = load_cli_config(args.config)
   cfg = DiTConfig.from_config(conf.model)
+  if latest_step(os.path.join(args.workdir, "checkpoints")) is not None:
+    cfg = run_layout(cfg, args.workdir)  # a resumed run keeps the rotary layout it trained in
   tr = _train_defaults(conf)
   for k in ("steps", "batch_size", "ckpt_every", "keep", "log_every", "eval_every", "fsdp",
             "sample_every", "sample_seconds"):
@@ -128,7 +131,8 @@ def main(argv=None):
   metrics_path = os.path.join(args.workdir, "metrics.jsonl")
   truncate_metrics(metrics_path, start)
   with open(os.path.join(args.workdir, "config.json"), "w") as f:
-    json.dump({"config": args.config, "model": dict(conf.model), "train": tr, "seed": seed,
+    json.dump({"config": args.config, "model": dict(conf.model, positions=cfg.positions),
+               "train": tr, "seed": seed,
                "data": args.data}, f, indent=1, default=str)
 
   bsh = sharding.batch_sharding(mesh)
@@ -167,7 +171,7 @@ def main(argv=None):
         ckpt.save(done, state, meta={"step": done, "config": args.config})
       if tr["sample_every"] and done % tr["sample_every"] == 0 and jax.process_count() == 1:
         caption = held.batch(20_000_000 + done, 1)["captions"][0]
-        out = write_sample(trainer.graphdef, state, conf, cfg, text, caption,
+        out = write_sample(trainer.graphdef, state, conf, cfg, caption,
                            os.path.join(args.workdir, "samples", f"step_{done:07d}.wav"),
                            tr["sample_seconds"], seed=done)
         bar.write(f"[train] step {done}: sample {out} ({caption!r})")

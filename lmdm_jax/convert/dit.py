@@ -15,7 +15,9 @@ LayerNorm ``beta`` buffers are loaded, not recomputed.
 
 Nothing is skipped silently: unknown, missing or wrongly shaped keys raise a ValueError listing
 them, unless ``allow_missing`` / ``allow_unexpected`` is given (or ``ignore_prefixes`` names key
-prefixes to drop on purpose, e.g. ``discriminator.`` of ARC checkpoints).
+prefixes to drop on purpose). The other networks a training checkpoint of the authors' code holds
+are dropped by name, always, and counted in the report under ``dropped``: ``DROPPED_PREFIXES``
+(the ARC-Forcing discriminator and its head, an ODE-warmup teacher, the EMA copy).
 
 ``save_converted`` writes an orbax checkpoint (params + the config as JSON, atomically);
 ``load_converted`` restores ``(DiTConfig, DiT, conditioners)``.
@@ -32,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lmdm_jax import file_checks as fc
 from lmdm_jax.config import DiTConfig
 from lmdm_jax.nn.conditioners import NumberConditioner, NumberConditionerConfig
 from lmdm_jax.nn.dit import DiT
@@ -40,6 +43,14 @@ from lmdm_jax.convert.keys import check_keys
 DIT_PREFIX = "model.model."
 COND_PREFIX = "conditioner.conditioners."
 PRETRANSFORM_PREFIX = "pretransform."
+# Top-level modules of the authors' Lightning training wrappers that are not the generator:
+# prefix -> what it is (one report line names them).
+DROPPED_PREFIXES = {
+    "discriminator.": "ARC-Forcing discriminator",
+    "discriminator_head.": "ARC-Forcing discriminator head",
+    "teacher_model.": "ODE-warmup teacher",
+    "diffusion_ema.": "EMA copy (the diffusion.* weights are converted)",
+}
 
 # DiffusionTransformer / ContinuousTransformer / TransformerBlock keyword arguments that do not
 # change the computation of a converted model (their value is irrelevant or checked below).
@@ -271,12 +282,18 @@ def _to_torch(value: np.ndarray, kind: str) -> np.ndarray:
 
 def split_state_dict(state_dict: Mapping[str, Any], ignore_prefixes=()) -> dict[str, dict]:
   """Routes keys (after stripping a leading ``diffusion.``) to ``dit``, ``conditioners`` (by id),
-  ``pretransform`` (keys kept under ``pretransform.model.``), ``ignored`` and ``unexpected``."""
+  ``pretransform`` (keys kept under ``pretransform.model.``), ``ignored``, ``unexpected`` and
+  ``dropped`` ({prefix of ``DROPPED_PREFIXES``: number of keys})."""
   keys = list(state_dict)
   bare = not any(k.removeprefix("diffusion.").startswith(DIT_PREFIX) for k in keys)
-  out = {"dit": {}, "conditioners": {}, "pretransform": {}, "ignored": {}, "unexpected": {}}
+  out = {"dit": {}, "conditioners": {}, "pretransform": {}, "ignored": {}, "unexpected": {},
+         "dropped": {}}
   for k in keys:
     v = state_dict[k]
+    drop = next((p for p in DROPPED_PREFIXES if k.startswith(p)), None)
+    if drop is not None:
+      out["dropped"][drop] = out["dropped"].get(drop, 0) + 1
+      continue
     if any(k.startswith(p) for p in ignore_prefixes):
       out["ignored"][k] = v
       continue
@@ -379,7 +396,7 @@ def convert_state_dict(config, state_dict: Mapping[str, Any], *, allow_missing: 
   pretransform: convert ``pretransform.model.*`` through ``lmdm_jax.convert.oobleck`` (when the
   config has a pretransform); False drops those keys (reported under ``ignored``).
   Returns ``Converted``; its ``report`` has ``used`` (every consumed key), ``missing``,
-  ``unexpected`` and ``ignored``.
+  ``unexpected``, ``ignored`` and ``dropped`` (see ``split_state_dict``).
   """
   cfg_json = _load_json(config)
   parts = split_state_dict(state_dict, ignore_prefixes)
@@ -446,7 +463,7 @@ def convert_state_dict(config, state_dict: Mapping[str, Any], *, allow_missing: 
   orig = {k.removeprefix("diffusion."): k for k in state_dict}
   used = sorted(orig.get(k, k) if k.startswith("pretransform.") else k for k in ld.used)
   report = {"used": used, "missing": ld.missing, "unexpected": sorted(unexpected),
-            "ignored": ignored}
+            "ignored": ignored, "dropped": parts["dropped"]}
   return Converted(dit_cfg, model, conds, vae, report)
 
 
@@ -528,9 +545,11 @@ def _pure(module) -> dict:
 def save_converted(path: str, cfg: DiTConfig, model: DiT,
                    conditioners: Mapping[str, NumberConditioner] | None = None,
                    pretransform=None, pretransform_config: dict | None = None,
-                   source: dict | None = None, overwrite: bool = False) -> str:
+                   source: dict | None = None, overwrite: bool = False,
+                   extra: dict | None = None) -> str:
   """Writes an orbax checkpoint directory: ``params`` (DiT, conditioners, optional VAE) and
-  ``config`` (JSON: the DiTConfig, conditioner configs, pretransform config, source info).
+  ``config`` (JSON: the DiTConfig, conditioner configs, pretransform config, source info, and
+  the JSON-able entries of ``extra``: what ``lmdm_jax.convert.load`` needs to sample).
   Atomic: orbax writes a temporary directory and renames it when complete."""
   import orbax.checkpoint as ocp
   path = os.path.abspath(path)
@@ -546,6 +565,10 @@ def save_converted(path: str, cfg: DiTConfig, model: DiT,
           "conditioners": {k: dataclasses.asdict(v.cfg) for k, v in conditioners.items()},
           "pretransform": pretransform_config if pretransform is not None else None,
           "source": source or {}}
+  for k, v in (extra or {}).items():
+    if k in meta:
+      raise ValueError(f"extra metadata {k!r} would replace a converter entry")
+    meta[k] = v
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
     ckptr.save(path, ocp.args.Composite(params=ocp.args.PyTreeSave(params),
                                         config=ocp.args.JsonSave(meta)), force=overwrite)
@@ -557,27 +580,42 @@ def _read_meta(path: str) -> dict:
   path = os.path.abspath(path)
   if not os.path.isdir(path):
     raise ValueError(f"{path!r} is not a converted checkpoint directory")
-  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-    meta = ckptr.restore(path, ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-  if meta.get("format") != _FORMAT:
+  item = os.path.join(path, "config", "metadata")  # where orbax's JSON handler keeps it
+  if os.path.isfile(item):
+    meta = fc.read_json(item, "converted checkpoint config")  # bounded size, one-line errors
+  else:
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+      meta = ckptr.restore(path, ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+  if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
     raise ValueError(f"{path!r}: unknown format {meta.get('format')!r} (expected {_FORMAT})")
   return meta
 
 
 def _restore(path: str, meta: dict, with_pretransform: bool):
+  """Everything is built as shapes first (``nnx.eval_shape``) from the stored config, and those
+  shapes must be the stored arrays' (orbax metadata) before any array is read: the directory is
+  untrusted data, and a config it declares cannot make this allocate more than it stores."""
   import orbax.checkpoint as ocp
-  cfg = DiTConfig(**meta["dit"])
-  model = nnx.eval_shape(lambda: DiT(cfg, rngs=nnx.Rngs(0)))
-  conds = {k: nnx.eval_shape(lambda c=c: NumberConditioner(NumberConditionerConfig(**c),
-                                                         rngs=nnx.Rngs(0)))
-           for k, c in meta["conditioners"].items()}
-  target = {"dit": _pure(model), "conditioners": {k: _pure(v) for k, v in conds.items()}}
-  vae = None
-  if with_pretransform and meta.get("pretransform") is not None:
-    from lmdm_jax.nn.oobleck import OobleckVAE
-    vae = nnx.eval_shape(lambda: OobleckVAE.from_pretransform(meta["pretransform"], nnx.Rngs(0)))
-    target["pretransform"] = _pure(vae)
+  where = f"converted checkpoint {path!r}"
+  cfg = fc.model_config(meta.get("dit"), f"{where} config dit")
+  model = fc.abstract_model(cfg, where)
+  try:
+    conds = {k: nnx.eval_shape(lambda c=c: NumberConditioner(NumberConditionerConfig(**c),
+                                                           rngs=nnx.Rngs(0)))
+             for k, c in meta["conditioners"].items()}
+    target = {"dit": _pure(model), "conditioners": {k: _pure(v) for k, v in conds.items()}}
+    vae = None
+    if with_pretransform and meta.get("pretransform") is not None:
+      from lmdm_jax.nn.oobleck import OobleckVAE
+      vae = nnx.eval_shape(lambda: OobleckVAE.from_pretransform(meta["pretransform"], nnx.Rngs(0)))
+      target["pretransform"] = _pure(vae)
+  except (TypeError, ValueError, KeyError, AttributeError) as e:
+    raise fc.ModelFileError(f"{where}: bad conditioner or pretransform config "
+                            f"({type(e).__name__}: {str(e)[:160]})") from None
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), target)
+  stored = fc.orbax_shapes(os.path.join(os.path.abspath(path), "params"), where)
+  fc.compare(fc.flat_shapes(abstract),
+             {k: v for k, v in stored.items() if k.split("/")[0] in abstract}, where)
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
     restored = ckptr.restore(os.path.abspath(path), ocp.args.Composite(
         params=ocp.args.PyTreeRestore(

@@ -2,6 +2,10 @@
 incremental WAV writer whose file stays playable after every block (a Ctrl-C mid-stream leaves a
 valid file).
 
+Outputs never replace an existing file until they are complete: ``WavWriter`` writes to
+``partial_path(path)`` (``out.wav`` -> ``out.wav.partial.wav``, same folder) and renames it over
+``path`` on ``commit()``; ``save_audio`` writes a temporary file and renames it.
+
 Audio arrays are ``(channels, samples)`` float32 in [-1, 1], as in ``lmdm_jax.codecs.base``.
 """
 from __future__ import annotations
@@ -14,7 +18,7 @@ import numpy as np
 
 __all__ = [
     "AudioFileError", "load_audio", "audio_info", "convert_channels", "resample", "save_audio",
-    "WavWriter", "peak_db",
+    "WavWriter", "peak_db", "partial_path", "save_npy", "check_output_path",
 ]
 
 # libsndfile commands (sndfile.h) that python-soundfile does not name.
@@ -89,12 +93,13 @@ def _read_librosa(path: str):
 def audio_info(path) -> dict:
   """Header facts without decoding: sample_rate, channels, frames, duration (seconds), format.
 
-  Raises AudioFileError when the header is unreadable; MP3s that libsndfile cannot read are
-  decoded (slow) to measure them.
+  Raises AudioFileError when the header is unreadable or a WAV is truncated; MP3s that libsndfile
+  cannot read are decoded (slow) to measure them.
   """
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise AudioFileError(path, "file does not exist")
+  _check_wav_size(path)
   try:
     import soundfile as sf
     info = sf.info(path)
@@ -105,6 +110,37 @@ def audio_info(path) -> dict:
     data, sr = _load_raw(path)
     return dict(sample_rate=sr, channels=data.shape[0], frames=data.shape[1],
                 duration=data.shape[1] / sr, format=os.path.splitext(path)[1].lstrip(".").upper())
+
+
+def _riff_data_sizes(path: str):
+  """(declared, available) bytes of a RIFF/WAVE file's ``data`` chunk, or None when the file is
+  not a plain RIFF WAV, has no ``data`` chunk header, or declares an unknown size (0 or
+  0xFFFFFFFF, as streaming writers do). Reads only chunk headers."""
+  size = os.path.getsize(path)
+  with open(path, "rb") as f:
+    head = f.read(12)
+    if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+      return None
+    pos = 12
+    while pos + 8 <= size:
+      f.seek(pos)
+      ck = f.read(8)
+      cid, n = ck[:4], int.from_bytes(ck[4:8], "little")
+      if cid == b"data":
+        if n in (0, 0xFFFFFFFF):
+          return None
+        return n, size - pos - 8
+      pos += 8 + n + (n & 1)  # chunks are padded to even sizes
+  return None
+
+
+def _check_wav_size(path: str) -> None:
+  """Raise AudioFileError when a WAV's header claims more sample data than the file holds
+  (libsndfile would silently read the shorter part)."""
+  sizes = _riff_data_sizes(path)
+  if sizes is not None and sizes[0] > sizes[1]:
+    raise AudioFileError(path, f"truncated WAV: the header declares {sizes[0]} bytes of audio "
+                         f"data but the file holds {sizes[1]}")
 
 
 def _load_raw(path: str):
@@ -131,13 +167,15 @@ def load_audio(path, sample_rate: Optional[int] = None, channels: Optional[int] 
     silence_db: raise AudioFileError if the peak is below this many dBFS (None disables).
 
   Raises:
-    AudioFileError: missing, unreadable, empty, non-finite, silent or too-short audio.
+    AudioFileError: missing, unreadable, empty, truncated (a WAV header claiming more data than
+      the file holds), non-finite, silent or too-short audio.
   """
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise AudioFileError(path, "file does not exist")
   if os.path.getsize(path) == 0:
     raise AudioFileError(path, "file is empty (0 bytes)")
+  _check_wav_size(path)
   data, sr = _load_raw(path)
   if data.shape[-1] == 0:
     raise AudioFileError(path, "contains no audio samples")
@@ -205,8 +243,55 @@ def save_audio(path, audio: np.ndarray, sample_rate: int, subtype: Optional[str]
       os.unlink(target)
 
 
+def partial_path(path) -> str:
+  """Where an output is written until it is complete: ``out.wav`` -> ``out.wav.partial.wav``.
+
+  The same folder (so the final rename is atomic) and the same extension (so players open it).
+  A later run to the same output starts this file afresh.
+  """
+  path = os.fspath(path)
+  return path + ".partial" + os.path.splitext(path)[1]
+
+
+def check_output_path(path) -> str:
+  """Raise ValueError when ``path`` cannot be written as a file: it is a folder, or the nearest
+  existing folder above it is not a folder or not writable. Returns ``path``."""
+  path = os.fspath(path)
+  if not path or os.path.isdir(path):
+    raise ValueError(f"{path!r} is a folder, not a file name")
+  d = os.path.dirname(os.path.abspath(path))
+  while not os.path.exists(d):
+    d = os.path.dirname(d)
+  if not os.path.isdir(d):
+    raise ValueError(f"{path}: {d} is a file, not a folder")
+  if not os.access(d, os.W_OK | os.X_OK):
+    raise ValueError(f"{path}: cannot write in the folder {d}")
+  return path
+
+
+def save_npy(path, array: np.ndarray, partial: bool = False) -> str:
+  """``np.save`` that never leaves a half-written file under ``path``: written to
+  ``partial_path(path)`` and renamed over ``path`` (``partial=True`` keeps it at the partial name,
+  for an interrupted run's output). Returns the path written."""
+  path = os.fspath(path)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = partial_path(path)
+  with open(tmp, "wb") as f:  # a file object: np.save adds no second ".npy"
+    np.save(f, array)
+  if partial:
+    return tmp
+  os.replace(tmp, path)
+  return path
+
+
 class WavWriter:
-  """Incremental WAV writer: ``append`` blocks as they are produced.
+  """Incremental WAV writer: ``append`` blocks as they are produced, ``commit()`` when complete.
+
+  The audio goes to ``partial_path`` (``partial_path(path)``, or ``path`` itself with
+  ``partial=False``); ``commit()`` closes the file and renames it over ``path``, so an existing
+  file at ``path`` is replaced only by a complete one. ``close()`` without ``commit()`` (an
+  interrupted or failed run) leaves the audio at ``partial_path`` and ``path`` untouched. As a
+  context manager it commits on a normal exit and only closes when an exception leaves the block.
 
   After every ``append`` the RIFF/data chunk sizes in the header are rewritten and the file is
   flushed, so the file on disk is a complete, playable WAV at all times: an interrupted stream
@@ -214,24 +299,26 @@ class WavWriter:
   libsndfile leaves the sizes at 0 until close, which strict readers reject.)
 
   Blocks are ``(channels, n)`` float arrays in [-1, 1] (1-D is accepted for mono); values are
-  clipped for integer subtypes. Use as a context manager or call ``close()``.
-  ``format='RF64'`` lifts WAV's 4 GiB limit (about 6.7 h of 44.1 kHz stereo 16-bit).
+  clipped for integer subtypes. ``format='RF64'`` lifts WAV's 4 GiB limit (about 6.7 h of
+  44.1 kHz stereo 16-bit).
   """
 
   def __init__(self, path, sample_rate: int, channels: int, subtype: str = "PCM_16",
-               format: str = "WAV", fsync: bool = False):
+               format: str = "WAV", fsync: bool = False, partial: bool = True):
     import soundfile as sf
-    self.path = os.fspath(path)
+    self.path = check_output_path(path)
+    self.partial_path = partial_path(self.path) if partial else self.path
     self.sample_rate = int(sample_rate)
     self.channels = int(channels)
     self.subtype = subtype
     self.fsync = fsync
+    self.committed = False
     self._clip = not subtype.upper().startswith(("FLOAT", "DOUBLE"))
     d = os.path.dirname(os.path.abspath(self.path))
     os.makedirs(d, exist_ok=True)
     self._sf = sf
-    self._file = sf.SoundFile(self.path, "w", samplerate=self.sample_rate, channels=self.channels,
-                              subtype=subtype, format=format)
+    self._file = sf.SoundFile(self.partial_path, "w", samplerate=self.sample_rate,
+                              channels=self.channels, subtype=subtype, format=format)
     self.frames_written = 0
     self._sync()
 
@@ -243,11 +330,16 @@ class WavWriter:
   def closed(self) -> bool:
     return self._file.closed
 
+  @property
+  def written_path(self) -> str:
+    """Where the audio is now: ``path`` once committed, else ``partial_path``."""
+    return self.path if self.committed else self.partial_path
+
   def _sync(self):
     self._sf._snd.sf_command(self._file._file, _SFC_UPDATE_HEADER_NOW, self._sf._ffi.NULL, 0)
     self._file.flush()
     if self.fsync:
-      fd = os.open(self.path, os.O_RDONLY)
+      fd = os.open(self.partial_path, os.O_RDONLY)
       try:
         os.fsync(fd)
       finally:
@@ -270,14 +362,28 @@ class WavWriter:
     self._sync()
 
   def close(self) -> None:
+    """Close the file where it is (``partial_path`` unless committed)."""
     if not self._file.closed:
       self._file.close()
+
+  def commit(self) -> str:
+    """Close and rename the complete file over ``path``; returns ``path``."""
+    if self.committed:
+      return self.path
+    self.close()
+    if self.partial_path != self.path:
+      os.replace(self.partial_path, self.path)
+    self.committed = True
+    return self.path
 
   def __enter__(self):
     return self
 
-  def __exit__(self, *exc):
-    self.close()
+  def __exit__(self, exc_type, *exc):
+    if exc_type is None:
+      self.commit()
+    else:
+      self.close()
     return False
 
   def __del__(self):

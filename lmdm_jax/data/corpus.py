@@ -15,7 +15,16 @@ piece comes from a generator seeded by (seed, piece path). Resumable: a piece is
 JSON sidecar exists (written last; every file goes through a temp file + rename); failures are
 recorded in ``OUT/skipped.jsonl`` and not retried.
 
+Timbres: ``--timbres classic`` (the default) draws exactly the instruments and random numbers of
+the first corpora, so those are reproduced; ``--timbres wide`` adds General MIDI synth leads and
+pads, electric pianos, electric guitars and basses (``WIDE_ENSEMBLES``: synth ensemble, synth
+pads, electric band, rock band, electric jazz combo) and, under those, a drum kit on MIDI channel 10
+(``drum_events``: a pattern in the piece's meter; its stem is marked ``"pitched": false``). The
+sidecar records ``timbres`` and ``drums`` (the pattern's style, or null). Use a new folder for a
+wide corpus (finished pieces are not re-rendered).
+
   python3 -m lmdm_jax.data.corpus --out data_cache/corpus --hours 3
+  python3 -m lmdm_jax.data.corpus --out data_cache/corpus_wide --hours 3 --timbres wide
 """
 from __future__ import annotations
 
@@ -64,7 +73,17 @@ GM = {
     73: ("flute", 60, 96), 74: ("recorder", 60, 96), 75: ("pan flute", 60, 96),
     78: ("whistle", 62, 96), 79: ("ocarina", 60, 89), 105: ("banjo", 48, 84),
     109: ("bagpipe", 55, 81), 110: ("fiddle", 55, 100),
+    # used by the "wide" timbre set only (RenderConfig.timbres)
+    5: ("FM electric piano", 28, 103), 26: ("jazz electric guitar", 40, 86),
+    27: ("clean electric guitar", 40, 86), 29: ("overdriven guitar", 40, 86),
+    30: ("distortion guitar", 40, 86), 33: ("electric bass", 28, 67),
+    34: ("picked electric bass", 28, 67), 38: ("synth bass", 28, 72),
+    80: ("square lead", 48, 96), 81: ("sawtooth lead", 48, 96), 88: ("new age pad", 36, 96),
+    89: ("warm pad", 36, 96), 90: ("polysynth pad", 36, 96), 95: ("sweep pad", 36, 96),
+    128: ("drum kit", 35, 81),  # not a GM program: the percussion channel (MIDI channel 10)
 }
+DRUMS = 128  # the program number standing for the drum kit on channel 10
+TIMBRES = ("classic", "wide")
 PLURAL = {"piano": "pianos", "bass": "basses"}
 
 # Ensembles for polyphonic music, by register role top -> bottom (soprano, alto, tenor, bass).
@@ -85,13 +104,27 @@ POLY_ENSEMBLES = {
     "mixed winds and strings": ([73, 71, 41, 42], None),
     "clarinet and strings": ([71, 40, 41, 42], None),
 }
+# The "wide" timbre set adds these to the classic choices (same keys: register roles).
+WIDE_ENSEMBLES = {
+    "synth ensemble": ([81, 80, 89, 38], None),
+    "synth pads": ([90, 89, 88, 38], None),
+    "electric band": ([29, 4, 27, 33], None),
+    "rock band": ([30, 29, 27, 34], None),
+    "electric jazz combo": ([26, 4, 4, 33], None),
+}
+# probability that an ensemble of the wide set gets a drum kit
+WIDE_DRUMS = {"synth ensemble": 0.8, "synth pads": 0.4, "electric band": 1.0, "rock band": 1.0,
+              "electric jazz combo": 0.9}
 SIZE_WORDS = {1: "solo", 2: "duo", 3: "trio", 4: "quartet", 5: "quintet", 6: "sextet",
               7: "septet", 8: "octet"}
 KEYBOARD = {"piano": 0, "bright piano": 1, "electric piano": 4, "harpsichord": 6,
-            "vibraphone": 11, "marimba": 12}
+            "vibraphone": 11, "marimba": 12, "FM electric piano": 5, "warm pad": 89,
+            "polysynth pad": 90}
 SOLO_FOLK = [110, 40, 73, 78, 74, 21, 22, 105, 24, 75, 71, 109]
 SOLO_ART = [73, 40, 68, 71, 42, 53, 56, 65, 11, 12, 24, 0]
 ACCOMPANIMENT = [0, 0, 0, 4, 46, 24, 48]
+SOLO_WIDE = [80, 81, 27, 29, 26, 5]  # added to the solo pools by the wide timbre set
+ACCOMPANIMENT_WIDE = [4, 5, 27, 89, 90]
 
 COMPOSERS = {
     "bach": "Johann Sebastian Bach", "beethoven": "Ludwig van Beethoven",
@@ -489,8 +522,17 @@ def _weighted(rng, options: dict):
   return keys[int(rng.choice(len(keys), p=w / w.sum()))]
 
 
-def orchestrate(an: Analysis, collection: str, rng: np.random.Generator) -> tuple:
-  """Choose GM programs for every voice. Returns (ensemble name, [program per voice])."""
+def orchestrate(an: Analysis, collection: str, rng: np.random.Generator,
+                timbres: str = "classic") -> tuple:
+  """Choose GM programs for every voice. Returns (ensemble name, [program per voice]).
+
+  ``timbres="classic"`` draws exactly as before the wide set existed (same random numbers, same
+  choices: corpora rendered then are reproduced); ``"wide"`` adds synth leads and pads, electric
+  pianos, guitars and basses (``WIDE_ENSEMBLES``, ``SOLO_WIDE``, ``ACCOMPANIMENT_WIDE``).
+  """
+  if timbres not in TIMBRES:
+    raise ValueError(f"timbres must be one of {TIMBRES}, not {timbres!r}")
+  wide = timbres == "wide"
   n = len(an.voices)
   order = np.argsort([-v.mean_pitch for v in an.voices], kind="stable")
   rank = np.empty(n, int)
@@ -502,7 +544,7 @@ def orchestrate(an: Analysis, collection: str, rng: np.random.Generator) -> tupl
     return int(round(r * 3 / (n - 1)))
 
   def poly(name):
-    progs, family = POLY_ENSEMBLES[name]
+    progs, family = POLY_ENSEMBLES[name] if name in POLY_ENSEMBLES else WIDE_ENSEMBLES[name]
     programs = [progs[role_of(rank[i])] for i in range(n)]
     if name == "brass" and n >= 4:  # a tuba under a brass quartet/quintet bass line
       low = [i for i in range(n) if rank[i] == n - 1][0]
@@ -516,7 +558,7 @@ def orchestrate(an: Analysis, collection: str, rng: np.random.Generator) -> tupl
       ens = f"{n}-part choir ({GM[programs[0]][0]})"
     elif name in ("church organ", "reed organ", "piano"):
       ens = f"{name} ({n} voices)"
-    elif name == "string orchestra":
+    elif name == "string orchestra" or name in WIDE_ENSEMBLES:
       ens = name
     else:
       ens = f"chamber ensemble ({name})"
@@ -526,10 +568,12 @@ def orchestrate(an: Analysis, collection: str, rng: np.random.Generator) -> tupl
     baroque = collection in ("cpebach", "bach", "handel", "corelli")
     opts = {"piano": 6, "bright piano": 1, "electric piano": 1.5, "harpsichord": 3 if baroque else 0.6,
             "vibraphone": 0.3, "marimba": 0.3}
+    if wide:
+      opts.update({"electric piano": 3, "FM electric piano": 2, "warm pad": 1, "polysynth pad": 1})
     name = _weighted(rng, opts)
     return name, [KEYBOARD[name]] * n
   if an.kind == "song":
-    acc = int(rng.choice(ACCOMPANIMENT))
+    acc = int(rng.choice(ACCOMPANIMENT + ACCOMPANIMENT_WIDE if wide else ACCOMPANIMENT))
     programs = [acc] * n
     melodic = [i for i, v in enumerate(an.voices) if v.role != "keyboard"]
     if len(melodic) == 1:
@@ -537,7 +581,8 @@ def orchestrate(an: Analysis, collection: str, rng: np.random.Generator) -> tupl
       if v.program_hint is not None and rng.random() < 0.8:
         programs[melodic[0]] = v.program_hint
       else:
-        programs[melodic[0]] = int(rng.choice([53, 52, 40, 73, 71, 42, 68, 65]))
+        programs[melodic[0]] = int(rng.choice([53, 52, 40, 73, 71, 42, 68, 65]
+                                              + ([80, 81, 27, 29] if wide else [])))
       lead = GM[programs[melodic[0]]][0]
     elif all(an.voices[i].program_hint is not None for i in melodic) and rng.random() < 0.7:
       for i in melodic:  # named instruments (a piano trio's violin and cello): keep them
@@ -546,12 +591,14 @@ def orchestrate(an: Analysis, collection: str, rng: np.random.Generator) -> tupl
     else:  # a choir (or several solo voices): one coherent ensemble for all of them
       sub = Analysis(**{**an.__dict__, "voices": [an.voices[i] for i in melodic],
                         "kind": "polyphonic"})
-      lead, progs = orchestrate(sub, collection, rng)
+      lead, progs = orchestrate(sub, collection, rng, timbres)
       for i, p in zip(melodic, progs):
         programs[i] = p
     return f"{lead} with {GM[acc][0]}", programs
   if an.kind == "solo":
     pool = SOLO_FOLK if collection in FOLK else SOLO_ART
+    if wide:
+      pool = pool + SOLO_WIDE
     v = an.voices[0]
     if v.program_hint is not None and rng.random() < 0.7:
       p = v.program_hint
@@ -565,14 +612,19 @@ def orchestrate(an: Analysis, collection: str, rng: np.random.Generator) -> tupl
       return f"string {SIZE_WORDS.get(n, 'ensemble')}", programs
     if r < 0.75:
       return poly("string orchestra")
-    return poly(_weighted(rng, {"woodwinds": 1, "brass": 1, "saxophones": 0.7,
-                                "clarinet and strings": 0.7, "piano": 0.5}))
+    opts = {"woodwinds": 1, "brass": 1, "saxophones": 0.7, "clarinet and strings": 0.7, "piano": 0.5}
+    if wide:
+      opts.update({"synth pads": 1, "synth ensemble": 0.7, "electric band": 0.7})
+    return poly(_weighted(rng, opts))
   # polyphonic (vocal or unlabeled parts)
   sacred = collection in ("palestrina", "bach", "josquin", "trecento", "luca", "ciconia")
   opts = {"strings": 3, "string orchestra": 1.5, "woodwinds": 1.5, "brass": 1.5, "low brass": 0.5,
           "saxophones": 1, "recorders": 1, "choir": 2.5 if sacred else 1.5, "voices": 1,
           "church organ": 2 if sacred else 0.7, "reed organ": 0.4, "piano": 1,
           "mixed winds and strings": 1, "clarinet and strings": 0.6}
+  if wide:
+    opts.update({"synth ensemble": 2, "synth pads": 1.5, "electric band": 2, "rock band": 1.5,
+                 "electric jazz combo": 1})
   return poly(_weighted(rng, opts))
 
 
@@ -588,9 +640,13 @@ def _pans(n, rng):
 
 
 def _write_stem_midi(path, events, program, pan, reverb, chorus):
+  """One stem as a MIDI file; ``program`` ``DRUMS`` writes a drum part (MIDI channel 10)."""
   import pretty_midi
   pm = pretty_midi.PrettyMIDI(initial_tempo=120.0)
-  inst = pretty_midi.Instrument(program=program)
+  if program == DRUMS:
+    inst = pretty_midi.Instrument(program=0, is_drum=True)
+  else:
+    inst = pretty_midi.Instrument(program=program)
   for num, val in ((7, 110), (10, pan), (11, 127), (91, reverb), (93, chorus)):
     inst.control_changes.append(pretty_midi.ControlChange(num, int(val), 0.0))
   for (start, end, pitch, vel) in events:
@@ -657,6 +713,79 @@ def _performance(an: Analysis, programs, sec_per_ql, cut_ql, repeats, rng):
         events.append((start, end, p, vel))
     out.append((events, shift))
   return out
+
+
+# General MIDI percussion keys (channel 10)
+KICK, SNARE, CLOSED_HAT, OPEN_HAT, RIDE, CRASH, SIDE_STICK = 36, 38, 42, 46, 51, 49, 37
+DRUM_STYLES = ("backbeat", "four on the floor", "ride", "brushes")
+
+
+def _bars(an: Analysis, total_ql: float) -> list:
+  """(start, length) in quarter lengths of every bar up to ``total_ql``; bars come from the
+  score's measures (a short first bar, a pickup, keeps its place) or, without them, from the
+  time signature."""
+  offs = [o for o in an.measure_offsets if o < total_ql]
+  if len(offs) < 2:
+    num = int(an.time_signature.split("/")[0]) if "/" in an.time_signature else 4
+    beat_len = 4.0 / int(an.time_signature.split("/")[1]) if "/" in an.time_signature else 1.0
+    bar = max(num * beat_len, an.beat_ql)
+    offs = list(np.arange(0.0, total_ql, bar))
+  ends = offs[1:] + [total_ql]
+  return [(float(a), float(b - a)) for a, b in zip(offs, ends) if b > a]
+
+
+def drum_events(an: Analysis, sec_per_ql: float, cut_ql: float, repeats: int,
+                rng: np.random.Generator, style: str) -> list:
+  """A drum-kit part in the piece's meter: (start s, end s, GM percussion key, velocity).
+
+  Per bar of ``b`` beats (the score's beat unit): a kick on the downbeat (and on beat ``b/2``
+  of even bars; on every beat for ``"four on the floor"``), a backbeat (snare, or side stick for
+  ``"brushes"``) on the off beats of even bars and on beats 2 and 3 of triple bars, hi-hat (ride
+  for ``"ride"``/``"brushes"``) on every subdivision (3 per dotted beat, else 2), a crash on the
+  first downbeat and every 8 bars. Short (pickup) bars are aligned to their end. Timing and
+  velocities are lightly humanized like the pitched parts.
+  """
+  if style not in DRUM_STYLES:
+    raise ValueError(f"unknown drum style {style!r}")
+  total_ql = min(an.total_ql, cut_ql)
+  beat = an.beat_ql
+  sub = 3 if abs(beat - 1.5) < 1e-6 or abs(beat - 3.0) < 1e-6 else 2
+  bars = _bars(an, total_ql)
+  full = max((length for _, length in bars), default=4 * beat)
+  first_full = next((k for k, (_, length) in enumerate(bars) if length >= full - 1e-6), 0)
+  cymbal = RIDE if style in ("ride", "brushes") else (OPEN_HAT if style == "four on the floor"
+                                                       else CLOSED_HAT)
+  back = SIDE_STICK if style == "brushes" else SNARE
+  base = rng.uniform(70, 95)
+  events = []
+  for rep in range(repeats):
+    t0 = rep * total_ql
+    for k, (start, length) in enumerate(bars):
+      nb = max(1, int(round(full / beat)))
+      shift = length - full  # <= 0: a pickup bar keeps only its last beats
+      hits = []
+      for b in range(nb):
+        pos = b * beat
+        if b == 0 or (style == "four on the floor") or (nb % 2 == 0 and nb >= 4 and b == nb // 2):
+          hits.append((pos, KICK, 12))
+        if (nb % 2 == 0 and b % 2 == 1) or (nb == 3 and b > 0):
+          hits.append((pos, back, 8 if nb != 3 else -6))
+        for j in range(sub):
+          p = pos + j * beat / sub
+          if style == "four on the floor" and j == 0:
+            continue  # open hat on the off-beats only
+          hits.append((p, cymbal, -8 if j else 0))
+      if k >= first_full and (k - first_full) % 8 == 0:
+        hits.append((0.0, CRASH, 10))
+      for pos, key, accent in hits:
+        q = start + pos + shift
+        if q < start - 1e-9 or q >= total_ql:
+          continue
+        vel = int(np.clip(base + accent + rng.normal(0, 5), 25, 125))
+        t = max(0.0, (t0 + q) * sec_per_ql + rng.normal(0, 0.004))
+        events.append((t, t + 0.1, key, vel))
+  events.sort()
+  return events
 
 
 def _cut_point(an: Analysis, max_ql: float) -> float:
@@ -750,6 +879,7 @@ class RenderConfig:
   target_rms_db: float = -20.0
   peak_db: float = -1.0
   parse_timeout: int = 600  # seconds for parsing + analysis (a whole quartet in one file is slow)
+  timbres: str = "classic"  # "wide": + synth leads/pads, electric instruments, drum kits
 
 
 def _parse(path: str, opus_index, rng):
@@ -846,7 +976,7 @@ def render_piece(path: str, out_dir: str, seed: int = 0, cfg: RenderConfig = Ren
     score, opus_index = _parse(path, opus_index, rng)
     an = analyze_score(score, rel, cfg.max_seconds)
   piece_id = piece_id or _piece_id(rel, opus_index)
-  ensemble, programs = orchestrate(an, collection, rng)
+  ensemble, programs = orchestrate(an, collection, rng, cfg.timbres)
   # tempo
   if an.marked_bpm and 30 <= an.marked_bpm <= 240:
     bpm = an.marked_bpm * rng.uniform(0.92, 1.08)
@@ -865,21 +995,28 @@ def render_piece(path: str, out_dir: str, seed: int = 0, cfg: RenderConfig = Ren
   cut_ql = _cut_point(an, cfg.max_seconds / sec_per_ql)
   excerpt = cut_ql < an.total_ql
   perf = _performance(an, programs, sec_per_ql, cut_ql, repeats, rng)
+  drum_style = None
+  if cfg.timbres == "wide" and rng.random() < WIDE_DRUMS.get(ensemble, 0.0):
+    drum_style = str(rng.choice(["ride", "brushes"] if "jazz" in ensemble else
+                                ["backbeat", "backbeat", "four on the floor"]))
+    perf.append((drum_events(an, sec_per_ql, cut_ql, repeats, rng, drum_style), 0))
+    programs = list(programs) + [DRUMS]
   reverb = int(rng.integers(70, 110) if ensemble.startswith(("church", "4-part choir", "choir"))
                or "choir" in ensemble else rng.integers(30, 85))
   chorus = int(rng.integers(0, 25))
   pans = _pans(len(an.voices), rng)
-  pans_by_voice = [0] * len(an.voices)
+  pans_by_voice = [64] * len(programs)  # a drum kit sits in the middle
   order = np.argsort([-v.mean_pitch for v in an.voices], kind="stable")
   for slot, vi in enumerate(order):
     pans_by_voice[vi] = pans[slot]
   if an.kind in ("keyboard",):  # one instrument: staves share a position
-    pans_by_voice = [pans[0] if len(pans) == 1 else 64] * len(an.voices)
+    pans_by_voice = [pans[0] if len(pans) == 1 else 64] * len(programs)
 
   names = [GM[p][0] for p in programs]
   players = []  # staves of one keyboard instrument count as one player
+  roles = [v.role for v in an.voices] + ["drums"] * (len(programs) - len(an.voices))
   for i, nm in enumerate(names):
-    if (i > 0 and an.voices[i].role == "keyboard" and an.voices[i - 1].role == "keyboard"
+    if (i > 0 and roles[i] == "keyboard" and roles[i - 1] == "keyboard"
         and programs[i] == programs[i - 1]):
       continue
     players.append(nm)
@@ -887,7 +1024,7 @@ def render_piece(path: str, out_dir: str, seed: int = 0, cfg: RenderConfig = Ren
   for i, nm in enumerate(names):
     same = [j for j, x in enumerate(names) if x == nm]
     label = nm if len(same) == 1 else f"{nm} {same.index(i) + 1}"
-    if an.voices[i].role == "keyboard" and len(same) > 1 and len(players) < len(names):
+    if roles[i] == "keyboard" and len(same) > 1 and len(players) < len(names):
       label = f"{nm} staff {same.index(i) + 1}"
     stem_names.append(label)
 
@@ -940,7 +1077,9 @@ def render_piece(path: str, out_dir: str, seed: int = 0, cfg: RenderConfig = Ren
       _atomic_save(os.path.join(stem_dir, fn), s, cfg.sample_rate, ext, cfg.subtype)
       stem_meta.append(dict(
           file=os.path.relpath(os.path.join(stem_dir, fn), audio_dir), name=stem_names[i],
-          instrument=names[i], program=int(programs[i]), part=an.voices[i].name,
+          instrument=names[i], program=int(programs[i]),
+          part=an.voices[i].name if i < len(an.voices) else "drums",
+          pitched=programs[i] != DRUMS,
           octave_shift=int(perf[i][1]), notes=len(perf[i][0]), pan=int(pans_by_voice[i]),
           rms_db=float(20 * np.log10(max(np.sqrt(np.mean(s.astype(np.float64) ** 2)), 1e-9)))))
   audio_name = f"{piece_id}.{ext}"
@@ -956,6 +1095,7 @@ def render_piece(path: str, out_dir: str, seed: int = 0, cfg: RenderConfig = Ren
       duration=round(duration, 3), sample_rate=cfg.sample_rate, channels=cfg.channels,
       excerpt=bool(excerpt), repeats=repeats, expanded_repeats=an.expanded_repeats,
       reverb=reverb, chorus=chorus, stems=stem_meta, seed=seed, generator=GENERATOR,
+      timbres=cfg.timbres, drums=drum_style,
       soundfont=os.path.basename(cfg.soundfont),
       render_seconds=round(time.time() - t_start, 3))
   meta["caption"] = make_caption(meta, rng)
@@ -1150,13 +1290,17 @@ def main(argv=None):
   ap.add_argument("--prune", action="store_true",
                   help="delete finished pieces this run's selection does not include")
   ap.add_argument("--parse-timeout", type=int, default=600)
+  ap.add_argument("--timbres", choices=TIMBRES, default="classic",
+                  help="'classic': the instruments of the first corpora (reproduces them); "
+                       "'wide': adds GM synth leads and pads, electric pianos, guitars and "
+                       "basses, and drum kits (channel 10) under bands and synths")
   ap.add_argument("--quiet", action="store_true")
   args = ap.parse_args(argv)
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
   cfg = RenderConfig(sample_rate=args.sample_rate, channels=1 if args.mono else 2,
                      fmt=args.format, min_seconds=args.min_seconds, max_seconds=args.max_seconds,
                      stems=not args.no_stems, soundfont=args.soundfont,
-                     parse_timeout=args.parse_timeout)
+                     parse_timeout=args.parse_timeout, timbres=args.timbres)
   include = [x for x in args.include.split(",") if x] or None
   exclude = [x for x in args.exclude.split(",") if x]
   stats = build_corpus(args.out, args.hours, args.seed, cfg, include, exclude, args.limit,

@@ -9,6 +9,8 @@ Input: audio files (wav/flac/ogg/mp3/...) with captions, given either
   * one listing, ``--captions FILE`` (or ``captions.csv``/``captions.jsonl`` in the audio folder):
     CSV with ``path,caption`` columns or JSONL with ``path``/``caption`` (and optional ``stems``),
     paths relative to the listing.
+  Every named file (item or stem) must lie inside the audio folder (or the listing's folder): an
+  absolute path or one that climbs out (``../..``) is refused with an error naming the entry.
 
 Output folder:
   ``dataset.json``      codec name and geometry, latent dtype, format version
@@ -141,8 +143,9 @@ class Item:
   stems: list = field(default_factory=list)  # [{"name", "path", "source", ...}]
 
 
-def _read_sidecar(audio_path: str):
-  """(caption, info, stems) from ``x.json`` or ``x.txt`` beside ``x.<ext>``; None if absent."""
+def _read_sidecar(audio_path: str, audio_dir: str):
+  """(caption, info, stems) from ``x.json`` or ``x.txt`` beside ``x.<ext>``; None if absent.
+  ValueError when a stem lies outside ``audio_dir``."""
   base = os.path.splitext(audio_path)[0]
   if os.path.isfile(base + ".json"):
     with open(base + ".json", encoding="utf-8") as f:
@@ -150,7 +153,8 @@ def _read_sidecar(audio_path: str):
     if isinstance(data, str):
       return data.strip(), {}, []
     caption = next((data[k] for k in CAPTION_KEYS if isinstance(data.get(k), str)), None)
-    stems = _parse_stems(data.get("stems"), os.path.dirname(audio_path))
+    stems = _parse_stems(data.get("stems"), os.path.dirname(audio_path), [audio_dir],
+                         base + ".json")
     info = {k: v for k, v in data.items() if k not in ("stems",) + CAPTION_KEYS}
     return caption, info, stems
   if os.path.isfile(base + ".txt"):
@@ -159,15 +163,37 @@ def _read_sidecar(audio_path: str):
   return None
 
 
-def _parse_stems(stems, rel_to) -> list:
+def _inside(path: str, folder: str) -> bool:
+  folder = os.path.abspath(folder)
+  return os.path.commonpath([os.path.abspath(path), folder]) == folder
+
+
+def _confined(entry: str, rel_to: str, roots, what: str) -> str:
+  """``rel_to/entry``, normalised; ValueError naming ``entry`` when it is absolute or leaves every
+  folder in ``roots`` (a dataset's files stay inside its own folders)."""
+  if os.path.isabs(entry) or os.path.splitdrive(entry)[0]:
+    raise ValueError(f"{what} {entry!r}: an absolute path; name files relative to the audio folder")
+  p = os.path.normpath(os.path.join(rel_to, entry))
+  if not any(_inside(p, r) for r in roots):
+    raise ValueError(f"{what} {entry!r} points outside the audio folder "
+                     f"({', '.join(os.path.abspath(r) for r in roots)})")
+  return p
+
+
+def _parse_stems(stems, rel_to, roots, where: str) -> list:
+  """A ``stems`` list -> [{"name", "path", ...}]; each file must lie inside one of ``roots``."""
   out = []
   for i, s in enumerate(stems or []):
     if isinstance(s, str):
       s = {"file": s}
+    if not isinstance(s, dict):
+      raise ValueError(f"{where}: stem entry {i} is neither a path nor an object: {s!r}")
     f = s.get("file") or s.get("path")
     if not f:
       continue
-    p = os.path.normpath(os.path.join(rel_to, f))
+    if not isinstance(f, str):
+      raise ValueError(f"{where}: stem entry {i} has a non-text file name: {f!r}")
+    p = _confined(f.strip(), rel_to, roots, f"{where}: stem entry {i}")
     d = {k: v for k, v in s.items() if k not in ("file", "path")}
     d.setdefault("name", os.path.splitext(os.path.basename(f))[0])
     d["path"] = p
@@ -194,10 +220,10 @@ def _read_listing(listing: str, audio_dir: str) -> list:
   items = []
   for r in rows:
     p = r.get("path") or r.get("file") or r.get("audio")
-    if not p:
+    if not p or not isinstance(p, str):
       raise ValueError(f"{listing}: a row without a path column: {r}")
     for base in (root, audio_dir):
-      full = os.path.normpath(os.path.join(base, p))
+      full = _confined(p, base, (audio_dir, root), f"{listing}: path")
       if os.path.exists(full):
         break
     caption = next((r[k] for k in CAPTION_KEYS if isinstance(r.get(k), str)), None)
@@ -213,7 +239,8 @@ def _read_listing(listing: str, audio_dir: str) -> list:
       source = os.path.relpath(full, root)
     items.append(Item(source=source.replace(os.sep, "/"), path=full,
                       caption=caption.strip() if caption else caption, info=info,
-                      stems=_parse_stems(stems, os.path.dirname(full))))
+                      stems=_parse_stems(stems, os.path.dirname(full), (audio_dir, root),
+                                         f"{listing} (row for {p!r})")))
   return items
 
 
@@ -240,7 +267,7 @@ def find_items(audio_dir: str, captions: Optional[str] = None) -> list:
           continue
         p = os.path.join(dirpath, fn)
         try:
-          side = _read_sidecar(p)
+          side = _read_sidecar(p, audio_dir)
         except (OSError, ValueError) as e:
           side = (None, {"sidecar_error": f"{type(e).__name__}: {e}"}, [])
         caption, info, stems = side if side is not None else (None, {}, [])
@@ -416,10 +443,10 @@ def build_dataset(audio_dir: str, out_dir: str, codec: Codec, codec_name: str = 
   try:
     for it in bar:
       try:
+        if "sidecar_error" in it.info:
+          raise AudioFileError(it.path, f"unusable sidecar: {it.info['sidecar_error']}")
         if it.caption is None and not allow_missing_captions:
           raise AudioFileError(it.path, "no caption (no .txt/.json sidecar or listing entry)")
-        if "sidecar_error" in it.info:
-          raise AudioFileError(it.path, f"unreadable sidecar: {it.info['sidecar_error']}")
         audio = load_audio(it.path, codec.sample_rate, codec.channels, min_seconds=min_seconds,
                            silence_db=silence_db)
         z = _encode(codec, audio, it.source)
@@ -640,11 +667,18 @@ class LatentDataset:
 
     ``holdout`` defaults to the fraction recorded in ``dataset.json`` (datasets built before it
     was recorded: 0.05). A larger fraction holds out a superset of a smaller one's sources.
+    An item whose sidecar says ``"split": "train"`` or ``"holdout"`` (``info["split"]``; e.g.
+    ``lmdm_jax.data.recorded``, which holds out whole works) goes where it says, whatever the
+    fraction.
     """
     if holdout is None:
       holdout = float(self.info.get("holdout", LEGACY_HOLDOUT))
     train, held = [], []
     for i, r in enumerate(self.records):
+      fixed = (r.get("info") or {}).get("split")
+      if fixed in ("train", "holdout"):
+        (held if fixed == "holdout" else train).append(i)
+        continue
       h = int.from_bytes(hashlib.sha256(f"{salt}:{r['source']}".encode()).digest()[:8], "little")
       (held if h / 2 ** 64 < holdout else train).append(i)
     return train, held

@@ -1,6 +1,7 @@
 """Melody tracks of a latent dataset, for training the sketch channels.
 
-For every stem of every item: the stem's pitch per latent frame (``librosa.yin`` f0 of the stem's
+For every pitched stem of every item (a stem marked ``"pitched": false``, a drum kit, gets an
+all-unvoiced track): the stem's pitch per latent frame (``librosa.yin`` f0 of the stem's
 audio at the codec's hop, frame g centred on latent frame g; unvoiced where the stem's frame RMS
 is more than ``gate_db`` below its loud frames). Rendered stems are single parts, so silence
 between notes is a clean voicing cue and yin's f0 is reliable there. The melody of the *mix* is
@@ -72,6 +73,9 @@ def build(dataset_dir: str, audio_root: str, log=print) -> str:
   for r in tqdm(recs, desc="melody", unit="item"):
     tracks = []
     for s in r.get("stems", []):
+      if s.get("pitched") is False:  # a drum kit: no melody, and none in the skyline
+        out[s["key"]] = np.full(r["frames"], np.nan, np.float16)
+        continue
       p = os.path.normpath(os.path.join(audio_root, s["source"]))
       if not os.path.isfile(p):
         missing += 1

@@ -82,6 +82,23 @@ def melody_from_midi(path, frame_rate: float, frames: int | None = None) -> np.n
   return np.where(np.isfinite(midi), midi, np.nan)
 
 
+def check_sketch(path) -> None:
+  """Raise SketchError naming the problem when ``path`` is not a usable melody file (missing, empty,
+  truncated, undecodable, silent or non-finite audio; unreadable or note-less MIDI). A quick check
+  run before a model is loaded; ``load_sketch`` then extracts the features."""
+  from lmdm_jax.data.audio import AudioFileError, load_audio
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise SketchError(f"{path}: no such sketch file")
+  if path.lower().endswith(MIDI_EXT):
+    melody_from_midi(path, 1.0, 1)
+    return
+  try:
+    load_audio(path, channels=1)
+  except AudioFileError as e:
+    raise SketchError(str(e)) from e
+
+
 def load_sketch(path, frame_rate: float, frames: int | None = None) -> np.ndarray:
   """A melody file (audio or MIDI) -> (frames, SKETCH_DIM) features; zero-padded past its end."""
   path = os.fspath(path)
@@ -90,7 +107,11 @@ def load_sketch(path, frame_rate: float, frames: int | None = None) -> np.ndarra
   if path.lower().endswith(MIDI_EXT):
     midi = melody_from_midi(path, frame_rate, frames)
   else:
-    midi = melody_from_audio(path, frame_rate, frames)
+    from lmdm_jax.data.audio import AudioFileError
+    try:
+      midi = melody_from_audio(path, frame_rate, frames)
+    except AudioFileError as e:
+      raise SketchError(str(e)) from e
   if not np.any(np.isfinite(midi)):
     raise SketchError(f"{path}: no pitched (voiced) frames found in the melody")
   return pitch_features(midi)
@@ -113,16 +134,26 @@ def main(argv=None):
   ap.add_argument("--frame-rate", type=float, default=22050 / 512, help="latent frames/s (spectral codec)")
   ap.add_argument("--out", default=None, help="save the (frames, 14) features as .npy")
   args = ap.parse_args(argv)
-  f = load_sketch(args.melody, args.frame_rate)
+  import math
+  import sys
+  if not (math.isfinite(args.frame_rate) and 0 < args.frame_rate <= 1000):
+    print(f"sketch: error: --frame-rate must be in (0, 1000], got {args.frame_rate}", file=sys.stderr)
+    return 2
+  try:
+    f = load_sketch(args.melody, args.frame_rate)
+  except SketchError as e:
+    print(f"sketch: error: {' '.join(str(e).split())}", file=sys.stderr)
+    return 2
   names = ["C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B"]
   v = f[:, 0] > 0
   hist = f[v, 2:].sum(0)
   print(f"{f.shape[0]} frames ({f.shape[0] / args.frame_rate:.1f} s), {100 * v.mean():.0f}% voiced; "
         "pitch classes: " + " ".join(f"{names[i]}:{int(hist[i])}" for i in np.argsort(-hist)[:5]))
   if args.out:
-    np.save(args.out, f)
-    print(f"wrote {args.out}")
+    from lmdm_jax.data.audio import save_npy
+    print(f"wrote {save_npy(args.out, f)}")
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  raise SystemExit(main())

@@ -4,7 +4,9 @@ LMDM_REFERENCE §4, in our exact streaming semantics:
 - **Generator** = the frozen base DiT + ``nn.adapters`` (only the adapter is trained).
 - **Rollouts with the real sampler.** From real context (with the reference's self-forcing context
   dropout: p_uncond 0.25 hides all K context chunks, else p_partial 0.1 hides the oldest
-  k ~ U{1..K}; hidden chunks are *absent*, as at the start of a stream), n blocks are generated
+  k ~ U{1..K}; hidden chunks are zero latents, present, after the zero start chunks the context
+  does not cover, as a stream starts in the authors' layout (their dropout, without the shift);
+  in the legacy layout they are *absent*, as a legacy stream starts), n blocks are generated
   autoregressively with the cached block-causal stream of ``sampling.generate_block``: the same
   KV ring, fused commit of the previous block in the first step, window-relative rotary tables,
   schedule and pingpong update. Each block draws k ~ U{1..max_k} (shared by the batch, as the
@@ -204,21 +206,26 @@ class ARCForcing:
     tables = self.tables
     hidden = jnp.asarray(hidden, jnp.int32)
 
-    # Prime the ring with the real context's clean K/V (detached): one pass over chunks 0..K-1,
-    # each seeing its predecessors (as committing them one by one does); hidden chunks unseen.
-    ctx_meta = A.chunk_meta(np.arange(K), A.CLEAN, cs, lambda c, j: c * cs + j + 1)
-    kc = jnp.asarray(ctx_meta.chunk)
-    vis = (kc[None, None, :] >= hidden[:, None, None]) | (kc[None, None, :] == kc[None, :, None])
-    mask = jnp.asarray(A.streaming_mask(ctx_meta, ctx_meta, K))[None] & vis
-    h = model_ng.embed_clean(ctx.astype(jnp.float32),
-                             jnp.zeros((b, K * cs, cfg.extra_dim), jnp.float32))
-    _, kv = model_ng.forward_tokens(h, _lookup(tables, jnp.asarray(ctx_meta.pos), cs), mask,
-                                    cross_ng)
-    cache = cache.fill(kv)
+    # Prime the ring with the real context's clean K/V (detached), as a stream primed with it
+    # (``Stream.prime``). Legacy layout: chunks 0..K-1, hidden chunks absent (masked, here and in
+    # every step). Authors' layout: hidden chunks are zero latents, present (the authors' context
+    # dropout), after the zero start chunks the context does not cover.
+    frame_chunk = jnp.arange(K * cs) // cs
+    n_pad = max(layouts.start_chunks(cfg) - K, 0)
+    ctx = ctx.astype(jnp.float32)
+    visible = None
+    if layouts.start_chunks(cfg):
+      ctx = jnp.where((frame_chunk[None] < hidden[:, None])[..., None], 0.0, ctx)
+      ctx = jnp.concatenate([jnp.zeros((b, n_pad * cs, C), jnp.float32), ctx], axis=1)
+      hidden = jnp.zeros_like(hidden)
+    else:
+      visible = frame_chunk[None] >= hidden[:, None]
+    cache = S.prime_ring(model_ng, tables, cache, ctx,
+                         jnp.zeros((b, (n_pad + K) * cs, cfg.extra_dim), jnp.float32), visible)
 
     def run(m, c: KVCache, x, t, pend_x, has_pend, i, with_pending, cross_, g_, hid):
       """One denoising forward, exactly ``generate_block``'s (no CFG), plus per-item hiding."""
-      pos = layouts.cached_positions(i, K, cs)
+      pos = layouts.cached_positions(i, layouts.span(cfg), cs)
       noisy = A.TokenMeta.concat(A.chunk_meta(i[None], A.NOISY, cs, pos, xp=jnp),
                                  A.global_meta(i, 0, xp=jnp))
       past_meta = c.slot_meta(pos)
@@ -251,12 +258,7 @@ class ARCForcing:
 
     def body(carry, k):
       c, pending, has_pend, i, key = carry
-      key, k_init, k_steps = jax.random.split(key, 3)  # as generate_block (sampling._noise_keys)
-
-      def eps(s):
-        return jax.random.normal(jax.random.fold_in(k_steps, s), (b, cs, C), jnp.float32)
-
-      x0 = jax.random.normal(k_init, (b, cs, C), jnp.float32)
+      key, x0, eps = S.block_noise(key, (b, cs, C))
       # step 0, fused with the commit of the pending block (no gradient)
       v0, kv = run(model_ng, c, x0, tsched[0], pending, has_pend, i, True, cross_ng, g_ng, hidden)
       new_c = c.commit(jax.tree.map(lambda a: sg(a[:, :, :cs]), kv), i - 1, has_pend > 0)
@@ -275,7 +277,7 @@ class ARCForcing:
       return (new_c, sg(block), jnp.ones((), jnp.int32), i + 1, key), out
 
     carry = (cache, jnp.zeros((b, cs, C), jnp.float32), jnp.zeros((), jnp.int32),
-             jnp.asarray(K, jnp.int32), key)
+             cache.next_chunk, key)
     _, outs = jax.lax.scan(body, carry, jnp.asarray(ks, jnp.int32))
     blocks = jnp.swapaxes(outs.pop("block"), 0, 1).reshape(b, -1, C)
     return blocks, outs

@@ -14,6 +14,7 @@ are FSDP-sharded over ``fsdp`` by the same rules, and checkpoints restore into t
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -22,14 +23,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from lmdm_jax.config import DiTConfig, load_config
+from lmdm_jax.config import DiTConfig, config_named_by_file, load_config
 from lmdm_jax.nn import adapters
 from lmdm_jax.nn.dit import DiT
 from lmdm_jax.nn.discriminator import HeadConfig
 from lmdm_jax.testing import random_model
 from lmdm_jax.training import sharding
 from lmdm_jax.training.arc_forcing import ARCConfig, ARCForcing, jit_step, make_head
-from lmdm_jax.training.checkpoints import Checkpointer, abstract_like, latest_step
+from lmdm_jax.training.checkpoints import Checkpointer, abstract_like, latest_step, run_layout
 from lmdm_jax.training.workdir import checkpoint_dir
 
 ARC_DIR = "arc_checkpoints"
@@ -85,11 +86,22 @@ def sections(conf):
           ARCConfig.from_config(conf.get("arc", {}) or {}), tr)
 
 
-def build(conf, seed: int = 0, base: str | None = None, base_step: int | None = None,
-          disc_ckpt: str | None = None, log=print, mesh=None):
-  """(trainer, state, frozen) for a config with model/adapter/head/arc sections; with ``mesh``,
-  state and frozen arrays are laid out on it with the stage-1 rules (``sharding.place``)."""
+def model_config(conf, base: str | None = None, stored_model: dict | None = None) -> DiTConfig:
+  """The generator's DiTConfig: ``conf.model`` in the rotary layout of ``stored_model`` (an ARC
+  run's record) if given, else of the base run (``checkpoints.run_layout``)."""
   cfg = DiTConfig.from_config(conf.model)
+  if stored_model is not None:
+    return dataclasses.replace(cfg, positions=DiTConfig.from_stored(stored_model).positions)
+  return run_layout(cfg, base) if base else cfg
+
+
+def build(conf, seed: int = 0, base: str | None = None, base_step: int | None = None,
+          disc_ckpt: str | None = None, log=print, mesh=None, stored_model: dict | None = None):
+  """(trainer, state, frozen) for a config with model/adapter/head/arc sections; with ``mesh``,
+  state and frozen arrays are laid out on it with the stage-1 rules (``sharding.place``).
+  The generator's rotary layout: the one ``stored_model`` (a run's recorded model config)
+  records, else the base run's, else the config's."""
+  cfg = model_config(conf, base, stored_model)
   ac_adapter, hc, ac, _ = sections(conf)
   if base:
     params, rest, step = load_base_params(base, cfg, base_step, seed, mesh)
@@ -175,10 +187,11 @@ def load_arc_model(workdir: str, base: str | None = None, step: int | None = Non
   given) + its latest adapter, merged into the kernels (``merge``) or kept as an adapter."""
   with open(os.path.join(workdir, "arc_config.json")) as f:
     rec = json.load(f)
-  conf = load_config(rec["config"])
+  conf = config_named_by_file(rec["config"], "config", os.path.join(workdir, "arc_config.json"))
   seed = rec["seed"] if seed is None else seed
   trainer, state, frozen = build(conf, seed, base if base is not None else rec.get("base"),
-                                 rec.get("base_step"), rec.get("disc_ckpt"), log=lambda *_: None)
+                                 rec.get("base_step"), rec.get("disc_ckpt"), log=lambda *_: None,
+                                 stored_model=rec.get("model", {}))
   ck = Checkpointer(os.path.join(workdir, ARC_DIR))
   state, _ = ck.restore(abstract_like(state), step)
   ck.close()

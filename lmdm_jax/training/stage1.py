@@ -1,7 +1,8 @@
 """Stage 1: teacher-forced training on long sequences with the streaming mask.
 
 A training sequence of n chunks is laid out as [clean chunks 0..n-1 | noisy chunk 0, its global
-token | noisy chunk 1, ... ] (``layouts.sequence_layout``). Every noisy chunk gets its own
+token | noisy chunk 1, ... ] (``layouts.sequence_layout``, in the model's rotary layout
+``DiTConfig.positions``: new models the authors' window positions). Every noisy chunk gets its own
 diffusion time and noise; the loss is the rectified-flow MSE on the noisy chunks. The mask is the
 one cached streaming uses, so what is trained is exactly what streams (unlike the reference, which
 trains on 5-chunk windows and streams with a different attention pattern).
@@ -9,7 +10,10 @@ trains on 5-chunk windows and streams with a different attention pattern).
 Dropout, following the reference (LMDM_REFERENCE §2) in our semantics:
 - context dropout per noisy chunk: with p_uncond it sees none of its K context chunks, else with
   p_partial the oldest k ~ U{1..K} of them are hidden (k = K is a full drop). Hidden chunks are
-  *absent* (masked), as they are at the start of a stream, rather than zero latents;
+  *absent* (masked), as at the start of a legacy stream, rather than zero latents: the clean
+  chunks are shared by every noisy chunk of the sequence, so zeroing them for one noisy chunk
+  only (the reference's dropout, and the authors' stream start of W zero chunks) is not
+  expressible here;
 - CFG dropout per sequence: with p_cfg the conditioning tokens are zeroed (the global token is
   never dropped); extra input_add groups (sketch, accompaniment) are zeroed with p_cfg each.
 Diffusion time: u ~ U(0, 1) shifted as t = s u / (1 + (s - 1) u), s = e^0.5 (the reference's
@@ -93,7 +97,7 @@ class Stage1:
   def __init__(self, model: DiT, tc: Stage1Config):
     cfg = model.cfg
     self.cfg, self.tc = cfg, tc
-    self.layout = layouts.sequence_layout(tc.chunks, np.arange(tc.chunks), cfg.context_chunks,
+    self.layout = layouts.sequence_layout(tc.chunks, np.arange(tc.chunks), layouts.span(cfg),
                                           cfg.chunk)
     self.base_mask = A.streaming_mask(self.layout.meta, self.layout.meta, cfg.context_chunks)
     self.rope = A.rope_tables(np.asarray(model.inv_freq[...]), self.layout.meta.pos)

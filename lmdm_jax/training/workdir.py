@@ -7,10 +7,11 @@ from __future__ import annotations
 import json
 import os
 
+import jax
+import numpy as np
 from flax import nnx
 
-from lmdm_jax.config import DiTConfig
-from lmdm_jax.nn.dit import DiT
+from lmdm_jax import file_checks as fc
 
 
 def checkpoint_dir(path: str) -> str:
@@ -45,20 +46,31 @@ def is_workdir(path: str) -> bool:
 
 
 def load_model(path: str, use_ema: bool = False):
-  """A work directory's latest checkpoint -> (DiTConfig, DiT, {"step", "meta": config.json})."""
+  """The model of a train.py work directory's newest intact checkpoint: only its parameters (EMA
+  or raw) and buffers are read, after their stored shapes are checked against ``config.json``."""
   from lmdm_jax.training.checkpoints import Checkpointer, abstract_like
-  from lmdm_jax.training.stage1 import Stage1, Stage1Config, model_from_state
-  with open(os.path.join(path, "config.json")) as f:
-    meta = json.load(f)
-  cfg = DiTConfig.from_config(meta["model"])
-  model = DiT(cfg, rngs=nnx.Rngs(0))
-  tc = Stage1Config.from_config(meta["train"].get("stage1", {}))
-  trainer = Stage1(model, tc)
-  state = trainer.init_state(model)
+  meta = fc.read_json(os.path.join(path, "config.json"), "work directory config")
+  where = f"checkpoint {path!r}"
+  cfg = fc.model_config(meta.get("model"), f"{os.path.join(path, 'config.json')} model")
+  graphdef, params, rest = nnx.split(fc.abstract_model(cfg, where), nnx.Param, ...)
+  params, rest = abstract_like(params), abstract_like(rest)
+  want_params, want_rest = fc.flat_shapes(params), fc.flat_shapes(rest)
+  chosen = {}
+
+  def target(stored):  # the stored shapes (orbax metadata) must be the config's, before reading
+    name = "ema" if use_ema and any(k.startswith("ema/") for k in stored) else "params"
+    for key, want in ((name, want_params), ("rest", want_rest)):
+      got = {k[len(key) + 1:]: v for k, v in stored.items() if k.startswith(key + "/")}
+      fc.compare(want, got, f"{where} {key}")
+    chosen["name"] = name
+    return {name: params, "rest": rest, "step": jax.ShapeDtypeStruct((), np.int32)}
+
   ckpt = Checkpointer(os.path.join(path, "checkpoints"))
-  if ckpt.latest_step() is None:
-    raise ValueError(f"checkpoint {path!r}: checkpoints/ holds no finished checkpoint")
-  state, _ = ckpt.restore(abstract_like(state))
-  step = int(state["step"])
-  ckpt.close()
-  return cfg, model_from_state(trainer.graphdef, state, use_ema), {"step": step, "meta": meta}
+  try:
+    if ckpt.latest_step() is None:
+      raise ValueError(f"checkpoint {path!r}: checkpoints/ holds no finished checkpoint")
+    out, _ = ckpt.restore_items(target)
+  finally:
+    ckpt.close()
+  model = nnx.merge(graphdef, out[chosen["name"]], out["rest"])
+  return cfg, model, {"step": int(out["step"]), "meta": meta}
