@@ -12,7 +12,6 @@ seconds_start + seconds_total conditioners, like Stable Audio Open) or the LMDM 
 0.0.20 cannot build a DiT with ``input_add_dims`` / ``postpend`` itself).
 """
 import copy
-import importlib.util
 import json
 import os
 import subprocess
@@ -37,7 +36,8 @@ from tests.test_oobleck_parity import make_reference  # noqa: E402
 from tests.test_t5_parity import save_word_tokenizer  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-pytestmark = pytest.mark.filterwarnings("ignore:.*weight_norm.*:FutureWarning")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.filterwarnings("ignore:.*weight_norm.*:FutureWarning")]
 
 T5_WIDTH = 512  # stable-audio-tools' width of "t5-small": tokens are used unprojected
 HOP, SR = 2048, 44100
@@ -174,10 +174,8 @@ def child_env():
 
 
 def sample_module():
-  spec = importlib.util.spec_from_file_location("sample_cli", os.path.join(ROOT, "sample.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
+  from lmdm_jax.apps import sample_cli  # sample.py's code
+  return sample_cli
 
 
 def expected_samples(seconds, chunk=CHUNK):

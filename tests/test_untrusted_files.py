@@ -140,7 +140,7 @@ def test_workdir_config_path_is_never_run(tmp_path, evil):
 
 def test_arc_run_config_path_is_never_run(tmp_path, evil):
   marker, specs = evil
-  import arc  # the CLI module (the repository root is on sys.path via conftest)
+  from lmdm_jax.training import arc_run as arc  # arc.py's library part
   for i, spec in enumerate(specs):
     wd = tmp_path / f"arc{i}"
     wd.mkdir()
@@ -205,6 +205,7 @@ def _npy(a):
   return b.getvalue()
 
 
+@pytest.mark.slow
 def test_oversized_declarations_error_with_small_memory(tmp_path):
   """Each file declares a model of ~2 GB that it does not hold; loading says so, and the loader's
   peak memory (ru_maxrss, in a fresh process) grows by far less than the declared model."""
@@ -389,6 +390,7 @@ def test_damaged_workdir_loads_previous_step(tmp_path, capsys):
 # --------------------------------------------------------------------------------------- fuzz
 
 
+@pytest.mark.slow
 def test_fuzz_bundle_damage_gives_clear_errors(tmp_path):
   """40 seeded truncations and bit flips of a bundle: each loads (a flip in bytes nothing checks,
   e.g. a zip timestamp) or raises ValueError with a one-line message; numpy allocations stay small."""
