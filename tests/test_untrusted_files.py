@@ -426,6 +426,7 @@ def test_fuzz_bundle_damage_gives_clear_errors(tmp_path):
   assert peak < 64 << 20
 
 
+@pytest.mark.slow
 def test_fuzz_checkpoint_damage_falls_back_or_errors(tmp_path):
   """30 seeded truncations and bit flips of any file of the newest step: restore always gives the
   previous step's exact state (never a changed one, never an exception)."""
