@@ -9,11 +9,11 @@ before the first decoded samples, each phase timed, in fresh processes side by s
 
 Each run is a child process doing sample's steps (default config -> bundled model, codec, MiniLM
 text encoder, prompt encoding, the KV-cached stream and its block step, the decoder warm-up, the
-first block decoded; "model" includes the default config's check that its codec and text
-encoder load, so the text encoder is ready before its own phase); the table gives wall seconds from the parent's spawn to the end of each
-phase, and the child's CPU seconds (all threads) at first audio. On a machine shared with other
-work the wall times grow with the load; CPU seconds much less so. The cache lives in a temporary
-folder (the user cache is not touched).
+first block decoded; "model" includes the default config's check that its codec and text encoder
+load, so the text encoder is ready before its own phase). The tables give wall seconds from the
+parent's spawn to the end of each phase, the seconds spent in each, and the child's CPU seconds
+(all threads). On a machine shared with other work the wall times grow with the load; CPU
+seconds much less so. The cache lives in a temporary folder (the user cache is not touched).
 """
 from __future__ import annotations
 
@@ -76,7 +76,8 @@ def run_child(label: str, env: dict, args) -> dict:
   r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
   line = [ln for ln in r.stdout.splitlines() if ln.startswith("STARTUP ")]
   if r.returncode or not line:
-    raise SystemExit(f"startup: the {label} run failed ({r.returncode}):\n{r.stdout}\n{r.stderr[-3000:]}")
+    raise SystemExit(f"startup: the {label} run failed ({r.returncode}):\n{r.stdout}\n"
+                     f"{r.stderr[-3000:]}")
   rec = json.loads(line[-1][len("STARTUP "):])
   rec["label"] = label
   print(f"[startup] {label}: first audio after {rec['first_audio']:.2f} s", file=sys.stderr,

@@ -31,6 +31,8 @@ from lmdm_jax import sampling as S  # noqa: E402
 from tests.test_dit_parity import (CS, LMDM, LMDM_TRAINING, NW, convert, spec_masks,  # noqa: E402
                                    torch_lmdm)
 
+pytestmark = pytest.mark.slow
+
 B, S_LEN, BLOCKS, STEPS, CFG_SCALE = 2, 5, 8, 6, 2.5
 TOL = 1e-5
 

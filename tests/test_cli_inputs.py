@@ -99,6 +99,7 @@ def test_sample_bad_input_one_line_exit_2_before_model_load(files, no_model, cap
   assert not os.path.exists(files / "never.wav")
 
 
+@pytest.mark.slow  # three sample.py processes
 @pytest.mark.parametrize("argv,needle", [
     (["--seconds", "nan"], "--seconds"),
     (["--sketch", "{d}/text.wav"], "text.wav"),

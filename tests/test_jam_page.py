@@ -30,6 +30,8 @@ from websockets.asyncio.client import connect  # noqa: E402
 
 from tests.test_jam_server import find_chromium, server  # noqa: E402,F401 (the server fixture)
 
+pytestmark = pytest.mark.slow
+
 SR = 22050
 
 

@@ -75,7 +75,8 @@ def top_level_names() -> set:
   for entry in os.listdir(ROOT):
     if entry.endswith(".py"):
       names.add(entry[:-3])
-    elif os.path.isdir(os.path.join(ROOT, entry)) and not entry.startswith(".") and entry != "lmdm_jax":
+    elif (os.path.isdir(os.path.join(ROOT, entry)) and not entry.startswith(".")
+          and entry != "lmdm_jax"):
       names.add(entry)
   return names
 

@@ -88,6 +88,7 @@ def test_parse_prompts():
   assert prompt_schedule(parse_prompts(["3:late"]), 1.0, 3) == [0, 0, 0]
 
 
+@pytest.mark.slow  # two sample.py processes; the parser is tested in-process above
 def test_bad_prompt_cli_errors():
   for bad in ["x:foo", "-3:foo"]:
     r = run_sample(f"--prompt={bad}", timeout=120)

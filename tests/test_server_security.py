@@ -117,6 +117,7 @@ def test_host_policy_rules():
       parse_allow_host(bad)
 
 
+@pytest.mark.slow
 def test_foreign_host_is_refused_for_page_static_files_and_websocket(server):
   """DNS rebinding: a request naming another host is refused (421) for every path and the
   handshake, even with a matching Origin; allowed names (and --allow-host ones) are served."""
@@ -155,6 +156,7 @@ def test_foreign_host_is_refused_for_page_static_files_and_websocket(server):
 # ---------------------------------------------------------------------- bad input, session kept
 
 
+@pytest.mark.slow
 def test_deep_json_and_huge_numbers_get_errors_and_keep_the_session(server):
   async def run():
     async with connect(server.ws, max_size=None) as ws:
@@ -184,6 +186,7 @@ def test_deep_json_and_huge_numbers_get_errors_and_keep_the_session(server):
   alive(server)
 
 
+@pytest.mark.slow
 def test_lone_surrogate_prompt_is_refused_and_the_session_goes_on(server):
   async def run():
     async with connect(server.ws, max_size=None) as ws:
@@ -206,6 +209,7 @@ def test_lone_surrogate_prompt_is_refused_and_the_session_goes_on(server):
   alive(server)
 
 
+@pytest.mark.slow
 def test_out_of_range_samples_are_clipped_or_refused_and_the_stream_goes_on(server):
   """3e38 (finite, but it overflows the codec: was `sampler_failed`, session stopped) is clipped
   to [-1, 1], answered, and warned about; inf/NaN frames are refused; the stream goes on and
@@ -323,6 +327,7 @@ def fuzz_message(rng: random.Random, max_frame_bytes: int):
   return "oversize", bytes(MAX_MESSAGE + rng.choice([4, 1000]))
 
 
+@pytest.mark.slow
 def test_fuzz_messages_never_end_another_clients_session_or_the_server(server):
   """A bounded, seeded fuzz: random messages (text and binary, valid and not, random sizes and
   orders, abrupt disconnects, oversized messages) on one connection while another client
