@@ -1,5 +1,7 @@
 """Stage-1 training (also `lmdm train`); the code is lmdm_jax/apps/train_cli.py, see its --help."""
+import sys
+
 from lmdm_jax.apps.train_cli import main
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

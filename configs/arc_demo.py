@@ -14,62 +14,13 @@ step 3000) plus this adapter at 4 steps grows less in Frechet distance than the 
 stream-bootstrap interval [-0.33, -0.05]) and keeps the real level (latent RMS 0.80-0.99 vs real
 1.10; the base 0.29-0.43), but starts higher, and the base at 4 steps grows least (x1.13). In
 bench/music_eval.py it falls silent on 1 of 12 held-out prompts against the base's 6 with the
-same sketch adherence, so it is what the bundled model ships (merged). On the earlier 128-dim
-base (3 held-out pieces) it sat below the base in every quarter (x1.08 vs x1.12).
-
-How the settings were found (a sweep on this base, runs/arc_sweep_*, 20 s drift probes; tables in
-the commits that set them). The reference's lr 1e-6 (a 0.34B model over days) does not move an 8M
-model in a CPU hour. lr 2e-4 with w_contrastive 2 (an earlier default) collapses to loud,
-low-frequency output on a few pitch classes (latent RMS 1.51 vs real 1.17, centroid 340 Hz), as
-does lr_g 1e-4 / lr_d 5e-5 by step 800; lr 2e-5 hardly moves the adapter; lr_g = lr_d = 5e-5
-with w_contrastive 0.5 stays stable. The contrastive term stays near its chance value w_c ln 2
-(92-98% of it): the head on frozen, mostly very noisy features hardly tells prompts apart, so a
-large w_c mostly adds a term the discriminator barely learns. Rollout length matters: with 4
-blocks ARC@4 grows more than the base (FD 149 -> 182, x1.22, growth minus base@8's +0.10
-[+0.00, +0.17]), with 8 blocks its level drops to the base's or below but it still grows more
-(x1.20; +0.08 [-0.01, +0.18]); the base drifts over its first ~12 blocks, hence 12. Less
-discriminator noise (disc_noise=logit_normal, 4 blocks) collapses towards dark, few-pitch output
-(FD growth x1.44).
-
-Overrides for sweeps: ``get_config("lr_g=2e-5,lr_d=1e-5,w_contrastive=0.5")`` (config spec
-``configs/arc_demo.py:lr_g=2e-5,...``). A bare key is looked up in the ``arc``, ``adapter``,
-``head`` and ``arc_train`` sections (in that order); ``section.key=value`` names the section.
-Values are parsed as Python literals (numbers, tuples, strings without quotes are kept as str).
+same sketch adherence, so it is what the bundled model ships (merged). How these settings
+were found: docs/TRAINING.md ("How arc_demo's settings were found").
 """
-import ast
-
 from lmdm_jax.config import load_config
 
-_SECTIONS = ("arc", "adapter", "head", "arc_train")
 
-
-def _literal(s: str):
-  try:
-    return ast.literal_eval(s)
-  except (ValueError, SyntaxError):
-    return s
-
-
-def apply_overrides(c, arg: str):
-  """Apply ``key=value[,key=value...]`` overrides (see the module docstring) to config ``c``."""
-  for item in filter(None, (p.strip() for p in arg.split(","))):
-    key, eq, val = item.partition("=")
-    if not eq:
-      raise ValueError(f"arc_demo override {item!r}: expected key=value")
-    sec, _, name = key.rpartition(".")
-    secs = (sec,) if sec else _SECTIONS
-    for s in secs:
-      d = dict(c[s])
-      if name in d:
-        d[name] = _literal(val)
-        c[s] = d
-        break
-    else:
-      raise ValueError(f"arc_demo override {key!r}: no such key in sections {secs}")
-  return c
-
-
-def get_config(arg: str = ""):
+def get_config():
   c = load_config("demo")
   c.name = "arc_demo"
   c.sampler.steps = 4  # the adapted model samples with the schedule it was trained on
@@ -84,4 +35,4 @@ def get_config(arg: str = ""):
                remat=True)
   c.arc_train = dict(batch_size=4, steps=800, ckpt_every=100, keep=3, log_every=5)
   c.disc_backbone = None
-  return apply_overrides(c, arg)
+  return c

@@ -24,6 +24,6 @@ def get_config(arg: str = ""):
                remat=True)
   c.arc_train = dict(batch_size=2, steps=20, ckpt_every=10, keep=3, log_every=1)
   # Discriminator backbone: None = the generator's frozen base weights (adapter off); or a config
-  # spec (e.g. "saos:base") whose weights come from --disc-ckpt.
+  # spec (e.g. "saos:base") whose weights come from --disc_ckpt.
   c.disc_backbone = None
   return c

@@ -129,7 +129,8 @@ def export_workdir(workdir: str, out: str, use_ema: bool = True, dtype=np.float1
   from lmdm_jax.checkpoint_io import load_model
   cfg, model, ex = load_model(workdir, use_ema=use_ema)
   name = ex["meta"].get("config")
-  meta = dict(config=registered_spec(name) or name, step=ex["step"],
+  meta = dict(config=registered_spec(name) or name, overrides=ex["meta"].get("overrides"),
+              step=ex["step"],
               weights="ema" if use_ema else "raw", source=_provenance(workdir),
               data=_provenance(ex["meta"].get("data")))
   meta.update(extra_meta or {})
@@ -149,7 +150,7 @@ def export_arc(arc_workdir: str, out: str, dtype=np.float16, extra_meta: dict | 
     base_step = latest_step(checkpoint_dir(rec["base"]))  # as load_arc_model loads it
   model = load_arc_model(arc_workdir, merge=True)
   meta = dict(config=registered_spec(rec["config"]) or rec["config"],
-              weights="base + merged ARC-Forcing adapter",
+              overrides=rec.get("overrides"), weights="base + merged ARC-Forcing adapter",
               source=_provenance(arc_workdir), base=_provenance(rec.get("base")),
               base_step=base_step, arc_step=arc_step, data=_provenance(rec.get("data")))
   meta.update(extra_meta or {})

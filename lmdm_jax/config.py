@@ -11,6 +11,8 @@ kept narrow:
 - ``config_named_by_file(value, field, file)``: a config named inside a file we load (a bundle's
   ``__meta__``, a work directory's ``config.json``, an ARC run's ``arc_config.json``). Those files
   are untrusted data: the value is looked up among the registered configs only, never run as a path.
+  The fields a run set on its command line (``--config.train.batch_size=4``) are recorded next to
+  that name as data, ``{"train.batch_size": 4}``, and put back by ``apply_overrides``.
 """
 from __future__ import annotations
 
@@ -249,20 +251,106 @@ def registered_spec(value) -> str | None:
   return name + colon + arg if name in registered_configs() else None
 
 
-def config_named_by_file(value, field: str, file: str) -> ml_collections.ConfigDict:
+def config_named_by_file(value, field: str, file: str,
+                         overrides=None) -> ml_collections.ConfigDict:
   """The config named by ``field`` of ``file`` (a bundle's ``__meta__``, a work directory's
   ``config.json``, an ARC run's ``arc_config.json``): untrusted data, so a registered config only
-  (``registered_spec``); anything else is a one-line ValueError naming the field and the file."""
+  (``registered_spec``); anything else is a one-line ValueError naming the field and the file.
+  ``overrides``: the fields the run set on its command line, as the file records them (``None``
+  for files written before they were recorded), put back with ``apply_overrides``."""
   spec = registered_spec(value)
   if spec is None:
     raise ValueError(f"{file}: field {field!r} = {_short(value)} is not a registered config "
                      f"(known: {registered_configs()}); a config named by a file is only looked "
                      "up by name, never run from a path")
-  return load_config(spec)
+  conf = load_config(spec)
+  return conf if overrides is None else apply_overrides(conf, overrides, f"{file} overrides")
+
+
+_FIELD_PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+_MAX_OVERRIDES = 256
+
+
+def _data_value(v, depth: int = 0) -> bool:
+  """A JSON scalar, or a (nested, short) list of them: what a recorded override may hold."""
+  if v is None or isinstance(v, (bool, int, float, str)):
+    return True
+  return isinstance(v, (list, tuple)) and depth < 2 and len(v) <= 256 and all(
+      _data_value(x, depth + 1) for x in v)
+
+
+def apply_overrides(conf: ml_collections.ConfigDict, overrides,
+                    where: str) -> ml_collections.ConfigDict:
+  """``conf`` with the recorded command-line fields ``{"train.batch_size": 4, ...}`` set, as data
+  (``where`` names the file for errors). The values were checked against the config when the run
+  started; a field the config does not define (one that training filled in with its default, such
+  as ``train.stage1.ema_decay`` on a config that does not list it) is added. A malformed record
+  (not a mapping, a bad field path, a value that is not a number / string / bool / list of them,
+  a value of another type than the config's field) is a one-line ValueError."""
+  if not isinstance(overrides, dict) or len(overrides) > _MAX_OVERRIDES:
+    raise ValueError(f"{where}: expected a mapping of at most {_MAX_OVERRIDES} config fields, got "
+                     f"{_short(overrides)}")
+  for path, value in overrides.items():
+    if not isinstance(path, str) or not _FIELD_PATH.match(path) or len(path) > 200:
+      raise ValueError(f"{where}: {_short(path)} is not a config field path (a.b.c)")
+    if not _data_value(value):
+      raise ValueError(f"{where}: {path} = {_short(value)} is not a number, string, bool or list")
+    *parents, leaf = path.split(".")
+    node = conf
+    with conf.unlocked():
+      for i, name in enumerate(parents):
+        if name not in node:
+          node[name] = ml_collections.ConfigDict()
+        node = node[name]
+        if not isinstance(node, ml_collections.ConfigDict):
+          raise ValueError(f"{where}: {path}: {'.'.join(parents[:i + 1])} is not a section")
+      if isinstance(value, list):
+        value = tuple(value)  # JSON has no tuples; the configs' sequences are tuples
+      try:
+        node[leaf] = value
+      except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}: {path} = {_short(value)}: {one_line(e)}") from None
+  return conf
+
+
+def fill_defaults(conf: ml_collections.ConfigDict, defaults: dict) -> ml_collections.ConfigDict:
+  """``conf`` with every field of ``defaults`` (nested dicts: sections) that it does not set added,
+  so each can be set on the command line. A default that is a typed placeholder
+  (``ml_collections.config_dict.placeholder(str)``) also types a field the config sets to None."""
+  with conf.unlocked():
+    for key, d in defaults.items():
+      if isinstance(d, dict):
+        if key not in conf or conf[key] is None:
+          conf[key] = ml_collections.ConfigDict()
+        fill_defaults(conf[key], d)
+      elif isinstance(d, ml_collections.FieldReference):
+        if conf.get(key, None) is None:
+          conf[key] = ml_collections.config_dict.placeholder(d.get_type())
+      elif key not in conf:
+        conf[key] = d
+  return conf
+
+
+def flat_fields(conf, prefix: str = "") -> list[tuple[str, object]]:
+  """``[("model.depth", 2), ...]``: every field of a config by its dotted path, in order."""
+  out = []
+  for key, v in conf.items():
+    if isinstance(v, ml_collections.ConfigDict):
+      out += flat_fields(v, f"{prefix}{key}.")
+    else:
+      out.append((prefix + key, v))
+  return out
+
+
+def one_line(msg) -> str:
+  return " ".join(str(msg).split())
 
 
 def _run_config(path: str, arg: str) -> ml_collections.ConfigDict:
   spec_ = importlib.util.spec_from_file_location("lmdm_config", path)
   mod = importlib.util.module_from_spec(spec_)
   spec_.loader.exec_module(mod)
-  return mod.get_config(arg) if arg else mod.get_config()
+  try:
+    return mod.get_config(arg) if arg else mod.get_config()
+  except TypeError as e:  # e.g. an argument the config does not take
+    raise ValueError(f"config {path}{':' + arg if arg else ''}: {one_line(e)}") from None

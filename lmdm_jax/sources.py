@@ -155,7 +155,7 @@ def load(source: str | None = None, *, config: str | None = None, codec: str | N
   except (ValueError, OSError) as e:
     raise SourceError(f"--checkpoint: {e}") from None
   meta = extras.get("meta") or {}
-  conf = _recorded_config(meta.get("config"), source, config, log)
+  conf = _recorded_config(meta.get("config"), meta.get("overrides"), source, config, log)
   if meta.get("arc_step") is not None:  # an ARC-Forcing bundle: base + merged adapter
     trained = f"base step {meta.get('base_step', '?')} + ARC-Forcing step {meta['arc_step']}"
   else:
@@ -173,8 +173,9 @@ def _cli_config(value: str):
     raise SourceError(f"--config: {e}") from None
 
 
-def _recorded_config(value, source: str, config: str | None, log):
-  """The config a source records (registered names only); the user's ``--config`` wins."""
+def _recorded_config(value, overrides, source: str, config: str | None, log):
+  """The config a source records (registered names only) with the fields its run set on the
+  command line (``overrides``, as data); the user's ``--config`` wins."""
   if config is not None:
     return _cli_config(config)
   where = source if source.endswith(".npz") else os.path.join(source, "config.json")
@@ -183,7 +184,7 @@ def _recorded_config(value, source: str, config: str | None, log):
     raise SourceError(f"{where} records no config: pass --config to choose the config to "
                       "sample with")
   try:
-    return config_named_by_file(value, field, where)
+    return config_named_by_file(value, field, where, overrides)
   except ValueError as e:
     raise SourceError(f"{e}; pass --config to choose the config to sample with") from None
 
@@ -207,8 +208,8 @@ def _arc(path: str, config, *, codec, t5, log) -> System:
   try:
     with open(rec_path) as f:
       rec = json.load(f)
-    conf = _cli_config(config) if config else config_named_by_file(rec.get("config"), "config",
-                                                                    rec_path)
+    conf = _cli_config(config) if config else config_named_by_file(
+        rec.get("config"), "config", rec_path, rec.get("overrides"))
     model = load_arc_model(path, merge=True)
   except (ValueError, OSError, KeyError) as e:
     raise SourceError(f"--checkpoint {path}: {e}") from None

@@ -18,11 +18,12 @@ python3 -m lmdm_jax.data.dataset --audio data_cache/corpus/audio --out data_cach
 [ -f data_cache/latents_spectral/melody.npz ] || \
   python3 -m lmdm_jax.data.melody data_cache/latents_spectral --audio data_cache/corpus/audio
 # 3. stage 1 (resumes from runs/demo/checkpoints)
-python3 train.py --config demo --data data_cache/latents_spectral --workdir runs/demo --steps "$STEPS"
+python3 train.py --config demo --data data_cache/latents_spectral --workdir runs/demo \
+  --config.train.steps="$STEPS"
 python3 -m lmdm_jax.bundle runs/demo --out runs/demo_base.npz
 # 4. ARC-Forcing on the frozen stage-1 model (resumes from runs/arc_demo)
 python3 arc.py --config arc_demo --base runs/demo --data data_cache/latents_spectral \
-  --workdir runs/arc_demo --steps "$ARC_STEPS"
+  --workdir runs/arc_demo --config.arc_train.steps="$ARC_STEPS"
 python3 -m lmdm_jax.bundle --arc runs/arc_demo --out lmdm_jax/assets/demo_model.npz
 # 5. what they sound like
 # (each at its config's steps: the base at 8, the ARC model at 4)

@@ -1,121 +1,148 @@
 """ARC-Forcing post-training: a LoRA adapter on a frozen base LMDM (LMDM_REFERENCE §4).
 
-  python3 arc.py --config arc_tiny --data synthetic --workdir runs/arc_tiny --steps 20
+  python3 arc.py --config arc_tiny --data synthetic --workdir runs/arc_tiny --config.arc_train.steps=20
   python3 arc.py --config arc_tiny --base runs/tiny --data synthetic --workdir runs/arc_tiny
-  python3 arc.py --config configs/my_arc.py --base runs/demo --data data_cache/latents ...
-  python3 arc.py ... --fsdp 4            # shard base/adapter/head/optimizers over 4 of the devices
+  python3 arc.py --config configs/arc_demo.py --config.arc.lr_g=2e-5 --base runs/demo ...
+  python3 arc.py ... --config.arc_train.fsdp=4   # shard base/adapter/head/optimizers over 4 devices
 
+--config names the recipe (a registered config or your own file) and --config.FIELD=VALUE sets
+any of its fields (``arc.lr_g``, ``adapter.rank``, ``arc_train.steps``, ``seed``, ...;
+``--help --config NAME`` lists them with their values); the fields set on the command line are
+recorded in <workdir>/arc_config.json ("overrides") with the config's name.
 --base is a train.py workdir (or its checkpoints/ folder): the base parameters are read from its
-latest (or --base-step) orbax checkpoint, {"params", "rest", "opt", "step"}, by a partial restore
+latest (or --base_step) orbax checkpoint, {"params", "rest", "opt", "step"}, by a partial restore
 of "params" and "rest" only. Without --base the model gets random weights (the run says so).
 Only the adapter, the discriminator head and their optimizer states are trained and saved, under
-<workdir>/arc_checkpoints (atomic orbax saves; --keep of them). A run restarted with the same
-command resumes from its last checkpoint with the same data order, rollouts and losses as an
-uninterrupted run (data, PRNG keys and the G/D phase depend only on the seed and the step).
+<workdir>/arc_checkpoints (atomic orbax saves; ``arc_train.keep`` of them). A run restarted with
+the same command resumes from its last checkpoint with the same data order, rollouts and losses as
+an uninterrupted run (data, PRNG keys and the G/D phase depend only on the seed and the step); a
+restart may change the run fields (``arc_train.*``), nothing else of the recipe.
 Metrics: <workdir>/arc_metrics.jsonl. ``lmdm_jax.training.arc_run.load_arc_model(workdir)``
 returns the base with the adapter merged in, for inference (e.g. bench/drift.py).
 
 Scale: the same sharding as stage 1 (train.py, ``lmdm_jax.training.sharding``): a (data, fsdp)
-mesh over all devices (``--fsdp``, default 1 = data parallel; multi-host via the same
+mesh over all devices (``arc_train.fsdp``, default 1 = data parallel; multi-host via the same
 ``init_distributed``); the batch is split over the mesh, the frozen base, adapter, head and both
 optimizer states are FSDP-sharded over ``fsdp`` by the same rules, and checkpoints restore into
 that layout. One device is a mesh of one (the same code path).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
+import sys
 import time
 
 import jax
+from absl import flags
 
 from lmdm_jax import compile_cache
-from lmdm_jax.config import load_cli_config
+from lmdm_jax.apps import run_flags
+from lmdm_jax.apps.common import UsageError
+from lmdm_jax.config import one_line
 from lmdm_jax.training import sharding
-from lmdm_jax.training.arc_run import (ARC_DIR, METRICS, build, make_step_fns, model_config,
-                                       restore_state, sections, train_loop)
+from lmdm_jax.training.arc_run import (ARC_DIR, METRICS, build, config_defaults, make_step_fns,
+                                       model_config, restore_state, sections, train_loop)
 from lmdm_jax.training.checkpoints import Checkpointer, latest_step
 from lmdm_jax.training.data import Batcher, make_source
 from lmdm_jax.training.workdir import checkpoint_dir, truncate_metrics
 
 
-def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  ap.add_argument("--config", default="arc_tiny",
-                  help="a registered ARC config (arc_tiny, arc_demo[:key=value,...]) or your own "
-                       "path/to/config.py (default: arc_tiny)")
-  ap.add_argument("--data", default="synthetic",
-                  help="latent dataset folder, or 'synthetic' (default)")
-  ap.add_argument("--workdir", required=True,
-                  help="run folder: arc_config.json, adapter checkpoints; rerunning resumes")
-  ap.add_argument("--base", help="train.py workdir (or checkpoints folder) with the base weights "
-                  "(default: none: RANDOM base weights, a smoke run)")
-  ap.add_argument("--base-step", type=int,
-                  help="the base's checkpoint step (default: its latest when the run starts, pinned)")
-  ap.add_argument("--disc-ckpt", help="checkpoint of a separate discriminator backbone "
-                  "(config key disc_backbone; default: none, random backbone weights)")
-  ap.add_argument("--steps", type=int, help="total steps (default: the config's train.steps)")
-  ap.add_argument("--batch-size", type=int, help="global batch size (default: the config's)")
-  ap.add_argument("--ckpt-every", type=int, help="steps between checkpoints (default: the config's)")
-  ap.add_argument("--keep", type=int, help="checkpoints kept (default: the config's)")
-  ap.add_argument("--log-every", type=int, help="steps between metrics lines (default: the config's)")
-  ap.add_argument("--seed", type=int, help="seed (default: the config's)")
-  ap.add_argument("--fsdp", type=int,
-                  help="devices per FSDP group, as train's --fsdp (default: the config's, 1)")
-  args = ap.parse_args(argv)
-  compile_cache.enable(log=lambda m: print(f"[arc] {m}"))
+def define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string("data", "synthetic", "latent dataset folder, or 'synthetic': random latents, "
+                      "for smoke runs", flag_values=fv)
+  flags.DEFINE_string("workdir", None, "run folder (required): arc_config.json, arc_checkpoints/, "
+                      "arc_metrics.jsonl; rerunning the same command resumes", flag_values=fv)
+  flags.DEFINE_string("base", None, "train.py work directory (or its checkpoints/ folder) with the "
+                      "base weights (default: none: RANDOM base weights, a smoke run)",
+                      flag_values=fv)
+  flags.DEFINE_integer("base_step", None, "the base's checkpoint step (default: its latest when the "
+                       "run starts, pinned in arc_config.json; also --base-step)", lower_bound=0,
+                       flag_values=fv)
+  flags.DEFINE_string("disc_ckpt", None, "checkpoint of a separate discriminator backbone (config "
+                      "field disc_backbone; default: none, random backbone weights; also "
+                      "--disc-ckpt)", flag_values=fv)
 
-  sharding.init_distributed()
-  conf = load_cli_config(args.config)
-  _, _, _, tr = sections(conf)
-  for k in ("steps", "batch_size", "ckpt_every", "keep", "log_every", "fsdp"):
-    if getattr(args, k) is not None:
-      tr[k] = getattr(args, k)
-  seed = conf.get("seed", 0) if args.seed is None else args.seed
-  os.makedirs(args.workdir, exist_ok=True)
-  rec_path = os.path.join(args.workdir, "arc_config.json")
+
+def _recipe(overrides: dict) -> dict:
+  """The overrides a resumed run must repeat: all but the run fields (``arc_train.*``)."""
+  return {k: v for k, v in (overrides or {}).items() if not k.startswith("arc_train.")}
+
+
+def main(argv=None):
+  """arc.py: the command line is checked (a one-line error and exit 2 for a bad flag or config
+  field, or a work directory that holds another run) before any model is built."""
+  try:
+    p = run_flags.parse(argv, prog="arc.py", doc=__doc__, define=define_flags,
+                        default_config="arc_tiny", defaults=config_defaults())
+    if p is None:
+      return 0
+    checked = _check(p)
+  except (UsageError, ValueError, TypeError) as e:
+    print(f"arc.py: error: {one_line(e)}", file=sys.stderr)
+    return 2
+  return train(p, *checked)
+
+
+def _check(p: run_flags.Parsed):
+  """-> (workdir, conf, tr, rec, base_step, mesh) for ``train``, after writing the run's record;
+  UsageError for a work directory that holds another run."""
+  fv, conf = p.flags, p.conf
+  workdir = run_flags.required(fv, "workdir")
+  _, _, _, tr = sections(conf)  # checks the adapter, head and arc fields
+  seed = conf.seed
+  rec_path = os.path.join(workdir, "arc_config.json")
   old = None
   if os.path.exists(rec_path):
     with open(rec_path) as f:
       old = json.load(f)
-  base_step = args.base_step
-  if args.base and base_step is None:
+  base_step = fv.base_step
+  if fv.base and base_step is None:
     # Pin the base's step: a base run that trains on must not change this adapter's base. A
     # resumed run keeps what it recorded (None for runs recorded before the pin).
-    base_step = old.get("base_step") if old is not None else latest_step(checkpoint_dir(args.base))
-  resumed = old is not None and os.path.isdir(os.path.join(args.workdir, ARC_DIR))
-  cfg = model_config(conf, args.base, old.get("model", {}) if resumed else None)
-  rec = {"config": args.config, "seed": seed, "data": args.data,
-         "base": os.path.abspath(args.base) if args.base else None, "base_step": base_step,
-         "disc_ckpt": args.disc_ckpt, "train": tr,
+    base_step = old.get("base_step") if old is not None else latest_step(checkpoint_dir(fv.base))
+  resumed = old is not None and os.path.isdir(os.path.join(workdir, ARC_DIR))
+  cfg = model_config(conf, fv.base, old.get("model", {}) if resumed else None)
+  rec = {"config": p.config, "overrides": p.overrides, "seed": seed, "data": fv.data,
+         "base": os.path.abspath(fv.base) if fv.base else None, "base_step": base_step,
+         "disc_ckpt": fv.disc_ckpt, "train": tr,
          "model": dict(conf.model, positions=cfg.positions),
-         "adapter": dict(conf.get("adapter", {}) or {}), "arc": dict(conf.get("arc", {}) or {})}
-  if old is not None:
-    for k in ("config", "seed", "data", "base", "base_step"):
-      if old.get(k) != rec[k] and os.path.isdir(os.path.join(args.workdir, ARC_DIR)):
-        raise SystemExit(f"[arc] {args.workdir} holds a run with {k}={old.get(k)!r}; this command "
-                         f"has {rec[k]!r}. Use another --workdir.")
-  with open(rec_path, "w") as f:
-    json.dump(rec, f, indent=1, default=str)
-
+         "adapter": dict(conf.adapter), "arc": dict(conf.arc)}
+  if resumed:
+    for k, was, now in [(k, old.get(k), rec[k]) for k in ("config", "seed", "data", "base",
+                                                          "base_step")] + [
+        ("overrides", _recipe(old.get("overrides")), _recipe(p.overrides))]:
+      if was != now:
+        raise UsageError(f"{workdir} holds a run with {k}={was!r}; this command has {now!r}. "
+                         "Use another --workdir.")
+  compile_cache.enable(log=lambda m: print(f"[arc] {m}"))
+  sharding.init_distributed()
   mesh = sharding.make_mesh(fsdp=tr["fsdp"])
   sharding.check_batch(tr["batch_size"], mesh)
+  os.makedirs(workdir, exist_ok=True)
+  with open(rec_path, "w") as f:
+    json.dump(rec, f, indent=1, default=str)
+  return workdir, conf, tr, rec, base_step, mesh
+
+
+def train(p: run_flags.Parsed, workdir: str, conf, tr: dict, rec: dict, base_step, mesh):
+  """The run of ``main``'s checked command line."""
+  fv, seed = p.flags, conf.seed
   print(f"[arc] mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']} "
         f"({jax.process_count()} process(es))")
-  trainer, state, frozen = build(conf, seed, args.base, base_step, args.disc_ckpt, mesh=mesh,
+  trainer, state, frozen = build(conf, seed, fv.base, base_step, fv.disc_ckpt, mesh=mesh,
                                  stored_model=rec["model"])
   cfg = trainer.cfg
-  source = make_source(args.data, trainer.frames, cfg, seed)
+  source = make_source(fv.data, trainer.frames, cfg, seed)
   # plain mixes with the config's prompts: the rollouts leave the extra channels at zero
   batches = Batcher.for_config(source, conf, cfg, p_jam=0.0, p_sketch=0.0)
-  ckpt = Checkpointer(os.path.join(args.workdir, ARC_DIR), keep=tr["keep"])
+  ckpt = Checkpointer(os.path.join(workdir, ARC_DIR), keep=tr["keep"])
   start = 0
   if ckpt.latest_step() is not None:
     state, _ = restore_state(ckpt, state)
     start = int(state["step"])
     print(f"[arc] resumed from step {start} ({ckpt.directory})")
-  metrics_path = os.path.join(args.workdir, METRICS)
+  metrics_path = os.path.join(workdir, METRICS)
   truncate_metrics(metrics_path, start)
   fns = make_step_fns(trainer, mesh=mesh)
   steps = tr["steps"]
@@ -137,10 +164,10 @@ def main(argv=None):
 
     state = train_loop(trainer, fns, state, frozen, batches, tr["batch_size"], start, steps,
                        seed, ckpt, tr["ckpt_every"], on_metrics,
-                       meta={"config": args.config, "base": rec["base"]})
+                       meta={"config": p.config, "base": rec["base"]})
   ckpt.close()
   print(f"[arc] finished at step {steps}; adapter checkpoints in {ckpt.directory}")
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

@@ -1,30 +1,41 @@
 """Stage-1 training: teacher-forced streaming sequences, sharded, checkpointed, resumable.
 
-  python3 train.py --config tiny --data synthetic --workdir runs/tiny --steps 200
+  python3 train.py --config tiny --data synthetic --workdir runs/tiny --config.train.steps=200
   python3 train.py --config configs/demo.py --data data_cache/latents --workdir runs/demo
-  python3 train.py ... --fsdp 4            # shard params/optimizer over 4 of the devices
+  python3 train.py --config demo --config.train.batch_size=4 --config.train.stage1.lr=1e-4 ...
+  python3 train.py ... --config.train.fsdp=4   # shard params/optimizer over 4 of the devices
 
-A run restarted with the same command resumes from its last checkpoint and continues with the
-same data order, noise and losses as an uninterrupted run (data and PRNG keys depend only on the
-seed and the step). Metrics go to <workdir>/metrics.jsonl (one JSON object per logged step).
-Every ``--sample-every`` steps the EMA model streams ``--sample-seconds`` of a held-out prompt
-into <workdir>/samples/step_NNNNNNN.wav (decoded with the config's codec; latents .npy without).
+--config names the recipe (a registered config or your own file) and --config.FIELD=VALUE sets
+any of its fields (``train.steps``, ``train.batch_size``, ``train.stage1.lr``, ``seed``, ...;
+``--help --config NAME`` lists them with their values). The fields set on the command line are
+recorded in <workdir>/config.json ("overrides") with the config's name, so sampling from the work
+directory uses the same config. A run restarted with the same command resumes from its last
+checkpoint and continues with the same data order, noise and losses as an uninterrupted run (data
+and PRNG keys depend only on the seed and the step); a restart may change the run's length and
+logging (``train.*``) but not its model (``model.*``). Metrics go to <workdir>/metrics.jsonl (one
+JSON object per logged step). Every ``train.sample_every`` steps the EMA model streams
+``train.sample_seconds`` of a held-out prompt into <workdir>/samples/step_NNNNNNN.wav (decoded with
+the config's codec; latents .npy without).
 """
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import os
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 from flax import nnx
 from tqdm import tqdm
 
 from lmdm_jax import compile_cache
-from lmdm_jax.config import DiTConfig, load_cli_config
+from lmdm_jax.apps import run_flags
+from lmdm_jax.apps.common import UsageError
+from lmdm_jax.config import DiTConfig, one_line
 from lmdm_jax.nn.dit import DiT
 from lmdm_jax.training import sharding
 from lmdm_jax.training.checkpoints import Checkpointer, abstract_like, latest_step, run_layout
@@ -33,13 +44,24 @@ from lmdm_jax.training.stage1 import Stage1, Stage1Config
 from lmdm_jax.training.workdir import truncate_metrics
 
 
-def _train_defaults(conf):
-  t = conf.get("train", None)
-  d = dict(batch_size=8, steps=1000, ckpt_every=100, keep=3, log_every=10, eval_every=100,
-           eval_batches=2, fsdp=1, sample_every=0, sample_seconds=10.0, stage1={})
-  if t is not None:
-    d.update({k: (dict(v) if k == "stage1" else v) for k, v in dict(t).items()})
-  return d
+# The fields of the config's ``train`` section that train.py reads, with the values it uses where
+# a config does not set them (``train.stage1``: ``Stage1Config``'s fields and defaults).
+RUN_DEFAULTS = dict(batch_size=8, steps=1000, ckpt_every=100, keep=3, log_every=10, eval_every=100,
+                    eval_batches=2, fsdp=1, sample_every=0, sample_seconds=10.0)
+
+
+def config_defaults() -> dict:
+  """Every config field train.py reads, at the value it uses when the config does not set it:
+  filled into the loaded config, so each can be set as ``--config.FIELD=VALUE``."""
+  return {"seed": 0, "train": dict(RUN_DEFAULTS, stage1=dataclasses.asdict(Stage1Config()))}
+
+
+def define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string("data", "synthetic", "latent dataset folder (python3 -m lmdm_jax.data.dataset "
+                      "builds one), or 'synthetic': random latents, for smoke runs", flag_values=fv)
+  flags.DEFINE_string("workdir", None, "run folder (required): config.json, checkpoints/, "
+                      "metrics.jsonl, samples/; rerunning the same command resumes", flag_values=fv)
+  flags.DEFINE_boolean("no_progress", False, "no progress bar (also --no-progress)", flag_values=fv)
 
 
 def write_sample(graphdef, state, conf, cfg: DiTConfig, caption: str, path: str,
@@ -61,79 +83,85 @@ def write_sample(graphdef, state, conf, cfg: DiTConfig, caption: str, path: str,
   return path
 
 
+def _check_resume(workdir: str, cfg: DiTConfig) -> None:
+  """A resumed run must build the model it checkpointed: a one-line UsageError naming the model
+  fields that differ from the run's config.json (e.g. a --config.model.* override left out)."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    return
+  with open(path) as f:
+    rec = json.load(f)
+  try:
+    old = DiTConfig.from_stored(rec.get("model") or {})
+  except (TypeError, ValueError) as e:
+    raise UsageError(f"{path}: model: {e}") from None
+  diff = [f"model.{k} {getattr(old, k)!r} there, {getattr(cfg, k)!r} here"
+          for k in (f.name for f in dataclasses.fields(DiTConfig))
+          if getattr(old, k) != getattr(cfg, k)]
+  if diff:
+    raise UsageError(f"{workdir} holds a run of another model ({'; '.join(diff)}; its overrides: "
+                     f"{rec.get('overrides') or 'none'}): resume with the same --config and "
+                     "--config.model.* flags, or use another --workdir")
+
+
 def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  ap.add_argument("--config", default="tiny",
-                  help="a registered config (tiny, demo, saos, ...[:arg]) or your own path/to/config.py "
-                       "(default: tiny)")
-  ap.add_argument("--data", default="synthetic",
-                  help="latent dataset folder (lmdm_jax.data.dataset), or 'synthetic' (default)")
-  ap.add_argument("--workdir", required=True,
-                  help="run folder: config.json, checkpoints/, metrics.jsonl; rerunning resumes")
-  ap.add_argument("--steps", type=int, help="total steps (default: the config's train.steps)")
-  ap.add_argument("--batch-size", type=int,
-                  help="global batch size (default: the config's train.batch_size)")
-  ap.add_argument("--ckpt-every", type=int,
-                  help="steps between checkpoints (default: the config's train.ckpt_every)")
-  ap.add_argument("--keep", type=int, help="checkpoints kept (default: the config's train.keep)")
-  ap.add_argument("--log-every", type=int,
-                  help="steps between metrics lines (default: the config's train.log_every)")
-  ap.add_argument("--eval-every", type=int,
-                  help="steps between held-out losses (default: the config's train.eval_every)")
-  ap.add_argument("--fsdp", type=int,
-                  help="devices per FSDP group; data-parallel over the rest (default: the config's, 1)")
-  ap.add_argument("--lr", type=float, help="peak learning rate (default: the config's train.stage1.lr)")
-  ap.add_argument("--seed", type=int, help="init, data and noise seed (default: the config's seed)")
-  ap.add_argument("--sample-every", type=int,
-                  help="write an audio sample every N steps, 0: never (default: the config's, 0)")
-  ap.add_argument("--sample-seconds", type=float,
-                  help="length of those samples in seconds (default: the config's, 10)")
-  ap.add_argument("--no-progress", action="store_true", help="no progress bar (default: shown)")
-  args = ap.parse_args(argv)
-  compile_cache.enable(log=lambda m: print(f"[train] {m}"))
+  """train.py: the command line is checked (a one-line error and exit 2 for a bad flag, config
+  field or data folder) before any model is built."""
+  try:
+    p = run_flags.parse(argv, prog="train.py", doc=__doc__, define=define_flags,
+                        default_config="tiny", defaults=config_defaults())
+    if p is None:
+      return 0
+    workdir = run_flags.required(p.flags, "workdir")
+    conf = p.conf
+    cfg = DiTConfig.from_config(conf.model)
+    if latest_step(os.path.join(workdir, "checkpoints")) is not None:
+      cfg = run_layout(cfg, workdir)  # a resumed run keeps the rotary layout it trained in
+      _check_resume(workdir, cfg)
+    tr = conf.train.to_dict()
+    tc = Stage1Config.from_config(tr["stage1"])
+    compile_cache.enable(log=lambda m: print(f"[train] {m}"))
+    sharding.init_distributed()
+    mesh = sharding.make_mesh(fsdp=tr["fsdp"])
+    sharding.check_batch(tr["batch_size"], mesh)
+    frames = tc.chunks * cfg.chunk  # Stage1.frames
+    sources = (make_source(p.flags.data, frames, cfg, conf.seed),
+               make_source(p.flags.data, frames, cfg, conf.seed, holdout=True))
+    from lmdm_jax import text as text_lib
+    text = text_lib.from_config(conf) if cfg.cond_token_dim else None
+  except (UsageError, ValueError, TypeError) as e:
+    print(f"train.py: error: {one_line(e)}", file=sys.stderr)
+    return 2
+  return train(p, workdir, conf, cfg, tr, tc, mesh, sources, text)
 
-  sharding.init_distributed()
-  conf = load_cli_config(args.config)
-  cfg = DiTConfig.from_config(conf.model)
-  if latest_step(os.path.join(args.workdir, "checkpoints")) is not None:
-    cfg = run_layout(cfg, args.workdir)  # a resumed run keeps the rotary layout it trained in
-  tr = _train_defaults(conf)
-  for k in ("steps", "batch_size", "ckpt_every", "keep", "log_every", "eval_every", "fsdp",
-            "sample_every", "sample_seconds"):
-    if getattr(args, k) is not None:
-      tr[k] = getattr(args, k)
-  if args.lr is not None:
-    tr["stage1"]["lr"] = args.lr
-  seed = conf.get("seed", 0) if args.seed is None else args.seed
-  tc = Stage1Config.from_config(tr["stage1"])
-  os.makedirs(args.workdir, exist_ok=True)
 
-  mesh = sharding.make_mesh(fsdp=tr["fsdp"])
-  sharding.check_batch(tr["batch_size"], mesh)
+def train(p: run_flags.Parsed, workdir: str, conf, cfg: DiTConfig, tr: dict, tc: Stage1Config,
+          mesh, sources, text):
+  """The run of ``main``'s checked command line (``sources``: training and held-out data;
+  ``text``: the config's text encoder or None)."""
+  seed = conf.seed
+  os.makedirs(workdir, exist_ok=True)
   model = DiT(cfg, rngs=nnx.Rngs(seed))
   trainer = Stage1(model, tc)
-  source = make_source(args.data, trainer.frames, cfg, seed)
-  held = make_source(args.data, trainer.frames, cfg, seed, holdout=True)
-  from lmdm_jax import text as text_lib
-  text = text_lib.from_config(conf) if cfg.cond_token_dim else None
+  source, held = sources
   batches, held_batches = Batcher(source, cfg, text), Batcher(held, cfg, text)
 
   state = trainer.init_state(model)
   del model
   shard = sharding.state_shardings(state, mesh)
   state = jax.device_put(state, shard)
-  ckpt = Checkpointer(os.path.join(args.workdir, "checkpoints"), keep=tr["keep"])
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tr["keep"])
   start = 0
   if ckpt.latest_step() is not None:
     state, meta = ckpt.restore(abstract_like(state, shard))
     start = int(state["step"])
     print(f"[train] resumed from step {start} ({ckpt.directory})")
-  metrics_path = os.path.join(args.workdir, "metrics.jsonl")
+  metrics_path = os.path.join(workdir, "metrics.jsonl")
   truncate_metrics(metrics_path, start)
-  with open(os.path.join(args.workdir, "config.json"), "w") as f:
-    json.dump({"config": args.config, "model": dict(conf.model, positions=cfg.positions),
-               "train": tr, "seed": seed,
-               "data": args.data}, f, indent=1, default=str)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    json.dump({"config": p.config, "overrides": p.overrides,
+               "model": dict(conf.model, positions=cfg.positions), "train": tr, "seed": seed,
+               "data": p.flags.data}, f, indent=1, default=str)
 
   bsh = sharding.batch_sharding(mesh)
   step_fn = jax.jit(trainer.train_step, donate_argnums=(0,),
@@ -146,7 +174,7 @@ def main(argv=None):
     return jax.device_put({k: jnp.asarray(v) for k, v in b.items()}, bsh)
 
   steps = tr["steps"]
-  bar = tqdm(range(start, steps), initial=start, total=steps, disable=args.no_progress,
+  bar = tqdm(range(start, steps), initial=start, total=steps, disable=p.flags.no_progress,
              dynamic_ncols=True, desc="train")
   t_last, n_last = time.perf_counter(), start
   with open(metrics_path, "a") as mf:
@@ -168,11 +196,11 @@ def main(argv=None):
         mf.flush()
         bar.set_postfix(loss=f"{m['loss']:.4f}", it_s=f"{rate:.2f}")
       if done % tr["ckpt_every"] == 0 or done == steps:
-        ckpt.save(done, state, meta={"step": done, "config": args.config})
+        ckpt.save(done, state, meta={"step": done, "config": p.config})
       if tr["sample_every"] and done % tr["sample_every"] == 0 and jax.process_count() == 1:
         caption = held.batch(20_000_000 + done, 1)["captions"][0]
         out = write_sample(trainer.graphdef, state, conf, cfg, caption,
-                           os.path.join(args.workdir, "samples", f"step_{done:07d}.wav"),
+                           os.path.join(workdir, "samples", f"step_{done:07d}.wav"),
                            tr["sample_seconds"], seed=done)
         bar.write(f"[train] step {done}: sample {out} ({caption!r})")
   ckpt.close()
@@ -180,4 +208,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

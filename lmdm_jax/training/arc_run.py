@@ -22,6 +22,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
+from ml_collections.config_dict import placeholder
 
 from lmdm_jax.config import DiTConfig, config_named_by_file, load_config
 from lmdm_jax.nn import adapters
@@ -76,9 +77,25 @@ def _top_keys(ckptr, item) -> set:
     return set()
 
 
+# The run fields of an ARC config's ``arc_train`` section, with the values used where it lacks them.
+ARC_TRAIN_DEFAULTS = dict(batch_size=2, steps=20, ckpt_every=10, keep=3, log_every=1, fsdp=1)
+
+
+def config_defaults() -> dict:
+  """Every config field an ARC run reads beyond ``model`` (``adapter``, ``head``, ``arc``,
+  ``arc_train``, ``disc_backbone``, ``seed``), at the value it uses when the config does not set
+  it; arc.py fills them into its config so each can be set as ``--config.FIELD=VALUE``. Fields
+  that may be None are typed placeholders (``disc_backbone``: a registered config name;
+  ``adapter.layers``: a tuple of block indices)."""
+  adapter = dict(dataclasses.asdict(adapters.AdapterConfig()), layers=placeholder(tuple))
+  return {"seed": 0, "adapter": adapter, "head": dataclasses.asdict(HeadConfig()),
+          "arc": dataclasses.asdict(ARCConfig()), "arc_train": dict(ARC_TRAIN_DEFAULTS),
+          "disc_backbone": placeholder(str)}
+
+
 def sections(conf):
   """(AdapterConfig, HeadConfig, ARCConfig, arc_train dict with defaults) of an ARC config."""
-  tr = dict(batch_size=2, steps=20, ckpt_every=10, keep=3, log_every=1, fsdp=1)
+  tr = dict(ARC_TRAIN_DEFAULTS)
   if conf.get("arc_train", None) is not None:
     tr.update(dict(conf.arc_train))
   return (adapters.AdapterConfig.from_config(conf.get("adapter", {}) or {}),
@@ -120,7 +137,7 @@ def build(conf, seed: int = 0, base: str | None = None, base_step: int | None = 
       disc = nnx.merge(nnx.split(DiT(dcfg, rngs=nnx.Rngs(0)), nnx.Param, ...)[0], dp, dr)
     else:
       disc = random_model(dcfg, seed=seed + 2)
-      log(f"[arc] discriminator backbone {spec}: RANDOM weights (pass --disc-ckpt)")
+      log(f"[arc] discriminator backbone {spec}: RANDOM weights (pass --disc_ckpt)")
   head = make_head(disc.cfg if disc is not None else cfg, hc, seed=seed + 3)
   trainer = ARCForcing(model, ac, head, disc)
   state, frozen = trainer.init(model, head, disc)
@@ -187,7 +204,8 @@ def load_arc_model(workdir: str, base: str | None = None, step: int | None = Non
   given) + its latest adapter, merged into the kernels (``merge``) or kept as an adapter."""
   with open(os.path.join(workdir, "arc_config.json")) as f:
     rec = json.load(f)
-  conf = config_named_by_file(rec["config"], "config", os.path.join(workdir, "arc_config.json"))
+  conf = config_named_by_file(rec["config"], "config", os.path.join(workdir, "arc_config.json"),
+                              rec.get("overrides"))
   seed = rec["seed"] if seed is None else seed
   trainer, state, frozen = build(conf, seed, base if base is not None else rec.get("base"),
                                  rec.get("base_step"), rec.get("disc_ckpt"), log=lambda *_: None,
