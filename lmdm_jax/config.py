@@ -267,7 +267,7 @@ def config_named_by_file(value, field: str, file: str,
   return conf if overrides is None else apply_overrides(conf, overrides, f"{file} overrides")
 
 
-_FIELD_PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+_FIELD_PATH = re.compile(r"^[A-Za-z][A-Za-z0-9_]*(\.[A-Za-z][A-Za-z0-9_]*)*$")
 _MAX_OVERRIDES = 256
 
 

@@ -21,14 +21,15 @@ def _run(*args):
 
 def _train(workdir, steps):
   out = _run("train.py", "--config", "tiny", "--data", "synthetic", "--workdir", workdir,
-             "--steps", str(steps), "--ckpt-every", "1", "--eval-every", "0", "--batch-size", "2",
-             "--no-progress")
+             f"--config.train.steps={steps}", "--config.train.ckpt_every=1",
+             "--config.train.eval_every=0", "--config.train.batch_size=2", "--no-progress")
   assert out.returncode == 0, out.stdout + out.stderr
 
 
 def _arc(workdir, base, steps, *extra):
   return _run("arc.py", "--config", "arc_tiny", "--base", base, "--data", "synthetic",
-              "--workdir", workdir, "--steps", str(steps), "--ckpt-every", "1", *extra)
+              "--workdir", workdir, f"--config.arc_train.steps={steps}",
+              "--config.arc_train.ckpt_every=1", "--config.arc.lr_g=1e-4", *extra)
 
 
 def _positions(path):
@@ -60,8 +61,14 @@ def test_arc_pins_base_step_across_resume_and_export(tmp_path):
   assert "base parameters from" in out.stdout and "step 2" in out.stdout, out.stdout
   with open(os.path.join(wd, "arc_config.json")) as f:
     assert json.load(f)["base_step"] == 2
-  out = _arc(wd, base, 3, "--base-step", "3")  # another base under the same adapter: refused
-  assert out.returncode != 0 and "base_step=2" in (out.stdout + out.stderr)
+  out = _arc(wd, base, 3, "--base_step", "3")  # another base under the same adapter: refused
+  assert out.returncode == 2 and "base_step=2" in out.stderr, out.stdout + out.stderr
+  out = _arc(wd, base, 3, "--config.arc.lr_d=1e-3")  # another recipe under the same adapter
+  assert out.returncode == 2 and "overrides=" in out.stderr and "lr_d" in out.stderr, out.stderr
+  assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+  with open(os.path.join(wd, "arc_config.json")) as f:
+    assert json.load(f)["overrides"] == {"arc_train.steps": 2, "arc_train.ckpt_every": 1,
+                                         "arc.lr_g": 1e-4}  # the last run's, kept
   bundle = str(tmp_path / "merged.npz")
   out = _run("-m", "lmdm_jax.bundle", "--arc", wd, "--out", bundle)
   assert out.returncode == 0, out.stdout + out.stderr
@@ -72,3 +79,4 @@ def test_arc_pins_base_step_across_resume_and_export(tmp_path):
   # provenance is folder names only: nothing of this machine's paths is in a shared bundle
   assert (meta["source"], meta["base"]) == ("arc", "base") and str(tmp_path) not in json.dumps(meta)
   assert meta["model"]["positions"] == "legacy"
+  assert meta["overrides"]["arc.lr_g"] == 1e-4  # sampling the bundle uses the run's recipe

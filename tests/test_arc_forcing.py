@@ -371,24 +371,6 @@ def test_resume_gives_identical_losses(setup):
   assert run == {3: ref[3], 4: ref[4]}
 
 
-def test_arc_demo_config_overrides():
-  """arc_demo:key=value,... (the sweep specs recorded in arc_config.json)."""
-  c = load_config("arc_demo:lr_g=3e-5,lr_d=1e-5,w_contrastive=0.5,head.channels=32,"
-                  "disc_noise=logit_normal")
-  ref = load_config("arc_demo")
-  assert (c.arc["lr_g"], c.arc["lr_d"], c.arc["w_contrastive"]) == (3e-5, 1e-5, 0.5)
-  assert c.head["channels"] == 32 and c.arc["disc_noise"] == "logit_normal"
-  assert {k: v for k, v in dict(c.arc).items() if k not in ("lr_g", "lr_d", "w_contrastive",
-                                                              "disc_noise")} == \
-      {k: v for k, v in dict(ref.arc).items() if k not in ("lr_g", "lr_d", "w_contrastive",
-                                                             "disc_noise")}
-  ARCConfig.from_config(c.arc)
-  with pytest.raises(ValueError, match="no such key"):
-    load_config("arc_demo:lr_gg=1e-5")
-  with pytest.raises(ValueError, match="key=value"):
-    load_config("arc_demo:lr_g")
-
-
 @pytest.mark.slow
 def test_generator_step_reports_rollout_and_real_rms(setup):
   """The collapse monitors of the G step: RMS of the rollout blocks and of the real

@@ -102,8 +102,9 @@ def test_sharded_step_equals_single_device_step():
 
 def _train_cmd(workdir, steps=12):
   return [sys.executable, os.path.join(ROOT, "train.py"), "--config", "tiny", "--data",
-          "synthetic", "--workdir", workdir, "--steps", str(steps), "--ckpt-every", "4",
-          "--log-every", "1", "--eval-every", "0", "--batch-size", "2", "--no-progress"]
+          "synthetic", "--workdir", workdir, f"--config.train.steps={steps}",
+          "--config.train.ckpt_every=4", "--config.train.log_every=1",
+          "--config.train.eval_every=0", "--config.train.batch_size=2", "--no-progress"]
 
 
 def _losses(workdir):
@@ -142,11 +143,13 @@ def test_sigkill_mid_training_then_resume_matches_uninterrupted_run(tmp_path):
 
 @pytest.mark.slow
 def test_periodic_samples(tmp_path):
-  """--sample-every writes the EMA model's streamed sample (latents .npy for a codec-less config)."""
+  """train.sample_every writes the EMA model's streamed sample (latents .npy for a codec-less
+  config)."""
   wd = tmp_path / "s"
   subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--config", "tiny", "--data",
-                  "synthetic", "--workdir", str(wd), "--steps", "4", "--batch-size", "2",
-                  "--sample-every", "2", "--sample-seconds", "1", "--no-progress"],
+                  "synthetic", "--workdir", str(wd), "--config.train.steps=4",
+                  "--config.train.batch_size=2", "--config.train.sample_every=2",
+                  "--config.train.sample_seconds=1", "--no-progress"],
                  check=True, capture_output=True, timeout=600, cwd=ROOT)
   files = sorted(os.listdir(wd / "samples"))
   assert files == ["step_0000002.npy", "step_0000004.npy"]
