@@ -14,7 +14,9 @@ Timeline (musical time tau; a live session's clock starts at ``start()`` or the 
 - d = 1 gives the lowest latency; the model then hears the partner's audio of its own block only
   up to B - lead (minus the encoder guard), so a short ``lead`` (fast compute) matters there.
   ``delay_blocks="auto"`` measures the block compute (step + decode + partner encode) at set-up
-  and takes d = 1 with lead = 2x that compute when it fits in a block, else d = 2 with lead B.
+  and takes d = 1 with lead = 2x that compute when the model then still hears at least half of
+  its own block (B - lead - guard >= B / 2), else d = 2 with lead B (with d = 1 and a lead near B
+  the model would never hear the partner: a committed block keeps its accompaniment).
 - Accompaniment channels of block k (the model's extra input_add channels; the first
   1 + latent_dim of them, ``[accomp_mask | accomp_latents]``): the partner's latents of the
   block's own frames that are *known* when the block is generated, i.e. whose audio (plus the
@@ -89,7 +91,8 @@ class JamSession:
     if auto:
       progress("measuring the block compute")
       self.measured_block_compute_s = c = self.measure_block_compute()
-      if 2 * c <= self.block_seconds:
+      heard = self.cs - int(np.ceil(2 * c * self.sr / self.hop - 1e-6)) - self.guard
+      if 2 * heard >= self.cs:
         delay_blocks, lead_seconds = 1, 2 * c
       else:
         delay_blocks, lead_seconds = 2, None
