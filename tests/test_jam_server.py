@@ -335,8 +335,12 @@ def test_session_streams_and_survives_bad_frames_oversized_and_abrupt_clients(se
         await asyncio.sleep(0.1)
       else:
         raise AssertionError("the sessions of the vanished clients were not cleaned up")
-      await d.send(json.dumps({"type": "start", "steps": 1}))
+      await d.send(json.dumps({"type": "start", "steps": 1, "delay_blocks": 0}))  # 0: auto
       started = await rd.get("started", timeout=120)
+      k = started["delay_blocks"]  # chosen from the measured block compute
+      assert k in (1, 2) and 0 < started["lead_seconds"] <= started["block_seconds"] + 1e-9
+      assert started["delay_samples"] == k * 16 * 512 + started["decoder_latency_samples"]
+      assert k == 1 or abs(started["lead_seconds"] - started["block_seconds"]) < 1e-9
       sent = await feed(d, 1.0, sr)
       sent += await feed_until_generated(d, rd, sr, started["delay_samples"], start=sent)
       await wait_until(lambda: rd.received >= sent, 20, "answers")
