@@ -1,6 +1,7 @@
 """Round-trip quality and speed of the default codec vs the 64-mel + Griffin-Lim baseline.
 
   python bench/codec_quality.py [--dir data_cache/codec_data/heldout] [--seconds 20]
+  python bench/codec_quality.py --low-latency --no-baseline   # + the jam's decoder (same latents)
 
 Held-out clips: every WAV in --dir (pieces never seen by scripts/fit_default_codec.py), one clip
 of --seconds from each, starting at --offset. Metrics, averaged over clips:
@@ -12,6 +13,7 @@ of --seconds from each, starting at --offset. Metrics, averaged over clips:
   stream xRT    the same for StreamDecoder, latents pushed in blocks of 48 frames (1.1 s).
   +noise LSD    LSD when Gaussian noise of 0.1 per-channel std is added to the latents
                 (the generator's error budget).
+  hold ms       audio a stream decoder holds back when fed --block-frame pushes (the jam's blocks)
 """
 from __future__ import annotations
 
@@ -148,6 +150,9 @@ def main() -> None:
   ap.add_argument("--asset", default=None, help="codec asset .npz (default: the shipped one)")
   ap.add_argument("--n-iter", type=int, default=32, help="Griffin-Lim iterations per chunk")
   ap.add_argument("--lookahead", type=int, default=4)
+  ap.add_argument("--low-latency", action="store_true",
+                  help="also the jam's decoder, codec.low_latency(--block)")
+  ap.add_argument("--block", type=int, default=16, help="push size in frames for 'hold ms'")
   ap.add_argument("--no-baseline", action="store_true")
   ap.add_argument("--per-clip", action="store_true")
   args = ap.parse_args()
@@ -159,21 +164,31 @@ def main() -> None:
   results = [evaluate(f"spectral (PCA{codec.latent_dim}"
                       f"{'+net' if codec.radius else ''}, GL{codec.n_iter})", codec, clips,
                       stream=True, noise=True, rng=rng)]
+  holds = [codec.hold_back(args.block)]
+  if args.low_latency:
+    fast = codec.low_latency(args.block)
+    results.append(evaluate(f"  low-latency (chunk {fast.chunk}, look {fast.lookahead})", fast,
+                            clips, stream=True, noise=True, rng=rng))
+    holds.append(fast.hold_back(args.block))
   if not args.no_baseline:
     results.append(evaluate("64-mel + GL32 baseline", MelGLBaseline(), clips))
     results.append(evaluate("oracle |STFT| + GL32", OracleGL(), clips))
 
   hdr = (f"| {'codec':34s} | LSD dB | chroma | onset | enc xRT | dec xRT | stream xRT |"
-         f" +noise LSD |")
+         f" +noise LSD | hold ms |")
   print(hdr)
   print("|" + "|".join("-" * (len(c)) for c in hdr.split("|")[1:-1]) + "|")
-  for name, a, _ in results:
+  for i, (name, a, _) in enumerate(results):
     stream = f"{a['stream']:10.1f}" if "stream" in a else f"{'-':>10s}"
     noise = f"{a['noise_lsd']:10.2f}" if "noise_lsd" in a else f"{'-':>10s}"
+    hold = f"{1000 * holds[i] * HOP / SAMPLE_RATE:7.0f}" if i < len(holds) else f"{'-':>7s}"
     print(f"| {name:34s} | {a['lsd']:6.2f} | {a['chroma']:6.3f} | {a['onset']:5.3f} |"
-          f" {a['enc']:7.0f} | {a['dec']:7.1f} | {stream} | {noise} |")
+          f" {a['enc']:7.0f} | {a['dec']:7.1f} | {stream} | {noise} | {hold} |")
+  for name, a, _ in results:
+    if "stream_maxdiff" in a:
+      print(f"{name.strip()}: streaming vs full decode, max abs difference:"
+            f" {a['stream_maxdiff']:.2e}")
   name, a, rows = results[0]
-  print(f"streaming vs full decode, max abs difference: {a['stream_maxdiff']:.2e}")
   z = np.concatenate([codec.encode(y[None]) for _, y in clips])
   print(f"latents: {codec.latent_dim} dims at {codec.frame_rate:.2f} frames/s; held-out mean"
         f" {z.mean():+.3f}, per-channel std {z.std(0).min():.2f}..{z.std(0).max():.2f},"

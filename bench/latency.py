@@ -35,10 +35,10 @@ def main(argv=None):
   block_s = system.block_seconds
   stream.next_latents()  # compiled ahead of time; the first call still warms caches
   dec = None
-  if codec is not None:
-    dec = codec.stream_decoder()
+  if codec is not None:  # the jam's decoder
+    dec = codec.low_latency(cfg.chunk).stream_decoder()
     dec.push(np.zeros((4 * cfg.chunk, codec.latent_dim), np.float32))
-    dec = codec.stream_decoder()
+    dec = codec.low_latency(cfg.chunk).stream_decoder()
   t_step, t_dec, t_enc = [], [], []
   for _ in range(args.blocks):
     t0 = time.perf_counter()
@@ -61,12 +61,17 @@ def main(argv=None):
     print(f"[latency] stream decode {ms(t_dec)}; partner encode (jam) {ms(t_enc)}")
     print(f"[latency] real-time factor: generate+decode {block_s / np.median(total):.2f}x, "
           f"+encode {block_s / np.median(total + np.asarray(t_enc)):.2f}x")
-    lat = JamSession._decoder_latency.__get__(type("X", (), dict(
-        codec=codec, cs=cfg.chunk, hop=codec.hop))())()
+    def hold(dec_codec):
+      return JamSession._decoder_latency.__get__(type("X", (), dict(
+          codec=codec, dec_codec=dec_codec, cs=cfg.chunk, hop=codec.hop))())() / codec.sample_rate
+    lat, lat_default = hold(codec.low_latency(cfg.chunk)), hold(codec)
     for d in (1, 2, 3):
-      print(f"[latency] jam delay with delay_blocks={d}: "
-            f"{d * block_s + lat / codec.sample_rate:.2f} s (decoder hold-back "
-            f"{lat / codec.sample_rate:.2f} s)")
+      print(f"[latency] jam delay with delay_blocks={d}: {d * block_s + lat:.3f} s (jam decoder "
+            f"hold-back {lat:.3f} s; {d * block_s + lat_default:.3f} s with the default "
+            f"decoder's {lat_default:.3f} s)")
+    c = float(np.median(total + np.asarray(t_enc)))
+    print(f"[latency] delay_blocks='auto' would take {1 if 2 * c <= block_s else 2} block(s): "
+          f"twice the block compute is {2000 * c:.0f} ms against {1000 * block_s:.0f} ms")
 
 
 if __name__ == "__main__":

@@ -3,12 +3,20 @@ its accompaniment channels and plays along, a fixed delay behind.
 
 Timeline (musical time tau; a live session's clock starts at ``start()`` or the first ``push``):
 - the partner's audio for tau arrives at clock time tau (``push``);
-- generated block k covers tau in [k B, (k+1) B) (B = chunk / frame_rate). It is generated at
-  clock time (k + d - 1) B (d = ``delay_blocks``) and is due, decoded, by (k + d) B: finishing
-  later is a *deadline miss*;
+- generated block k covers tau in [k B, (k+1) B) (B = chunk / frame_rate). It is due, decoded,
+  by (k + d) B (d = ``delay_blocks``) and its generation starts ``lead`` before that, at
+  (k + d) B - lead (``lead_seconds``, at most B; default B: at (k + d - 1) B). Finishing later
+  than (k + d) B is a *deadline miss*: every delay leaves a block ``lead`` of compute time;
 - the model's output for tau is heard at clock time tau + D: ``pull`` returns the output stream
-  with the fixed delay ``D = d B + decoder latency`` (``delay_seconds``). A pull that asks for
-  samples not yet decoded gets silence there (an *under-run*; the delay stays fixed).
+  with the fixed delay ``D = d B + decoder latency`` (``delay_seconds``; the decoder is the
+  codec's ``low_latency(chunk)`` one, 0.16 s of hold-back with the bundled codec). A pull that
+  asks for samples not yet decoded gets silence there (an *under-run*; the delay stays fixed).
+- d = 1 gives the lowest latency; the model then hears the partner's audio of its own block only
+  up to B - lead (minus the encoder guard), so a short ``lead`` (fast compute) matters there.
+  ``delay_blocks="auto"`` measures the block compute (step + decode + partner encode) at set-up
+  and takes d = 1 with lead = 2x that compute when the model then still hears at least half of
+  its own block (B - lead - guard >= B / 2), else d = 2 with lead B (with d = 1 and a lead near B
+  the model would never hear the partner: a committed block keeps its accompaniment).
 - Accompaniment channels of block k (the model's extra input_add channels; the first
   1 + latent_dim of them, ``[accomp_mask | accomp_latents]``): the partner's latents of the
   block's own frames that are *known* when the block is generated, i.e. whose audio (plus the
@@ -18,7 +26,7 @@ Timeline (musical time tau; a live session's clock starts at ``start()`` or the 
 Two ways to run a session:
 - live (``start``/``push``/``pull``): a sampler thread on the real clock, as the jam server does;
 - offline (``render(partner)``): block k sees exactly the partner audio a live session has when
-  block k starts, (k + d - 1) B seconds of it, and nothing runs against a clock. This is the
+  block k starts, (k + d) B - lead seconds of it, and nothing runs against a clock. This is the
   output a live session makes when its input arrives on time and its compute keeps up.
 """
 from __future__ import annotations
@@ -32,13 +40,16 @@ import numpy as np
 class JamSession:
   """Accompaniment on a ``System``: ``push(audio)`` the partner, ``pull(n)`` the model's part."""
 
-  def __init__(self, system, prompt: str = "", *, delay_blocks: int = 2, steps: int = 8,
+  def __init__(self, system, prompt: str = "", *, delay_blocks: int | str = 2, steps: int = 8,
                cfg_scale: float = 1.0, plus_plus: bool = False, pingpong: bool = True,
                seed: int = 0, regime: str = "block_causal", encoder_guard_frames: int = 4,
+               lead_seconds: float | None = None, low_latency_decoder: bool = True,
                clock=time.perf_counter, log=None, progress=None):
     """``progress(stage)``, if given, names each set-up stage as it begins (the jam page shows
     them): encoding the prompt, compiling the block step, compiling the decoder, warming up the
-    encoder."""
+    encoder (and measuring the block compute, for ``delay_blocks="auto"``).
+    ``low_latency_decoder=False`` decodes with the codec's default stream decoder (more
+    look-ahead: 0.42 s instead of 0.16 s with the bundled codec)."""
     from lmdm_jax import sampling as S
     progress = progress or (lambda stage: None)
     cfg, codec = system.cfg, system.codec
@@ -47,15 +58,22 @@ class JamSession:
       raise ValueError(f"jamming needs accompaniment channels: the model has extra_dim="
                        f"{cfg.extra_dim}, it needs >= 1 + latent_dim = {self.acc_dim} "
                        f"(input_add_dim = 1 + io_channels + {self.acc_dim})")
-    if delay_blocks < 1:
-      raise ValueError(f"delay_blocks must be >= 1, got {delay_blocks}")
+    auto = delay_blocks == "auto"
+    if not auto and (isinstance(delay_blocks, str) or int(delay_blocks) < 1):
+      raise ValueError(f"delay_blocks must be >= 1 or 'auto', got {delay_blocks!r}")
+    if auto and lead_seconds is not None:
+      raise ValueError("delay_blocks='auto' chooses lead_seconds; give one or the other")
     if not regime.startswith("block_causal"):
       raise ValueError("jamming streams with the KV cache: regime block_causal(_unfused)")
     self.system, self.cfg, self.codec, self.clock = system, cfg, codec, clock
     self.sr, self.channels, self.hop = codec.sample_rate, codec.channels, codec.hop
     self.cs = cfg.chunk
     self.block_seconds = self.cs / codec.frame_rate
-    self.delay_blocks = delay_blocks
+    block = self.cs * self.hop
+    if lead_seconds is not None and not 0 < lead_seconds <= self.block_seconds:
+      raise ValueError(f"lead_seconds must be in (0, {self.block_seconds:.3f}] (one block), got "
+                       f"{lead_seconds}")
+    self.dec_codec = codec.low_latency(self.cs) if low_latency_decoder else codec
     self.guard = int(encoder_guard_frames)
     self._log = log or (lambda *a: None)
     progress("encoding the prompt")
@@ -69,8 +87,21 @@ class JamSession:
     self.decoder_latency = self._decoder_latency()  # samples; also compiles the decoder
     progress("warming up the encoder")
     codec.encode(np.zeros((self.channels, 4 * self.cs * self.hop), np.float32))  # warm up
-    self.delay_samples = int(round(delay_blocks * self.block_seconds * self.sr)) + self.decoder_latency
-    self._decoder = codec.stream_decoder()
+    self.measured_block_compute_s = None
+    if auto:
+      progress("measuring the block compute")
+      self.measured_block_compute_s = c = self.measure_block_compute()
+      heard = self.cs - int(np.ceil(2 * c * self.sr / self.hop - 1e-6)) - self.guard
+      if 2 * heard >= self.cs:
+        delay_blocks, lead_seconds = 1, 2 * c
+      else:
+        delay_blocks, lead_seconds = 2, None
+    self.delay_blocks = int(delay_blocks)
+    # samples before a block's deadline that its generation starts, in whole hops
+    self.lead_samples = block if lead_seconds is None else min(
+        int(np.ceil(lead_seconds * self.sr / self.hop - 1e-6)) * self.hop, block)
+    self.delay_samples = self.delay_blocks * block + self.decoder_latency
+    self._decoder = self.dec_codec.stream_decoder()
     # partner input, generated output (musical sample positions from 0)
     self._lock = threading.Lock()
     self._partner = np.zeros((self.channels, 0), np.float32)
@@ -101,9 +132,16 @@ class JamSession:
     """The fixed delay between the partner's audio and the model's matching output."""
     return self.delay_samples / self.sr
 
+  @property
+  def lead_seconds(self) -> float:
+    """Seconds before a block's deadline that its generation starts (its compute budget)."""
+    return self.lead_samples / self.sr
+
   def stats(self) -> dict:
     bt = np.asarray(self.block_times) if self.block_times else np.zeros(1)
-    return dict(delay_seconds=self.delay_seconds, blocks=self.blocks,
+    return dict(delay_seconds=self.delay_seconds, delay_blocks=self.delay_blocks,
+                decoder_latency_seconds=self.decoder_latency / self.sr,
+                lead_seconds=self.lead_seconds, blocks=self.blocks,
                 deadline_misses=self.deadline_misses, underruns=self.underruns,
                 underrun_seconds=self.underrun_samples / self.sr,
                 block_seconds=self.block_seconds, mean_block_compute_s=float(bt.mean()),
@@ -124,7 +162,7 @@ class JamSession:
 
   def _decoder_latency(self) -> int:
     """Largest hold-back (samples) of the stream decoder over pushes of one block each."""
-    sd = self.codec.stream_decoder()
+    sd = self.dec_codec.stream_decoder()
     z = np.zeros((self.cs, self.codec.latent_dim), np.float32)
     pushed = emitted = worst = 0
     for _ in range(max(4, 64 // self.cs + 2)):
@@ -133,6 +171,31 @@ class JamSession:
       worst = max(worst, pushed - emitted)
     sd.flush()
     return worst
+
+  def block_start(self, k: int) -> float:
+    """Clock time (s) at which block k's generation starts: (k + d) B - lead."""
+    block = self.cs * self.hop
+    return (k + self.delay_blocks - 1) * self.block_seconds + (block - self.lead_samples) / self.sr
+
+  def measure_block_compute(self, blocks: int = 2) -> float:
+    """Seconds one block takes (block step + decode + partner encode), the best of ``blocks``
+    runs after a warm-up one. The stream's state is restored afterwards, so the session's
+    output does not change."""
+    import jax
+    import jax.numpy as jnp
+    saved = jax.tree.map(jnp.copy, self.stream.state)  # the block step donates its state
+    dec = self.dec_codec.stream_decoder()
+    seg = np.zeros((self.channels, (self.cs + 12) * self.hop), np.float32)
+    extra = np.zeros((1, self.cs, self.cfg.extra_dim), np.float32)
+    times = []
+    for _ in range(blocks + 1):
+      t0 = time.perf_counter()
+      self.codec.encode(seg)
+      blk = np.asarray(self.stream.next_block(extra))[0]
+      dec.push(blk)
+      times.append(time.perf_counter() - t0)
+    self.stream.state = saved
+    return float(min(times[1:]))
 
   def start(self):
     if self._thread is None:
@@ -223,7 +286,8 @@ class JamSession:
     n_blocks = int(np.ceil((n + self.decoder_latency) / block))
     fed = k = 0
     while self._out_start + self._out.shape[1] < n:
-      upto = min((k + self.delay_blocks - 1) * block, fed_total)  # known when block k starts
+      upto = min(max((k + self.delay_blocks) * block - self.lead_samples, 0),
+                 fed_total)  # known when block k starts
       if upto > fed:
         seg = partner[:, fed:min(upto, n)]
         pad = upto - fed - seg.shape[1]
@@ -282,7 +346,7 @@ class JamSession:
     try:
       k = 0
       while not self._stop.is_set():
-        t_start = (k + self.delay_blocks - 1) * self.block_seconds
+        t_start = self.block_start(k)
         while self.now() < t_start:
           if self._stop.wait(min(0.005, max(t_start - self.now(), 0.0005))):
             return

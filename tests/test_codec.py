@@ -247,3 +247,60 @@ def test_refit_decoder_keeps_the_latents(tmp_path, codec, music):
     assert a["net_conv0_w"].shape == b["net_conv0_w"].shape
     assert not np.array_equal(a["net_out_w"], b["net_out_w"])
     np.testing.assert_array_equal(a["basis"], b["basis"])
+
+
+def _held_back(codec, z, block):
+  """Largest number of frames a stream decoder of `codec` holds back over pushes of `block`."""
+  sd, pushed, got, worst = codec.stream_decoder(), 0, 0, 0
+  for i in range(0, len(z) - block + 1, block):
+    got += sd.push(z[i:i + block]).shape[1]
+    pushed += block * HOP
+    worst = max(worst, pushed - got)
+  assert worst % HOP == 0
+  return worst // HOP
+
+
+def test_low_latency_decoder_streams_exactly_with_a_shorter_hold_back(codec, round_trip, music):
+  """The jam's decoder (`low_latency(16)`): same latents, its stream equals its own full decode
+  for any push sizes, it holds back 7 frames of 16-frame pushes (0.16 s) where the default
+  decoder holds back 18 (0.42 s), both as `hold_back` accounts, at a small quality cost."""
+  z, full = round_trip
+  fast = codec.low_latency(16)
+  assert (fast.chunk, fast.lookahead, fast.offset) == (16, 1, 5)
+  assert (codec.chunk, codec.lookahead, codec.offset) == (16, 4, 0)  # the default is unchanged
+  ref = fast.decode(z)
+  assert ref.shape == full.shape
+  rng = np.random.default_rng(2)
+  for sizes in ([16] * 40, list(rng.integers(1, 40, size=100))):
+    sd, parts, i = fast.stream_decoder(), [], 0
+    for n in sizes:
+      parts.append(sd.push(z[i:i + n]))
+      i += n
+    parts.append(sd.push(z[i:]))
+    parts.append(sd.flush())
+    assert np.abs(np.concatenate(parts, -1) - ref).max() <= 1e-5
+  assert _held_back(codec, z, 16) == codec.hold_back(16) == 18
+  assert _held_back(fast, z, 16) == fast.hold_back(16) == 7 == 1 + codec.radius + 2
+  assert _held_back(codec.low_latency(8), z, 8) == codec.low_latency(8).hold_back(8) == 7
+  # quality: the round trip stays close to the default decoder's
+  assert lsd_db(music[0], ref[0]) < lsd_db(music[0], full[0]) + 0.5
+  a, b = chroma(music[0]), chroma(ref[0])
+  assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.93
+  assert np.abs(ref - full).max() > 1e-3  # a different phase reconstruction, not the same one
+
+
+@pytest.mark.parametrize("chunk, lookahead, offset", [(2, 0, 1), (5, 0, 0), (3, 2, 2)])
+def test_griffin_lim_chunking_without_lookahead_or_shorter_than_the_overlap(
+    codec, round_trip, chunk, lookahead, offset):
+  """Any chunking streams exactly: no look-ahead frames, chunks shorter than the 3 frames held
+  fixed, a shifted chunk grid; the hold-back is as `hold_back` accounts."""
+  z = round_trip[0][:70]
+  c = SpectralCodec(chunk=chunk, lookahead=lookahead, offset=offset)
+  ref = c.decode(z)
+  assert ref.shape == (1, 70 * HOP) and np.all(np.isfinite(ref)) and np.abs(ref).max() > 0
+  sd = c.stream_decoder()
+  parts = [sd.push(z[i:i + 7]) for i in range(0, len(z), 7)] + [sd.flush()]
+  assert np.abs(np.concatenate(parts, -1) - ref).max() <= 1e-5
+  assert _held_back(c, z, 4) == c.hold_back(4)
+  with pytest.raises(ValueError, match="offset"):
+    SpectralCodec(chunk=chunk, lookahead=lookahead, offset=chunk)

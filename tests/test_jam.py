@@ -111,8 +111,10 @@ def test_jam_session_delay_counters_and_accompaniment(system):
   sess = system.jam(delay_blocks=2, steps=2, cfg_scale=1.0, clock=clock)
   sr, B = codec.sample_rate, sess.block_seconds
   assert abs(B - 16 * 512 / sr) < 1e-9
-  assert sess.decoder_latency > 0
+  # the jam's decoder holds back 1 look-ahead frame + the net's radius + 2 frames of overlap-add
+  assert sess.decoder_latency == sess.dec_codec.hold_back(16) * 512 == (3 + codec.radius) * 512
   assert sess.delay_samples == round(2 * B * sr) + sess.decoder_latency
+  assert sess.lead_samples == 16 * 512  # by default a block starts one block before it is due
   assert abs(sess.delay_seconds - sess.delay_samples / sr) < 1e-12
   sess.start()
   try:
@@ -159,14 +161,16 @@ def test_jam_session_delay_counters_and_accompaniment(system):
   assert not sess._thread.is_alive()
 
 
-def test_jam_offline_render_equals_a_live_session_that_keeps_up(system):
+@pytest.mark.parametrize("delay, lead", [(2, None), (1, 0.1)])
+def test_jam_offline_render_equals_a_live_session_that_keeps_up(system, delay, lead):
   """The jam command's offline default is what a live session makes when its input arrives on
-  time and its compute keeps up: the live session here runs on a clock that waits for it."""
+  time and its compute keeps up: the live session here runs on a clock that waits for it. With
+  a one-block delay and a short lead the model hears the start of its own block."""
   sr = system.codec.sample_rate
   t = np.arange(int(1.5 * sr)) / sr
   partner = (0.3 * np.sin(2 * np.pi * 220 * t) * (1 + np.sin(2 * np.pi * 1.5 * t))
              ).astype(np.float32)[None]
-  kw = dict(delay_blocks=2, steps=2, cfg_scale=1.0, seed=3)
+  kw = dict(delay_blocks=delay, lead_seconds=lead, steps=2, cfg_scale=1.0, seed=3)
   offline_sess = system.jam("a duet", **kw)
   offline = offline_sess.render(partner)
   n_blocks = offline_sess.blocks
@@ -181,17 +185,50 @@ def test_jam_offline_render_equals_a_live_session_that_keeps_up(system):
   fed = 0
   try:
     for k in range(n_blocks):  # the partner's audio up to block k's start, then the clock
-      upto = min((k + live.delay_blocks - 1) * block, fed_total)
+      start = (k + delay) * block - live.lead_samples
+      upto = min(start, fed_total)
       if upto > fed:
         live.push(padded[:, fed:upto])
         fed = upto
-      clock.set((k + live.delay_blocks - 1) * live.block_seconds)
+      if k == 1 and delay == 1:  # block 1 hears its first 16 - lead - guard frames
+        known = 16 - live.lead_samples // live.hop - live.guard
+        assert known > 0 and live._accomp_extra(1)[0, :, 0].sum() == known
+      clock.set(live.block_start(k))
       assert wait_for(lambda: live.blocks >= k + 1 or live._error is not None)
       live._raise()
     heard = live.pull(fed_total)
   finally:
     live.close()
   np.testing.assert_allclose(heard, offline, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_jam_delay_auto_follows_the_measured_compute(system, monkeypatch):
+  """delay_blocks='auto': one block when, starting a block twice the measured block compute (the
+  lead) before its deadline, the model still hears half of its own block; else two. The
+  measurement leaves the stream as it was (same output)."""
+  from lmdm_jax.jamming import JamSession
+  sr = system.codec.sample_rate
+  partner = (0.3 * np.sin(2 * np.pi * 330 * np.arange(sr) / sr)).astype(np.float32)[None]
+  auto = system.jam("a duet", delay_blocks="auto", steps=2, cfg_scale=1.0, seed=5)
+  assert auto.measured_block_compute_s > 0 and auto.delay_blocks in (1, 2)
+  st = auto.stats()
+  assert st["delay_blocks"] == auto.delay_blocks and st["lead_seconds"] == auto.lead_seconds
+  assert auto.delay_samples == auto.delay_blocks * 16 * 512 + auto.decoder_latency
+  lead = None if auto.delay_blocks == 2 else auto.lead_seconds
+  same = system.jam("a duet", delay_blocks=auto.delay_blocks, seed=5, steps=2, cfg_scale=1.0,
+                    lead_seconds=lead)
+  assert same.lead_samples == auto.lead_samples
+  np.testing.assert_array_equal(auto.render(partner), same.render(partner))
+  # the rule, with the guard of 4 frames: lead = 2 c rounded up to whole frames (23.2 ms)
+  for c, delay, lead_frames in ((0.046, 1, 4), (0.047, 2, 16)):
+    monkeypatch.setattr(JamSession, "measure_block_compute", lambda self, c=c: c)
+    s = system.jam(delay_blocks="auto", steps=2, cfg_scale=1.0)
+    assert (s.delay_blocks, s.lead_samples) == (delay, lead_frames * 512), c
+  for bad in (dict(delay_blocks=0), dict(delay_blocks="soon"), dict(lead_seconds=0.0),
+              dict(lead_seconds=1.0), dict(delay_blocks="auto", lead_seconds=0.1)):
+    with pytest.raises(ValueError, match="delay_blocks|lead_seconds"):
+      system.jam(**bad)
 
 
 def test_jam_session_needs_accompaniment_channels():
@@ -233,7 +270,7 @@ def test_jam_cli_writes_duet_and_part(tmp_path):
     assert np.all(np.isfinite(a))
   assert not list(tmp_path.glob("*.partial.wav"))
   part, _ = sf.read(str(tmp_path / "duet_part.wav"))
-  assert not part[: int(delay * sr) - 10].any()  # the delay prefix is silence
+  assert not part[: int((delay - 0.005) * sr)].any()  # the delay prefix (printed in 10 ms)
   # a model without accompaniment channels is refused clearly
   r = subprocess.run([sys.executable, "-m", "lmdm_jax.apps.jam", "--config",
                       acc_config(tmp_path, extra=0), "--input", str(tmp_path / "partner.wav"),

@@ -335,8 +335,12 @@ def test_session_streams_and_survives_bad_frames_oversized_and_abrupt_clients(se
         await asyncio.sleep(0.1)
       else:
         raise AssertionError("the sessions of the vanished clients were not cleaned up")
-      await d.send(json.dumps({"type": "start", "steps": 1}))
+      await d.send(json.dumps({"type": "start", "steps": 1, "delay_blocks": 0}))  # 0: auto
       started = await rd.get("started", timeout=120)
+      k = started["delay_blocks"]  # chosen from the measured block compute
+      assert k in (1, 2) and 0 < started["lead_seconds"] <= started["block_seconds"] + 1e-9
+      assert started["delay_samples"] == k * 16 * 512 + started["decoder_latency_samples"]
+      assert k == 1 or abs(started["lead_seconds"] - started["block_seconds"]) < 1e-9
       sent = await feed(d, 1.0, sr)
       sent += await feed_until_generated(d, rd, sr, started["delay_samples"], start=sent)
       await wait_until(lambda: rd.received >= sent, 20, "answers")
@@ -364,7 +368,11 @@ def find_chromium():
   return None
 
 
-def test_browser_page_end_to_end(server, tmp_path, capsys, record_property):
+@pytest.mark.parametrize("delay", [1, 2])
+def test_browser_page_end_to_end(server, tmp_path, capsys, record_property, delay):
+  """The page in headless Chromium; prints the measured round trip (input captured -> the
+  model's output for that moment back in the page) against the server's delay, which must be
+  accounted as delay blocks + the jam decoder's hold-back."""
   browser = find_chromium()
   if browser is None:
     pytest.skip("no Chromium on PATH (chromium, chromium-browser, google-chrome): scripts/test.sh "
@@ -375,7 +383,7 @@ def test_browser_page_end_to_end(server, tmp_path, capsys, record_property):
   wav = tmp_path / "partner.wav"
   sf.write(str(wav), 0.3 * np.sin(2 * np.pi * np.cumsum(notes) / sr), sr, subtype="PCM_16")
   seconds = 4.0
-  url = (f"{server.http}/?autotest=1&seconds={seconds}&max_seconds=30&delay=2&steps=2&cfg=1"
+  url = (f"{server.http}/?autotest=1&seconds={seconds}&max_seconds=30&delay={delay}&steps=2&cfg=1"
          "&prompt=solo%20piano")
   mark = len(server.lines)
   cmd = [browser, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
@@ -404,18 +412,27 @@ def test_browser_page_end_to_end(server, tmp_path, capsys, record_property):
   rep = json.loads(line.split("client report ", 1)[1])
   rt, srv_stats, player = rep["roundTripMs"], rep["server"], rep["player"]
   delay_ms = 1000 * rep["serverDelaySeconds"]
-  summary = (f"headless Chromium jam: measured round-trip latency (input captured -> the model's "
-             f"output for that moment back in the page) mean {rt['mean']:.0f} ms, min "
-             f"{rt['min']:.0f}, max {rt['max']:.0f} over {rt['n']} frames; server delay "
-             f"{delay_ms:.0f} ms; heard (+ playback buffer + output) {rep['heardMs']:.0f} ms; "
+  parts = rep["serverDelayParts"]
+  summary = (f"headless Chromium jam, delay {delay} block(s): measured round-trip latency (input "
+             f"captured -> the model's output for that moment back in the page) mean "
+             f"{rt['mean']:.0f} ms, min {rt['min']:.0f}, max {rt['max']:.0f} over {rt['n']} "
+             f"frames; server delay {delay_ms:.0f} ms = {parts['blocks']} x "
+             f"{1000 * parts['blockSeconds']:.0f} ms + decoder "
+             f"{1000 * parts['decoderSeconds']:.0f} ms; heard (+ playback buffer + output) {rep['heardMs']:.0f} ms; "
              f"WebSocket ping {rep['pingMs']['median']:.1f} ms; page under-runs "
              f"{player['underruns']}; server blocks {srv_stats['blocks']}, deadline misses "
              f"{srv_stats['deadline_misses']}, under-runs {srv_stats['underruns']}; "
              f"context {rep['contextSampleRate']} Hz")
   with capsys.disabled():
     print("\n" + summary)
-  record_property("round_trip_latency_ms", round(rt["mean"], 1))
-  record_property("server_delay_ms", round(delay_ms, 1))
+  record_property(f"round_trip_latency_ms_delay{delay}", round(rt["mean"], 1))
+  record_property(f"server_delay_ms_delay{delay}", round(delay_ms, 1))
+  # the latency accounting: the delay is the chosen blocks plus the jam decoder's hold-back
+  from lmdm_jax.codecs.spectral import HOP, SAMPLE_RATE, SpectralCodec
+  hold = SpectralCodec().low_latency(16).hold_back(16) * HOP / SAMPLE_RATE
+  assert parts["blocks"] == delay and abs(parts["blockSeconds"] - 16 * HOP / SAMPLE_RATE) < 1e-6
+  assert abs(parts["decoderSeconds"] - hold) < 1e-6, summary
+  assert abs(delay_ms - 1000 * (delay * parts["blockSeconds"] + hold)) < 1000 / SAMPLE_RATE
   assert not rep["errors"], f"{rep['errors']}\n{summary}{where}"
   # audio went in: the fake microphone's WAV reached the server
   assert rep["inputRms"] > 0.05 and srv_stats["input_rms"] > 0.05, summary

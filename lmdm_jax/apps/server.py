@@ -12,14 +12,17 @@ Protocol (``/ws``):
 - server -> client, first: ``{"type": "hello", "sample_rate", "channels": 1, "block_samples",
   "frame_samples", "max_frame_samples", "max_message_bytes", "defaults", ...}``.
 - client -> server, JSON text: ``{"type": "start", "prompt", "delay_blocks", "steps", "cfg"}``
-  (all optional) -> ``{"type": "started", "delay_seconds", "delay_samples", ...}``;
+  (all optional; ``delay_blocks`` 0 = auto, see ``JamSession``) -> ``{"type": "started",
+  "delay_blocks", "delay_seconds", "delay_samples", "decoder_latency_samples", "lead_seconds",
+  ...}`` (``delay_samples = delay_blocks * block_samples + decoder_latency_samples``);
   ``{"type": "prompt", "prompt", "steps"?, "cfg"?}`` (mid-stream, no recompilation) ->
   ``{"type": "prompt_ok"}``; ``{"type": "stop"}`` -> ``{"type": "stopped", "stats"}``;
   ``{"type": "ping", "t"}`` -> ``{"type": "pong", "t"}``; ``{"type": "report", ...}`` (the
   page's measurements, logged by the server) -> ``{"type": "report_ok"}``.
 - while a session is set up (before ``started``): ``{"type": "progress", "stage", "elapsed_s"}``
   each time the set-up enters a stage (waiting for another session's set-up, encoding the prompt,
-  compiling the block step, compiling the decoder, warming up the encoder); ``elapsed_s`` counts
+  compiling the block step, compiling the decoder, warming up the encoder, measuring the block
+  compute); ``elapsed_s`` counts
   from the start request.
 - binary, both ways: little-endian float32 mono PCM at ``sample_rate``. The client is the clock:
   every binary frame of n samples it sends (the partner, live) is answered by one binary frame of
@@ -155,7 +158,7 @@ class JamServer:
     if self.setup_lock.locked():
       progress("waiting for another session's set-up")
     with self.setup_lock:
-      sess = JamSession(self.system, prompt, delay_blocks=delay_blocks, steps=steps,
+      sess = JamSession(self.system, prompt, delay_blocks=delay_blocks or "auto", steps=steps,
                         cfg_scale=cfg, plus_plus=self.plus_plus, pingpong=self.pingpong,
                         seed=self.seed, progress=progress)
     lock = threading.Lock()
@@ -430,7 +433,7 @@ class Connection:
                        "send stop first")
     d = srv.defaults
     prompt = _prompt_field(msg, d["prompt"])
-    delay = _int_field(msg, "delay_blocks", d["delay_blocks"], 1, 16)
+    delay = _int_field(msg, "delay_blocks", d["delay_blocks"], 0, 16)  # 0: auto
     steps = _int_field(msg, "steps", d["steps"], 1, 64)
     cfg = _float_field(msg, "cfg", d["cfg"], 0.0, 20.0)
     if srv.sessions >= srv.max_sessions:
@@ -486,10 +489,13 @@ class Connection:
     self.last_audio = time.monotonic()
     setup = time.perf_counter() - t0
     srv.log(f"session started for {self.peer}: prompt {prompt!r}, delay {sess.delay_seconds:.3f} s"
-            f" ({delay} blocks), {steps} steps, cfg {cfg:g}, set up in {setup:.1f} s")
+            f" ({sess.delay_blocks} blocks{' (auto)' if not delay else ''} + decoder"
+            f" {sess.decoder_latency / srv.sr:.3f} s), {steps} steps, cfg {cfg:g}, set up in"
+            f" {setup:.1f} s")
     try:
-      await self.send_json(type="started", prompt=prompt, delay_blocks=delay, steps=steps, cfg=cfg,
-                           delay_seconds=sess.delay_seconds, delay_samples=sess.delay_samples,
+      await self.send_json(type="started", prompt=prompt, delay_blocks=sess.delay_blocks,
+                           steps=steps, cfg=cfg, delay_seconds=sess.delay_seconds,
+                           delay_samples=sess.delay_samples, lead_seconds=sess.lead_seconds,
                            decoder_latency_samples=sess.decoder_latency,
                            block_seconds=sess.block_seconds, sample_rate=srv.sr,
                            setup_seconds=setup)
@@ -719,8 +725,9 @@ def main(argv=None):
   ap.add_argument("--prompt", default="",
                   help="the page's default prompt (default: the page's own caption-style prompt)")
   ap.add_argument("--codec", default=None, help="codec name (default: the model's)")
-  ap.add_argument("--delay-blocks", type=int, default=2,
-                  help="default generative delay in blocks; the page can change it (default: 2)")
+  ap.add_argument("--delay-blocks", type=int, default=0,
+                  help="default generative delay in blocks; the page can change it; 0 = auto: 1 "
+                  "when the measured block compute allows, else 2 (default: 0)")
   ap.add_argument("--steps", type=int, default=None,
                   help="default denoising steps (default: the model's)")
   ap.add_argument("--cfg-scale", type=float, default=None,
@@ -790,7 +797,7 @@ def main(argv=None):
     print(f"{tag} error: {' '.join(str(e).split())}", file=sys.stderr)
     return 2
   codec, cfg = system.codec, system.cfg
-  C.warm_decoder(codec, cfg.chunk)
+  C.warm_decoder(codec.low_latency(cfg.chunk), cfg.chunk)  # the sessions' decoder
   print(f"{tag} model ready in {time.perf_counter() - t0:.1f} s: {codec.sample_rate} Hz, blocks "
         f"of {srv.block_samples / srv.sr:.3f} s", flush=True)
   try:

@@ -35,6 +35,11 @@ class Codec(abc.ABC):
   def stream_decoder(self) -> "StreamDecoder":
     """A stateful decoder that takes latent blocks one at a time (see ``StreamDecoder``)."""
 
+  def low_latency(self, block: int) -> "Codec":
+    """This codec (same encoder and latents) with the decoder that holds back the least audio
+    when fed ``block`` frames at a time, for live use (the jam). Default: the codec itself."""
+    return self
+
 
 class StreamDecoder(abc.ABC):
   """Block-wise decoding of a latent stream.

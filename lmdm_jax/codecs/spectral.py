@@ -14,12 +14,19 @@ residual of a small temporal conv net and a linear layer, trained with 0.1-std l
 shipped asset: four kernel-3 convs of width 512 with skip connections, receptive radius 4 frames,
 trained by ``fit_default_codec.py refit-decoder`` on the encoder's latents) -> magnitude -> fast
 Griffin-Lim (Perraudin et al. 2013, momentum 0.99, 32 iterations), block by block: the stream is
-cut into fixed internal chunks of ``chunk`` frames; each chunk is refined together with
-``lookahead`` future frames while the 3 previous, already emitted frames are held fixed; new
-frames start from the previous chunk's phases (lookahead frames) or a phase-vocoder extrapolation
-of them. ``decode`` runs the very same chunked procedure, so streaming decode equals full decode
+cut into fixed internal chunks of ``chunk`` frames (the grid starts ``offset`` frames before the
+stream); each chunk is refined together with ``lookahead`` future frames while the 3 previous,
+already emitted frames are held fixed; new frames start from the previous chunk's phases
+(lookahead frames) or a phase-vocoder extrapolation of them (or of the last committed frame).
+``decode`` runs the very same chunked procedure, so streaming decode equals full decode
 (documented margin: max abs difference <= 1e-5; measured 0), whatever the block sizes pushed.
-Latency: chunk + lookahead + radius + 2 frames (26 with the shipped asset, 0.60 s).
+
+Latency (frames of audio a stream decoder holds back, ``hold_back``): a chunk needs the latents
+of its lookahead frames plus the net's radius; its last 2 frames' audio still overlaps the next
+chunk's first frame (a frame's 2048-sample window reaches 2 hops either side); and pushed
+frames wait for the end of their internal chunk. The default decoder (chunk 16, lookahead 4)
+fed 16-frame blocks holds back 18 frames (0.42 s); ``low_latency(16)`` (chunk 16, lookahead 1,
+grid aligned to the pushes) 7 frames (0.16 s) at a small quality cost (bench/codec_quality.py).
 
 Assets: ``assets/spectral_default.npz`` (about 7.9 MB: PCA basis float32, net weights float16),
 re-created by ``scripts/fit_default_codec.py``. Without the nets (an asset with only mean,
@@ -27,6 +34,7 @@ basis, scale) the codec is pure PCA + Griffin-Lim.
 """
 from __future__ import annotations
 
+import copy
 import functools
 import os
 
@@ -45,6 +53,9 @@ HOP = 512
 EPS = 1e-4
 _OVERLAP = N_FFT // HOP  # 4 hop-segments per frame
 _CTX = _OVERLAP - 1  # emitted frames that still overlap the next new frame
+# Look-ahead frames of ``SpectralCodec.low_latency`` (the jam's decoder). 1 rather than 0: with
+# none, onsets smear (held-out onset correlation 0.82 against 0.90 with 1 and 0.91 with 4).
+LOW_LOOKAHEAD = 1
 
 
 def hann(n: int = N_FFT) -> np.ndarray:
@@ -141,7 +152,9 @@ def _gl_step(mag, ctx, prev_ahead, exists, *, n_iter: int, momentum: float):
   # Initial phases: warm start for the first L frames, phase-vocoder extrapolation after them.
   bins = jnp.arange(N_FFT // 2 + 1, dtype=jnp.float32)
   adv = 2 * np.pi * HOP / N_FFT * bins
-  last = jnp.angle(prev_ahead[-1])
+  # the newest frame with a phase: the last lookahead frame, or without lookahead the last
+  # committed one
+  last = jnp.angle(prev_ahead[-1] if look else ctx[-1])
   steps = jnp.arange(1, b + 1, dtype=jnp.float32)[:, None]
   extra = last[None, :] + steps * adv[None, :]
   phase0 = jnp.concatenate([jnp.angle(prev_ahead), extra], axis=0)
@@ -208,7 +221,7 @@ def griffin_lim_stream(mag: np.ndarray, *, chunk: int = 16, lookahead: int = 4,
     if a - 2 < 0:
       audio = audio[(2 - a) * HOP:]
     out.append(audio)
-    ctx, ahead = spec[chunk - _CTX:chunk], spec[chunk:]
+    ctx, ahead = np.concatenate([ctx, spec])[chunk:chunk + _CTX], spec[chunk:]
     a += chunk
   return np.concatenate(out)[: total * HOP]
 
@@ -226,7 +239,7 @@ class SpectralCodec(Codec):
   hop = HOP
 
   def __init__(self, asset_path: str | None = None, *, n_iter: int = 32, chunk: int = 16,
-               lookahead: int = 4, momentum: float = 0.99):
+               lookahead: int = 4, momentum: float = 0.99, offset: int = 0):
     path = asset_path or DEFAULT_ASSET
     if not os.path.exists(path):
       raise FileNotFoundError(
@@ -241,9 +254,11 @@ class SpectralCodec(Codec):
     k = self.latent_dim
     self.lat_mean = a.get("net_latent_mean", np.zeros(k)).astype(np.float32)
     self.lat_std = a.get("net_latent_std", np.ones(k)).astype(np.float32)
-    if lookahead < 1 or chunk < 1:
-      raise ValueError("chunk and lookahead must be >= 1")
+    if lookahead < 0 or chunk < 1 or not 0 <= offset < chunk:
+      raise ValueError(f"need chunk >= 1, lookahead >= 0 and 0 <= offset < chunk; got chunk="
+                       f"{chunk}, lookahead={lookahead}, offset={offset}")
     self.n_iter, self.chunk, self.lookahead, self.momentum = n_iter, chunk, lookahead, momentum
+    self.offset = offset
     params = {"mean": jnp.asarray(self.mean), "basis_t": jnp.asarray(self.basis[:, :k].T),
               "scale": jnp.asarray(self.scale[:k]), "lat_mean": jnp.asarray(self.lat_mean),
               "lat_std": jnp.asarray(self.lat_std), "eps": jnp.float32(self.eps)}
@@ -264,11 +279,36 @@ class SpectralCodec(Codec):
       params["net"] = {"convs": convs, "out_w": jnp.asarray(a["net_out_w"], jnp.float32),
                        "out_b": jnp.asarray(a["net_out_b"], jnp.float32)}
     self.radius = _radius(params)
-    if self.lookahead < self.radius:
-      self.lookahead = self.radius
     self._params = params
     # Latent of a silent frame: what lies before the stream's start and after its end.
     self.silence = self.encode(np.zeros((1, 4 * HOP), np.float32))[1]
+
+  def low_latency(self, block: int) -> "SpectralCodec":
+    """The same codec (same encoder, latents and decoder net) with the jam's streamed
+    Griffin-Lim for pushes of ``block`` frames: chunks of ``block`` frames, ``LOW_LOOKAHEAD``
+    look-ahead frame(s), and the chunk grid shifted (``offset``) so that a chunk completes with
+    every push. Its hold-back is ``LOW_LOOKAHEAD + radius + 2`` frames (7 with the shipped
+    asset: 0.16 s, against 18 frames, 0.42 s, for the default decoder fed 16-frame blocks). Its
+    ``decode`` runs the same procedure, so its stream decoder is exact against its own
+    ``decode``. Quality on held-out renders: bench/codec_quality.py --low-latency."""
+    if block < 1:
+      raise ValueError(f"block must be >= 1 frame, got {block}")
+    fast = copy.copy(self)
+    fast.chunk, fast.lookahead = int(block), LOW_LOOKAHEAD
+    fast.offset = (fast.lookahead + fast.radius) % fast.chunk
+    return fast
+
+  def hold_back(self, block: int) -> int:
+    """Largest number of frames the stream decoder holds back when fed ``block`` frames at a
+    time: the Griffin-Lim look-ahead, the net's receptive radius, 2 frames of overlap-add (a
+    frame's window reaches 2 hops back) and the wait for the next internal chunk boundary."""
+    ahead = self.lookahead + self.radius
+    worst = 0
+    for j in range(1, 2 * self.chunk + ahead + 4):  # past the start, periodic in j mod chunk
+      n = j * block  # frames pushed
+      done = (n - ahead + self.offset) // self.chunk * self.chunk - self.offset  # chunks run
+      worst = max(worst, n - max(done - 2, 0))
+    return worst
 
   # -- checks --------------------------------------------------------------------------------
   def _check_audio(self, audio: np.ndarray, sample_rate: int | None) -> np.ndarray:
@@ -339,17 +379,19 @@ class SpectralCodec(Codec):
 class SpectralStreamDecoder(StreamDecoder):
   """Re-blocks pushed latents into fixed chunks, so output does not depend on push sizes.
 
-  Latency: ``chunk + lookahead + radius + 2`` frames at most (about 0.5 s with the defaults).
+  Latency: ``codec.hold_back(block)`` frames for pushes of ``block`` frames; at most
+  ``chunk + lookahead + radius + 2`` for any push sizes.
   """
 
   def __init__(self, codec: SpectralCodec):
     self.c = codec
     f = N_FFT // 2 + 1
     r = codec.radius
-    self._lat = np.repeat(codec.silence[None], r, 0)  # frames a-r .. (buffered latents)
+    # the chunk grid starts ``offset`` frames before the stream (frames < 0 do not exist)
+    self._lat = np.repeat(codec.silence[None], r + codec.offset, 0)  # frames a-r .. (buffered)
     self._ctx = np.zeros((_CTX, f), np.complex64)
     self._ahead = np.zeros((codec.lookahead, f), np.complex64)
-    self._a = 0  # first frame of the next chunk
+    self._a = -codec.offset  # first frame of the next chunk
     self._n = 0  # latent frames received
     self._done = False
     self._emitted = 0  # samples returned by push so far
@@ -385,7 +427,7 @@ class SpectralStreamDecoder(StreamDecoder):
         audio = audio[-first * HOP:]
       out.append(audio)
       self._emitted += audio.shape[0]
-      self._ctx = spec[b - _CTX:b]
+      self._ctx = np.concatenate([self._ctx, spec])[b:b + _CTX]  # frames a+b-3 .. a+b-1
       self._ahead = spec[b:]
       self._lat = self._lat[b:]
       self._a += b

@@ -17,7 +17,7 @@ const S = {
   ws: null, hello: null, ctx: null, capture: null, player: null, source: null, media: null,
   begin: null, inAnalyser: null, outAnalyser: null,
   monitorGain: null, running: false, sessionStarted: false,
-  sr: 22050, delaySamples: 0, delaySeconds: null,
+  sr: 22050, delaySamples: 0, delaySeconds: null, delayParts: null,
   sent: 0, received: 0, sendLog: [],  // [{idx, n, t}] of frames sent (t: performance.now())
   firstSendT: null, firstGeneratedT: null, generatedNonzero: 0, generatedMax: 0,
   inSq: 0, outSq: 0, outGen: 0,
@@ -95,6 +95,9 @@ function onControl(m) {
     case "progress": setupStage(m.stage, m.elapsed_s); break;
     case "started":
       S.delaySamples = m.delay_samples; S.delaySeconds = m.delay_seconds;
+      S.delayParts = { blocks: m.delay_blocks, blockSeconds: m.block_seconds,
+                       decoderSeconds: m.decoder_latency_samples / m.sample_rate,
+                       leadSeconds: m.lead_seconds };
       S.sessionStarted = true;
       S.capture.port.postMessage({ type: "enable" });
       if (S.begin) { S.begin(); S.begin = null; }  // a file starts playing with the session
@@ -601,7 +604,7 @@ function measurements() {
   return {
     roundTripMs: lat, pingMs: stats(S.pings.slice(-20)),
     heardMs: lat && ps ? lat.mean + 1000 * (ps.queuedSeconds + outLat) : null,
-    serverDelaySeconds: S.delaySeconds,
+    serverDelaySeconds: S.delaySeconds, serverDelayParts: S.delayParts,
     firstGeneratedAfterMs: S.firstGeneratedT !== null && S.firstSendT !== null
       ? S.firstGeneratedT - S.firstSendT : null,
     sentSeconds: S.sent / S.sr, receivedSeconds: S.received / S.sr,
@@ -620,7 +623,9 @@ function render() {
   const rt = m.roundTripMs;
   $("r_rt").textContent = rt ? `${fmtMs(rt.last)} (mean ${fmtMs(rt.mean)}, min ${fmtMs(rt.min)}, max ${fmtMs(rt.max)})` : "–";
   $("r_heard").textContent = fmtMs(m.heardMs);
-  $("r_delay").textContent = m.serverDelaySeconds == null ? "–" : fmtMs(1000 * m.serverDelaySeconds);
+  const dp = m.serverDelayParts;
+  $("r_delay").textContent = m.serverDelaySeconds == null ? "–" : `${fmtMs(1000 * m.serverDelaySeconds)}`
+    + (dp ? ` (${dp.blocks} × ${fmtMs(1000 * dp.blockSeconds)} + decoder ${fmtMs(1000 * dp.decoderSeconds)})` : "");
   $("r_ping").textContent = m.pingMs ? `${m.pingMs.last.toFixed(1)} ms (max ${m.pingMs.max.toFixed(1)} ms)` : "–";
   const p = m.player;
   $("r_play").textContent = p ? `${fmtMs(1000 * p.queuedSeconds)} buffered; ${p.underruns} under-runs `
