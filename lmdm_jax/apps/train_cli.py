@@ -3,6 +3,8 @@
   python3 train.py --config tiny --data synthetic --workdir runs/tiny --steps 200
   python3 train.py --config configs/demo.py --data data_cache/latents --workdir runs/demo
   python3 train.py ... --fsdp 4            # shard params/optimizer over 4 of the devices
+  python3 train.py --config saos --init converted/sao_small --data ... --workdir runs/ft
+                                           # fine-tune: start from a pretrained model (train.init_from)
 
 A run restarted with the same command resumes from its last checkpoint and continues with the
 same data order, noise and losses as an uninterrupted run (data and PRNG keys depend only on the
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 
 import jax
@@ -26,7 +29,7 @@ from tqdm import tqdm
 from lmdm_jax import compile_cache
 from lmdm_jax.config import DiTConfig, load_cli_config
 from lmdm_jax.nn.dit import DiT
-from lmdm_jax.training import sharding
+from lmdm_jax.training import init_from, sharding
 from lmdm_jax.training.checkpoints import Checkpointer, abstract_like, latest_step, run_layout
 from lmdm_jax.training.data import Batcher, make_source
 from lmdm_jax.training.stage1 import Stage1, Stage1Config
@@ -36,7 +39,8 @@ from lmdm_jax.training.workdir import truncate_metrics
 def _train_defaults(conf):
   t = conf.get("train", None)
   d = dict(batch_size=8, steps=1000, ckpt_every=100, keep=3, log_every=10, eval_every=100,
-           eval_batches=2, fsdp=1, sample_every=0, sample_seconds=10.0, stage1={})
+           eval_batches=2, fsdp=1, sample_every=0, sample_seconds=10.0, init_from="", freeze="",
+           stage1={})
   if t is not None:
     d.update({k: (dict(v) if k == "stage1" else v) for k, v in dict(t).items()})
   return d
@@ -88,6 +92,10 @@ def main(argv=None):
                   help="write an audio sample every N steps, 0: never (default: the config's, 0)")
   ap.add_argument("--sample-seconds", type=float,
                   help="length of those samples in seconds (default: the config's, 10)")
+  ap.add_argument("--init", metavar="PATH",
+                  help="start from a pretrained model at step 0 (train.init_from): a converted "
+                       "checkpoint, a bundle .npz, a train.py or arc.py work directory; see "
+                       "lmdm_jax/training/init_from.py (default: the config's, none)")
   ap.add_argument("--no-progress", action="store_true", help="no progress bar (default: shown)")
   args = ap.parse_args(argv)
   compile_cache.enable(log=lambda m: print(f"[train] {m}"))
@@ -104,6 +112,8 @@ def main(argv=None):
       tr[k] = getattr(args, k)
   if args.lr is not None:
     tr["stage1"]["lr"] = args.lr
+  if args.init is not None:
+    tr["init_from"] = args.init
   seed = conf.get("seed", 0) if args.seed is None else args.seed
   tc = Stage1Config.from_config(tr["stage1"])
   os.makedirs(args.workdir, exist_ok=True)
@@ -111,7 +121,13 @@ def main(argv=None):
   mesh = sharding.make_mesh(fsdp=tr["fsdp"])
   sharding.check_batch(tr["batch_size"], mesh)
   model = DiT(cfg, rngs=nnx.Rngs(seed))
-  trainer = Stage1(model, tc)
+  try:
+    init_from.start(model, tr, args.workdir, latest_step(os.path.join(args.workdir, "checkpoints"))
+                    is not None, log=lambda m: print(f"[train] {m}"))
+  except init_from.InitError as e:
+    print(f"[train] error: {e}", file=sys.stderr)
+    raise SystemExit(2) from None
+  trainer = Stage1(model, tc, freeze=tr["freeze"])
   source = make_source(args.data, trainer.frames, cfg, seed)
   held = make_source(args.data, trainer.frames, cfg, seed, holdout=True)
   from lmdm_jax import text as text_lib
