@@ -17,6 +17,7 @@ from flax import nnx
 from lmdm_jax import bundle
 from lmdm_jax.config import DiTConfig, load_config
 from lmdm_jax.nn.dit import DiT
+from lmdm_jax.sources import load_dit
 from lmdm_jax.training import init_from
 from lmdm_jax.training.init_from import InitError, init_model
 
@@ -66,7 +67,7 @@ def test_bundle_init_adds_channels_and_a_block_without_changing_the_output(tmp_p
   extra = 1 + TINY.io_channels  # an accompaniment group, as Batcher lays it out
   cfg = dataclasses.replace(TINY, input_add_dim=TINY.input_add_dim + extra, depth=TINY.depth + 1)
   model = DiT(cfg, rngs=nnx.Rngs(5))
-  rep = init_model(model, path, log=lambda *_: None)
+  rep = init_model(model, path, load_dit)
   assert rep.kind == "bundle" and rep.dropped == []
   assert rep.widened == [{"name": "to_input_add_embed/kernel", "source_shape": [9, 128],
                           "shape": [9 + extra, 128]}]
@@ -115,21 +116,21 @@ def test_workdir_init_uses_ema_and_errors_are_one_line(tmp_path):
   wd = str(tmp_path / "run")
   _workdir(wd, src, 0.5)
   model = DiT(TINY, rngs=nnx.Rngs(0))
-  rep = init_model(model, wd, log=lambda *_: None)
+  rep = init_model(model, wd, load_dit)
   assert rep.kind == "workdir" and rep.new == rep.widened == rep.dropped == []
   got, want = _flat(model), _flat(src)
   for k in want:
     np.testing.assert_allclose(got[k], want[k] + 0.5, rtol=0, atol=1e-6, err_msg=k)
   # a model without input_add: the source's projection is dropped
   base = dataclasses.replace(TINY, input_add_dim=0)
-  rep = init_model(nnx.eval_shape(lambda: DiT(base, rngs=nnx.Rngs(0))), wd, log=lambda *_: None)
+  rep = init_model(nnx.eval_shape(lambda: DiT(base, rngs=nnx.Rngs(0))), wd, load_dit)
   assert rep.dropped == [{"name": "to_input_add_embed/kernel", "shape": [9, 128]}]
 
   npz = bundle.save_bundle(src, str(tmp_path / "src.npz"), {"config": "tiny"}, dtype=np.float32)
 
   def err(cfg, source=npz):  # (a bundle: quicker to read than a work directory)
     with pytest.raises(InitError) as e:
-      init_model(nnx.eval_shape(lambda: DiT(cfg, rngs=nnx.Rngs(0))), source, log=lambda *_: None)
+      init_model(nnx.eval_shape(lambda: DiT(cfg, rngs=nnx.Rngs(0))), source, load_dit)
     msg = str(e.value)
     assert "\n" not in msg
     return msg
@@ -236,7 +237,7 @@ def test_finetune_converted_base_model_then_arc(tmp_path, capsys):
 
   # step 0: with input_add absent (zeros, no context) the model is the source
   model = DiT(cfg, rngs=nnx.Rngs(0))
-  rep = init_model(model, conv_dir, log=lambda *_: None)
+  rep = init_model(model, conv_dir, load_dit)
   inp = {k: v for k, v in _inputs(src_cfg).items() if k not in ("input_add", "context_mask")}
   want = src(**inp)
   zeros = jnp.zeros(inp["x"].shape[:2] + (cfg.input_add_dim,))

@@ -122,8 +122,9 @@ def main(argv=None):
   sharding.check_batch(tr["batch_size"], mesh)
   model = DiT(cfg, rngs=nnx.Rngs(seed))
   try:
+    from lmdm_jax.sources import load_dit
     init_from.start(model, tr, args.workdir, latest_step(os.path.join(args.workdir, "checkpoints"))
-                    is not None, log=lambda m: print(f"[train] {m}"))
+                    is not None, load=load_dit, log=lambda m: print(f"[train] {m}"))
   except init_from.InitError as e:
     print(f"[train] error: {e}", file=sys.stderr)
     raise SystemExit(2) from None

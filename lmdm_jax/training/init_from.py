@@ -1,11 +1,11 @@
 """Fine-tuning: start a train.py run from a pretrained model (``train.init_from``) and freeze
 parameters by name (``train.freeze``).
 
-Sources (the same loaders as sampling, ``lmdm_jax.sources`` / ``checkpoint_io``; their files are
-untrusted data and nothing in them is run): a converted stable-audio-tools / LMDM checkpoint
-directory (``lmdm convert``, e.g. Stable Audio Open Small), a bundle ``.npz``, a train.py work
-directory (its EMA weights when it has them, as arc.py's ``--base``) or an arc.py run (base +
-adapter, merged).
+Sources are read by the same checked loaders as sampling (``lmdm_jax.sources.load_dit``, passed
+in as ``load``; their files are untrusted data and nothing in them is run): a converted
+stable-audio-tools / LMDM checkpoint directory (``lmdm convert``, e.g. Stable Audio Open Small), a
+bundle ``.npz``, a train.py work directory (its EMA weights when it has them, as arc.py's
+``--base``) or an arc.py run (base + adapter, merged).
 
 Parameters are matched by path (``layers/0/self_attn/to_qkv/kernel``, see ``param_name``) and
 shape; buffers (rotary ``inv_freq``, LayerNorm zero biases) load the same way. What the target
@@ -154,29 +154,6 @@ class InitReport:
     os.replace(tmp, path)
 
 
-def load_source(path: str):
-  """-> (DiTConfig, DiT, kind, weights description) of an init source, through the checked
-  loaders; InitError (one line) when it cannot be read."""
-  from lmdm_jax import sources
-  try:
-    kind = sources.kind_of(path)
-    if kind == "arc":
-      from lmdm_jax.training.arc_run import load_arc_model
-      model = load_arc_model(path, merge=True)
-      return model.cfg, model, kind, "base + ARC-Forcing adapter, merged"
-    if kind == "converted":
-      from lmdm_jax.convert import dit as conv
-      cfg, model, _ = conv.load_converted(path)
-      return cfg, model, kind, "converted weights"
-    from lmdm_jax.checkpoint_io import load_model
-    cfg, model, extras = load_model(path, use_ema=True)
-  except (ValueError, OSError, KeyError) as e:
-    raise InitError(f"train.init_from {path!r}: {' '.join(str(e).split())}") from None
-  if kind == "workdir":
-    return cfg, model, kind, f"step {extras.get('step')} (EMA weights when stored)"
-  return cfg, model, kind, f"step {extras.get('step', '?')}"
-
-
 def _new_init(name: str, names, new: set, where: str) -> str:
   """'zeros' or 'fresh' for a variable of the model (``names``: all of them) that the source
   lacks (``new``); InitError when it cannot be added without changing the source's output."""
@@ -197,17 +174,24 @@ def _new_init(name: str, names, new: set, where: str) -> str:
                   "added); make the config match the source there")
 
 
-def init_model(model, source: str, log=print) -> InitReport:
-  """Load ``source`` into ``model`` (a DiT, updated in place) as the module docstring says."""
-  src_cfg, src, kind, weights = load_source(source)
+def init_model(model, source: str, load) -> InitReport:
+  """Load ``source`` into ``model`` (a DiT, updated in place) as the module docstring says.
+  ``load(source)`` -> (source DiT, kind, which weights): the checked loaders of every model
+  source (``lmdm_jax.sources.load_dit``; this layer does not import them); its ValueError or
+  OSError becomes a one-line InitError."""
   where = f"train.init_from {source!r}"
+  try:
+    src, kind, weights = load(source)
+  except (ValueError, OSError, KeyError) as e:
+    raise InitError(f"{where}: {' '.join(str(e).split())}") from None
+  src_cfg = src.cfg
   have = _flat(nnx.state(src))
   del src
   state = nnx.state(model)
   flat = dict(nnx.to_flat_state(state))
   names = {param_name(p): p for p in flat}
   new_names = {n for n in names if n not in have}
-  loaded, widened, new = [], [], []
+  loaded, widened, new, notes = [], [], [], []
   for n, p in names.items():
     var = flat[p]
     want = var.get_value()  # an array, or a ShapeDtypeStruct in an abstract model
@@ -219,6 +203,10 @@ def init_model(model, source: str, log=print) -> InitReport:
       continue
     got = np.asarray(have[n])
     if got.shape == want.shape:
+      if (n == "inv_freq" and isinstance(want, jax.Array)
+          and not np.allclose(got, np.asarray(want), rtol=1e-5)):
+        notes.append(f"the rotary frequencies (inv_freq) are the source's, not those of this "
+                     f"config's rope_base {model.cfg.rope_base:g}")
       flat[p] = var.replace(jnp.asarray(got, want.dtype))
       loaded.append(n)
     elif (n in WIDENABLE and got.ndim == want.ndim == 2 and got.shape[1] == want.shape[1]
@@ -232,7 +220,6 @@ def init_model(model, source: str, log=print) -> InitReport:
                       "input_add_dim, can differ)")
   dropped = [{"name": n, "shape": list(np.shape(v))} for n, v in have.items() if n not in names]
   nnx.update(model, nnx.from_flat_state(flat))
-  notes = []
   if src_cfg.positions != model.cfg.positions:
     notes.append(f"the source streams in the {src_cfg.positions!r} rotary layout; this run "
                  f"trains in {model.cfg.positions!r}")
@@ -240,11 +227,12 @@ def init_model(model, source: str, log=print) -> InitReport:
                     new=new, dropped=dropped, notes=notes)
 
 
-def start(model, tr: dict, workdir: str, resuming: bool, log=print) -> InitReport | None:
+def start(model, tr: dict, workdir: str, resuming: bool, load, log=print) -> InitReport | None:
   """train.py's step-0 init: checks ``tr["freeze"]`` against the model (and, on resume, against
   the pattern the run recorded: its optimizer state depends on it); without a checkpoint to
   resume and with ``tr["init_from"]``, loads it into ``model`` and writes the report to
-  ``<workdir>/init_report.json``. Returns the report (None when nothing was loaded)."""
+  ``<workdir>/init_report.json``. ``load``: as ``init_model``'s. Returns the report (None
+  when nothing was loaded)."""
   freeze = tr.get("freeze") or ""
   frozen = frozen_names(nnx.state(model, nnx.Param), freeze)
   if resuming:
@@ -262,7 +250,7 @@ def start(model, tr: dict, workdir: str, resuming: bool, log=print) -> InitRepor
     return None
   if not tr.get("init_from"):
     return None
-  report = init_model(model, tr["init_from"], log=log)
+  report = init_model(model, tr["init_from"], load)
   report.frozen = frozen
   for line in report.lines():
     log(line)
