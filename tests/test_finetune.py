@@ -296,3 +296,35 @@ def test_finetune_converted_base_model_then_arc(tmp_path, capsys):
     recs = [json.loads(line) for line in f]
   assert [r["phase"] for r in recs] == ["g", "d"]
   assert all(np.isfinite(r["grad_norm"]) for r in recs)
+
+
+@pytest.mark.slow
+def test_arc_run_source_loads_merged(tmp_path):
+  """An arc.py run (registered config, adapter perturbed) as the source: the model starts as the
+  base with the adapter merged in, as sampling loads it."""
+  from lmdm_jax.training import arc_run
+  from lmdm_jax.training.checkpoints import Checkpointer
+  conf = load_config("arc_tiny")
+  trainer, state, _ = arc_run.build(conf, seed=0, log=lambda *_: None)
+  r = np.random.default_rng(0)
+  state["adapter"] = jax.tree.map(lambda x: x + 0.05 * r.standard_normal(x.shape, np.float32),
+                                  state["adapter"])
+  arc = tmp_path / "arc"
+  arc.mkdir()
+  with open(arc / "arc_config.json", "w") as f:
+    json.dump({"config": "arc_tiny", "seed": 0, "base": None, "base_step": None,
+               "model": dict(conf.model, positions="authors")}, f)
+  ck = Checkpointer(str(arc / arc_run.ARC_DIR))
+  ck.save(1, state)
+  ck.close()
+  merged = arc_run.load_arc_model(str(arc))
+  model = DiT(TINY, rngs=nnx.Rngs(9))
+  rep = init_model(model, str(arc), load_dit)
+  assert rep.kind == "arc" and rep.new == rep.widened == rep.dropped == []
+  want = _flat(merged, ...)
+  got = _flat(model, ...)
+  assert got.keys() == want.keys()
+  for k in want:
+    np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+  base = _flat(arc_run.load_arc_model(str(arc), merge=False))  # adapter kept apart: base kernels
+  assert not np.array_equal(base["layers/0/ff_in/kernel"], got["layers/0/ff_in/kernel"])
