@@ -167,6 +167,19 @@ def test_freeze_zeroes_updates_of_matching_parameters():
     init_from.frozen_names(params, "layers/(")
 
 
+def test_train_cli_init_errors_are_one_line(tmp_path, capsys):
+  from lmdm_jax.apps import train_cli
+  wd = str(tmp_path / "run")
+  for extra, want in ((["--init", str(tmp_path / "nothing")], "no such file or directory"),
+                      (["--init", str(tmp_path)], "neither a train.py work directory")):
+    with pytest.raises(SystemExit) as e:
+      train_cli.main(["--config", "tiny", "--workdir", wd, "--no-progress", *extra])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "train.init_from" in err[0] and want in err[0], err
+  assert not os.path.exists(os.path.join(wd, "checkpoints"))
+
+
 def _flat_state(state):
   return {init_from.param_name(p): np.asarray(v[...]) for p, v in nnx.to_flat_state(state)}
 

@@ -3,8 +3,8 @@
   python3 train.py --config tiny --data synthetic --workdir runs/tiny --steps 200
   python3 train.py --config configs/demo.py --data data_cache/latents --workdir runs/demo
   python3 train.py ... --fsdp 4            # shard params/optimizer over 4 of the devices
-  python3 train.py --config saos --init converted/sao_small --data ... --workdir runs/ft
-                                           # fine-tune: start from a pretrained model (train.init_from)
+  python3 train.py --config my_saos.py --init converted/sao_small --data ... --workdir runs/ft
+                                           # fine-tune from a pretrained model (train.init_from)
 
 A run restarted with the same command resumes from its last checkpoint and continues with the
 same data order, noise and losses as an uninterrupted run (data and PRNG keys depend only on the

@@ -48,14 +48,16 @@ class InitError(ValueError):
 
 # New parameters that start at zero: the output projections of branches the source lacks.
 ZERO_NEW = re.compile(r"to_input_add_embed/kernel|to_global_embed_2/kernel|"
-                      r"layers/\d+/(self_attn|cross_attn)/to_out/kernel|layers/\d+/ff_out/(kernel|bias)")
+                      r"layers/\d+/(self_attn|cross_attn)/to_out/kernel|"
+                      r"layers/\d+/ff_out/(kernel|bias)")
 # Other new parameters: (pattern, the zero-started projections they reach the output through;
 # {n} is the pattern's layer). Such a parameter may be new only when all of those are new too.
 BEHIND = (
     (r"to_input_add_embed/bias", ("to_input_add_embed/kernel",)),
     (r"to_global_embed_0/.*|to_global_embed_2/bias", ("to_global_embed_2/kernel",)),
     (r"to_cond_embed_[02]/.*", ("layers/*/cross_attn/to_out/kernel",)),
-    (r"layers/(?P<n>\d+)/(cross_attend_norm|cross_attn)/.*", ("layers/{n}/cross_attn/to_out/kernel",)),
+    (r"layers/(?P<n>\d+)/(cross_attend_norm|cross_attn)/.*",
+     ("layers/{n}/cross_attn/to_out/kernel",)),
     (r"layers/(?P<n>\d+)/(pre_norm|self_attn)/.*", ("layers/{n}/self_attn/to_out/kernel",)),
     (r"layers/(?P<n>\d+)/(ff_norm|ff_in)/.*", ("layers/{n}/ff_out/kernel",)),
 )
