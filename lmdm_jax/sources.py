@@ -48,6 +48,23 @@ def kind_of(path: str) -> str:
                     "(lmdm convert)")
 
 
+def load_dit(path: str):
+  """Only the DiT of a model source, for fine-tuning (``train.init_from``): -> (DiT, kind, which
+  weights). A work directory gives its EMA weights when it has them (as arc.py's ``--base``).
+  Raises ValueError / SourceError naming the problem."""
+  kind = kind_of(path)
+  if kind == "arc":
+    from lmdm_jax.training.arc_run import load_arc_model
+    return load_arc_model(path, merge=True), kind, "base + ARC-Forcing adapter, merged"
+  if kind == "converted":
+    from lmdm_jax.convert import dit as conv
+    return conv.load_converted(path)[1], kind, "converted weights"
+  from lmdm_jax.checkpoint_io import load_model
+  _, model, extras = load_model(path, use_ema=True)
+  ema = " (EMA weights when stored)" if kind == "workdir" else ""
+  return model, kind, f"step {extras.get('step', '?')}{ema}"
+
+
 # ------------------------------------------------------------------------------ conditioning
 
 

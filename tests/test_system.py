@@ -100,7 +100,11 @@ def base_config(t5_dir):
 
 @pytest.fixture(scope="module")
 def t5_dir(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp("t5"))
+  return make_t5_dir(str(tmp_path_factory.mktemp("t5")))
+
+
+def make_t5_dir(path):
+  """A tiny random T5 encoder with a word-level tokenizer saved in the folder ``path``."""
   cfg = transformers.T5Config(
       vocab_size=64, d_model=T5_WIDTH, d_kv=8, d_ff=32, num_layers=1, num_decoder_layers=1,
       num_heads=2, relative_attention_num_buckets=8, relative_attention_max_distance=16,
@@ -134,6 +138,10 @@ def lmdm_state_dict():
 
 @pytest.fixture(scope="module")
 def base_model(t5_dir):
+  return make_base_model(t5_dir)
+
+
+def make_base_model(t5_dir):
   """The whole base model from stable-audio-tools' factory, randomized (T5 stays outside the
   state_dict, as in the reference)."""
   from stable_audio_tools.models.factory import create_model_from_config

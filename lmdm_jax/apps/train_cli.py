@@ -4,6 +4,8 @@
   python3 train.py --config configs/demo.py --data data_cache/latents --workdir runs/demo
   python3 train.py --config demo --config.train.batch_size=4 --config.train.stage1.lr=1e-4 ...
   python3 train.py ... --config.train.fsdp=4   # shard params/optimizer over 4 of the devices
+  python3 train.py --config my_saos.py --init converted/sao_small --data ... --workdir runs/ft
+                                 # fine-tune from a pretrained model (train.init_from)
 
 --config names the recipe (a registered config or your own file) and --config.FIELD=VALUE sets
 any of its fields (``train.steps``, ``train.batch_size``, ``train.stage1.lr``, ``seed``, ...;
@@ -37,7 +39,7 @@ from lmdm_jax.apps import run_flags
 from lmdm_jax.apps.common import UsageError
 from lmdm_jax.config import DiTConfig, one_line
 from lmdm_jax.nn.dit import DiT
-from lmdm_jax.training import sharding
+from lmdm_jax.training import init_from, sharding
 from lmdm_jax.training.checkpoints import Checkpointer, abstract_like, latest_step, run_layout
 from lmdm_jax.training.data import Batcher, make_source
 from lmdm_jax.training.stage1 import Stage1, Stage1Config
@@ -47,7 +49,8 @@ from lmdm_jax.training.workdir import truncate_metrics
 # The fields of the config's ``train`` section that train.py reads, with the values it uses where
 # a config does not set them (``train.stage1``: ``Stage1Config``'s fields and defaults).
 RUN_DEFAULTS = dict(batch_size=8, steps=1000, ckpt_every=100, keep=3, log_every=10, eval_every=100,
-                    eval_batches=2, fsdp=1, sample_every=0, sample_seconds=10.0)
+                    eval_batches=2, fsdp=1, sample_every=0, sample_seconds=10.0, init_from="",
+                    freeze="")
 
 
 def config_defaults() -> dict:
@@ -61,6 +64,9 @@ def define_flags(fv: flags.FlagValues) -> None:
                       "builds one), or 'synthetic': random latents, for smoke runs", flag_values=fv)
   flags.DEFINE_string("workdir", None, "run folder (required): config.json, checkpoints/, "
                       "metrics.jsonl, samples/; rerunning the same command resumes", flag_values=fv)
+  flags.DEFINE_string("init", None, "start from a pretrained model at step 0 (sets train.init_from): "
+                      "a converted checkpoint, a bundle .npz, a train.py or arc.py work directory "
+                      "(default: the config's train.init_from, none)", flag_values=fv)
   flags.DEFINE_boolean("no_progress", False, "no progress bar (also --no-progress)", flag_values=fv)
 
 
@@ -119,6 +125,8 @@ def main(argv=None):
       cfg = run_layout(cfg, workdir)  # a resumed run keeps the rotary layout it trained in
       _check_resume(workdir, cfg)
     tr = conf.train.to_dict()
+    if p.flags.init is not None:
+      tr["init_from"] = p.flags.init
     tc = Stage1Config.from_config(tr["stage1"])
     compile_cache.enable(log=lambda m: print(f"[train] {m}"))
     sharding.init_distributed()
@@ -142,7 +150,14 @@ def train(p: run_flags.Parsed, workdir: str, conf, cfg: DiTConfig, tr: dict, tc:
   seed = conf.seed
   os.makedirs(workdir, exist_ok=True)
   model = DiT(cfg, rngs=nnx.Rngs(seed))
-  trainer = Stage1(model, tc)
+  try:
+    from lmdm_jax.sources import load_dit
+    init_from.start(model, tr, workdir, latest_step(os.path.join(workdir, "checkpoints"))
+                    is not None, load=load_dit, log=lambda m: print(f"[train] {m}"))
+  except init_from.InitError as e:
+    print(f"train.py: error: {one_line(e)}", file=sys.stderr)
+    return 2
+  trainer = Stage1(model, tc, freeze=tr["freeze"])
   source, held = sources
   batches, held_batches = Batcher(source, cfg, text), Batcher(held, cfg, text)
 

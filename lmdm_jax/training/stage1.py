@@ -34,6 +34,7 @@ from lmdm_jax import layouts
 from lmdm_jax.config import dataclass_from_config
 from lmdm_jax.nn import attention as A
 from lmdm_jax.nn.dit import DiT
+from lmdm_jax.training.init_from import with_freeze
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +95,9 @@ def dropout_mask(base_mask, meta: A.TokenMeta, hidden, K: int):
 class Stage1:
   """Loss and update step for stage-1 training of one model configuration."""
 
-  def __init__(self, model: DiT, tc: Stage1Config):
+  def __init__(self, model: DiT, tc: Stage1Config, freeze: str = ""):
+    """``freeze``: a regex; parameters whose name it matches in full are not updated
+    (``init_from.with_freeze``)."""
     cfg = model.cfg
     self.cfg, self.tc = cfg, tc
     self.layout = layouts.sequence_layout(tc.chunks, np.arange(tc.chunks), layouts.span(cfg),
@@ -102,7 +105,7 @@ class Stage1:
     self.base_mask = A.streaming_mask(self.layout.meta, self.layout.meta, cfg.context_chunks)
     self.rope = A.rope_tables(np.asarray(model.inv_freq[...]), self.layout.meta.pos)
     self.graphdef, _, _ = nnx.split(model, nnx.Param, ...)
-    self.tx = make_optimizer(tc)
+    self.tx = with_freeze(make_optimizer(tc), freeze)
 
   @property
   def frames(self) -> int:
