@@ -436,6 +436,22 @@ def generate_block(model: DiT, tables: RopeTables, state: StreamState, extra, sp
   return window_step(model, tables, state, extra, sp, regime)
 
 
+def block_program(model: DiT, tables: RopeTables, state: StreamState, extra, sp: SamplerParams,
+                  regime: str, decoder=None, dec_params=None, dec_state=None):
+  """One block of a stream as ONE program, the stream's common path: in the block_causal
+  regimes the commit of the previous block into the ring (fused into step 0), every denoising
+  step, and, with a ``decoder`` (a codec's ``BlockDecoder``), the decode of the new block.
+  ``Stream`` compiles it once, ahead of time, with ``state`` and ``dec_state`` donated; the
+  batch axis is kept throughout (serving calls it with one slot per item).
+
+  Returns (block (B, chunk, C) float32, audio (B, channels, n) or None, state, dec_state)."""
+  block, state, _ = generate_block(model, tables, state, extra, sp, regime)
+  if decoder is None:
+    return block, None, state, dec_state
+  audio, dec_state = decoder.step(dec_params, dec_state, block)
+  return block, audio, state, dec_state
+
+
 def reference_block(model: DiT, history, state: StreamState, extra, sp: SamplerParams,
                     history_extra=None):
   """The no-cache exactness reference for ``block_causal``: block i is denoised by recomputing the
@@ -473,15 +489,18 @@ def reference_block(model: DiT, history, state: StreamState, extra, sp: SamplerP
 class Stream:
   """A jitted stream of blocks: ``set_prompt`` then iterate ``blocks(n)`` or call ``next_block``.
 
-  The block step is compiled ahead of time (``jit(...).lower(...).compile()``) with the state
-  donated, so the first block has no compile stall and later blocks never recompile; the sampler
-  settings (steps, CFG scale, CFG++, pingpong) are runtime arrays. A prompt change swaps the
-  cross-attention K/V in the cache (same shapes, no recompilation).
+  The block program (``block_program``: commit, every denoising step and, given a codec's
+  ``decoder`` (``BlockDecoder``), the block's decode) is compiled once, ahead of time
+  (``compile_cache.compile_program``: jit, lower, compile; exported to the user cache for the
+  next start) with the state donated, so the first block has no compile stall and later blocks
+  never recompile; the sampler settings (steps, CFG scale, CFG++, pingpong) are runtime arrays.
+  A prompt change swaps the cross-attention K/V in the cache (same shapes, no recompilation).
+  ``step()`` returns the block and its audio; ``next_block()`` the block.
   """
 
   def __init__(self, model: DiT, *, batch: int = 1, regime: str = "block_causal",
                cfg_guidance: bool = True, cross_len: int | None = None, seed: int = 0,
-               sampler: SamplerParams | None = None):
+               sampler: SamplerParams | None = None, decoder=None):
     cfg = model.cfg
     if not cfg.streaming:
       raise ValueError("streaming needs a model with input_add channels (an LMDM config); "
@@ -499,22 +518,33 @@ class Stream:
     self._zero_extra = jnp.zeros((batch, cfg.chunk, cfg.extra_dim), jnp.float32)
     gd = self.graphdef
 
-    def step(params, tables, state, extra, sp):
-      return generate_block(nnx.merge(gd, params), tables, state, extra, sp, regime)
-
     def prompt(params, state, cond, glob):
       return set_prompt(nnx.merge(gd, params), state, cond, glob)
 
     def commit(params, tables, state):
       return commit_pending(nnx.merge(gd, params), tables, state)
 
+    self.decoder = decoder
+    self.dec_state = None if decoder is None else decoder.init(batch)
+    self.dec_params = None if decoder is None else decoder.params
+
+    def program(params, tables, state, extra, sp, dec_params, dec_state):
+      return block_program(nnx.merge(gd, params), tables, state, extra, sp, regime, decoder,
+                           dec_params, dec_state)
+
     self._glob_spec = (jnp.zeros((batch, cfg.global_cond_dim), jnp.float32)
                        if cfg.global_cond_dim else None)
     cond_spec = jnp.zeros((batch, self.cross_len, cfg.cond_token_dim), jnp.float32)
-    self._step = jax.jit(step, donate_argnums=(2,)).lower(
-        self.params, self.tables, self.state, self._zero_extra, self.sampler).compile()
-    self._prompt = jax.jit(prompt, donate_argnums=(1,)).lower(
-        self.params, self.state, cond_spec, self._glob_spec).compile()
+    from lmdm_jax import compile_cache
+    key = f"{cfg!r} {regime} decoder={decoder!r}"
+    audio_like = None if decoder is None else 0
+    self._program = compile_cache.compile_program(
+        "block", program, (self.params, self.tables, self.state, self._zero_extra, self.sampler,
+                           self.dec_params, self.dec_state), donate_argnums=(2, 6),
+        out_like=(0, audio_like, self.state, self.dec_state), key=key)
+    self._prompt = compile_cache.compile_program(
+        "prompt", prompt, (self.params, self.state, cond_spec, self._glob_spec),
+        donate_argnums=(1,), out_like=self.state, key=f"{cfg!r}")
     self._commit = jax.jit(commit, donate_argnums=(2,))
     self._generate = {}
 
@@ -595,11 +625,18 @@ class Stream:
 
   # ------------------------------------------------------------------------------ generation
 
+  def step(self, extra=None):
+    """One block through the block program: (block (batch, chunk, C), its audio (batch,
+    channels, decoder.max_samples), of which ``decoder.valid(k)`` is new, or None without a
+    decoder)."""
+    block, audio, self.state, self.dec_state = self._program(
+        self.params, self.tables, self.state, self._check_extra(extra, self.cfg.chunk),
+        self.sampler, self.dec_params, self.dec_state)
+    return block, audio
+
   def next_block(self, extra=None) -> jax.Array:
     """Generate one block (batch, chunk, C)."""
-    block, self.state, _ = self._step(self.params, self.tables, self.state,
-                                      self._check_extra(extra, self.cfg.chunk), self.sampler)
-    return block
+    return self.step(extra)[0]
 
   def blocks(self, n: int | None = None) -> Iterator[jax.Array]:
     """Iterate blocks (forever when n is None)."""
