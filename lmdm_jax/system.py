@@ -276,7 +276,7 @@ class AudioStream:
                                f"({self.settings})")
     if self.fused is not None:
       lo, hi = self.fused.valid(self.block)
-      self._audio.append(np.asarray(audio[0, :, lo:hi]))
+      self._audio.append(np.asarray(audio)[0, :, lo:hi])
     self.block += 1
     self.last_latents = blk
     return blk
