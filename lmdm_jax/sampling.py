@@ -221,7 +221,9 @@ def _global_token(model: DiT, cache: KVCache, t):
 def _denoise(x, v0, t, eps, n_steps, sp: SamplerParams, cfg_on: bool, velocity_at):
   """Denoising steps 0..n_steps-1 of schedule t from the initial noise x. ``velocity_at(x, t_i)``
   -> (v_cond, v_uncond); v0: step 0's pair when already known (the fused first step), else None.
-  Steps after step 0 run in a ``fori_loop``. Returns (x, (x_in, v_cond) of the last step)."""
+  Steps after step 0 run in a ``fori_loop`` when ``n_steps`` is an array (the step count a
+  runtime value), unrolled when it is a Python int (a fixed count: one straight program).
+  Returns (x, (x_in, v_cond) of the last step)."""
   start, last = 0, (x, jnp.zeros_like(x))
   if v0 is not None:
     last = (x, v0[0])
@@ -233,6 +235,11 @@ def _denoise(x, v0, t, eps, n_steps, sp: SamplerParams, cfg_on: bool, velocity_a
     v_c, v_u = velocity_at(x, t[i])
     return update(x, v_c, v_u, t[i], t[i + 1], eps(i), sp, cfg_on), (x, v_c)
 
+  if isinstance(n_steps, int):
+    val = (x, last)
+    for i in range(start, n_steps):
+      val = body(i, val)
+    return val
   return jax.lax.fori_loop(start, n_steps, body, (x, last))
 
 

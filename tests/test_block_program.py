@@ -46,7 +46,8 @@ def fused_stream(model, codec, batch, seed=2):
   return st
 
 
-@pytest.mark.parametrize("chunk", [16, pytest.param(32, marks=pytest.mark.slow)])  # 1, 2 codec chunks
+# one and two codec chunks per block
+@pytest.mark.parametrize("chunk", [16, pytest.param(32, marks=pytest.mark.slow)])
 def test_fused_decode_equals_block_step_then_stream_decoder(codec, chunk):
   """Batch 2: each item's audio from the block program (valid ranges, then the tail's flush)
   equals that item's latents pushed through ``codec.stream_decoder()``; and the latents equal
