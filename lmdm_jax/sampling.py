@@ -56,8 +56,9 @@ class SamplerParams:
   def make(cls, steps=8, cfg_scale=1.0, plus_plus=False, pingpong=True) -> "SamplerParams":
     if not 1 <= int(steps) <= MAX_STEPS:
       raise ValueError(f"steps must be in 1..{MAX_STEPS}, got {steps}")
-    return cls(jnp.asarray(steps, jnp.int32), jnp.asarray(cfg_scale, jnp.float32),
-               jnp.asarray(bool(plus_plus)), jnp.asarray(bool(pingpong)))
+    put = jax.device_put  # not jnp.asarray: no small conversion programs at start-up
+    return cls(put(np.asarray(steps, np.int32)), put(np.asarray(cfg_scale, np.float32)),
+               put(np.asarray(bool(plus_plus))), put(np.asarray(bool(pingpong))))
 
 
 def schedule(steps, max_steps: int = MAX_STEPS) -> jax.Array:
@@ -124,7 +125,7 @@ def init_state(cfg: DiTConfig, regime: str, batch: int, cfg_guidance: bool, cros
     n_slots, ctx_len = cfg.context_chunks, cs
   else:
     n_slots, ctx_len = (cfg.window_chunks if regime == "enc_dec" else 0), cfg.window_chunks * cs
-  ctx = jnp.zeros((batch, ctx_len, c), jnp.float32)
+  ctx = jax.device_put(np.zeros((batch, ctx_len, c), np.float32))
   if context is not None:
     if regime.startswith("block_causal"):
       raise ValueError("block_causal streams start from an empty cache; prime them by generating "
@@ -133,11 +134,19 @@ def init_state(cfg: DiTConfig, regime: str, batch: int, cfg_guidance: bool, cros
       raise ValueError(f"context must have shape {ctx.shape} (batch, window frames, latent "
                        f"channels), got {tuple(context.shape)}")
     ctx = jnp.asarray(context, jnp.float32)
-  key = seed if isinstance(seed, jax.Array) else jax.random.key(seed)
+  key = seed if isinstance(seed, jax.Array) else stream_key(seed)
+  zero = lambda: jax.device_put(np.zeros((), np.int32))  # noqa: E731
   return StreamState(cache=KVCache.create(cfg, b2, n_slots, cross_len), context=ctx,
-                     context_extra=jnp.zeros((batch, ctx_len, e), jnp.float32),
-                     has_pending=jnp.zeros((), jnp.int32), block_index=jnp.zeros((), jnp.int32),
-                     key=key)
+                     context_extra=jax.device_put(np.zeros((batch, ctx_len, e), np.float32)),
+                     has_pending=zero(), block_index=zero(), key=key)
+
+
+def stream_key(seed: int) -> jax.Array:
+  """``jax.random.key(seed)``; for the default threefry keys and 0 <= seed < 2**32 built from
+  its key data [0, seed] directly (the same key, without compiling the seeding program)."""
+  if 0 <= int(seed) < 2 ** 32 and jax.config.jax_default_prng_impl == "threefry2x32":
+    return jax.random.wrap_key_data(np.array([0, int(seed)], np.uint32))
+  return jax.random.key(seed)
 
 
 def start_context(cfg: DiTConfig, batch: int) -> jax.Array:
@@ -193,7 +202,9 @@ def rope_window_tables(model: DiT) -> RopeTables:
   cfg = model.cfg
   span = max(cfg.context_chunks, cfg.window_chunks) + 1
   pos = np.arange(-cfg.chunk, span * cfg.chunk + 1)
-  return RopeTables(*A.rope_tables(np.asarray(model.inv_freq[...]), pos), first=-cfg.chunk)
+  ang = pos[:, None].astype(np.float64) * np.asarray(model.inv_freq[...], np.float64)[None, :]
+  put = lambda a: jax.device_put(a.astype(np.float32))  # noqa: E731 - as A.rope_tables, no program
+  return RopeTables(put(np.cos(ang)), put(np.sin(ang)), first=-cfg.chunk)
 
 
 class LastStep(NamedTuple):
@@ -522,7 +533,7 @@ class Stream:
     self.tables = rope_window_tables(model)
     self.sampler = sampler or SamplerParams.make()
     self.state = init_state(cfg, regime, batch, cfg_guidance, self.cross_len, seed)
-    self._zero_extra = jnp.zeros((batch, cfg.chunk, cfg.extra_dim), jnp.float32)
+    self._zero_extra = jax.device_put(np.zeros((batch, cfg.chunk, cfg.extra_dim), np.float32))
     gd = self.graphdef
 
     def prompt(params, state, cond, glob):
@@ -539,9 +550,9 @@ class Stream:
       return block_program(nnx.merge(gd, params), tables, state, extra, sp, regime, decoder,
                            dec_params, dec_state)
 
-    self._glob_spec = (jnp.zeros((batch, cfg.global_cond_dim), jnp.float32)
+    self._glob_spec = (np.zeros((batch, cfg.global_cond_dim), np.float32)
                        if cfg.global_cond_dim else None)
-    cond_spec = jnp.zeros((batch, self.cross_len, cfg.cond_token_dim), jnp.float32)
+    cond_spec = np.zeros((batch, self.cross_len, cfg.cond_token_dim), np.float32)
     from lmdm_jax import compile_cache
     key = f"{cfg!r} {regime} decoder={decoder!r}"
     audio_like = None if decoder is None else 0
@@ -560,7 +571,7 @@ class Stream:
   def set_prompt(self, cond_tokens, global_cond=None) -> None:
     """cond_tokens: (batch, cross_len, cond_token_dim); global_cond: (batch, global_cond_dim)."""
     cfg = self.cfg
-    cond_tokens = jnp.asarray(cond_tokens, jnp.float32)
+    cond_tokens = _f32(cond_tokens)
     want = (self.batch, self.cross_len, cfg.cond_token_dim)
     if cond_tokens.shape != want:
       what = "prompt batch" if cond_tokens.ndim == 3 and cond_tokens.shape[0] != self.batch else "shape"
@@ -569,7 +580,7 @@ class Stream:
     if cfg.global_cond_dim:
       if global_cond is None:
         global_cond = jnp.zeros((self.batch, cfg.global_cond_dim), jnp.float32)
-      global_cond = jnp.asarray(global_cond, jnp.float32)
+      global_cond = _f32(global_cond)
       if global_cond.shape != (self.batch, cfg.global_cond_dim):
         raise ValueError(f"global conditioning: expected shape {(self.batch, cfg.global_cond_dim)}"
                          f", got {tuple(global_cond.shape)} (prompt batch mismatch?)")
@@ -674,6 +685,14 @@ class Stream:
       self._generate[n] = jax.jit(run, donate_argnums=(2,))
     out, self.state = self._generate[n](self.params, self.tables, self.state, extra, self.sampler)
     return out
+
+
+def _f32(x) -> jax.Array:
+  """A float32 device array; host arrays go by device_put (jnp.asarray compiles a small
+  conversion program per new shape, which costs start-up time)."""
+  if isinstance(x, jax.Array):
+    return x.astype(jnp.float32)
+  return jax.device_put(np.asarray(x, np.float32))
 
 
 def check_frames(frames: int, chunk: int, what: str) -> None:

@@ -244,9 +244,10 @@ class SpectralCodec(Codec):
     if lookahead < 1 or chunk < 1:
       raise ValueError("chunk and lookahead must be >= 1")
     self.n_iter, self.chunk, self.lookahead, self.momentum = n_iter, chunk, lookahead, momentum
-    params = {"mean": jnp.asarray(self.mean), "basis_t": jnp.asarray(self.basis[:, :k].T),
-              "scale": jnp.asarray(self.scale[:k]), "lat_mean": jnp.asarray(self.lat_mean),
-              "lat_std": jnp.asarray(self.lat_std), "eps": jnp.float32(self.eps)}
+    put = lambda x: jax.device_put(np.asarray(x, np.float32))  # noqa: E731 - no programs
+    params = {"mean": put(self.mean), "basis_t": put(self.basis[:, :k].T),
+              "scale": put(self.scale[:k]), "lat_mean": put(self.lat_mean),
+              "lat_std": put(self.lat_std), "eps": put(self.eps)}
     self._enc = []
     self.residual = bool(a["net_residual"]) if "net_residual" in a else False
     self._enc_out = a["net_enc_out_w"].astype(np.float32) if "net_enc_out_w" in a else None
@@ -258,11 +259,9 @@ class SpectralCodec(Codec):
     if "net_out_w" in a:
       convs, i = [], 0
       while f"net_conv{i}_w" in a:
-        convs.append((jnp.asarray(a[f"net_conv{i}_w"], jnp.float32),
-                      jnp.asarray(a[f"net_conv{i}_b"], jnp.float32)))
+        convs.append((put(a[f"net_conv{i}_w"]), put(a[f"net_conv{i}_b"])))
         i += 1
-      params["net"] = {"convs": convs, "out_w": jnp.asarray(a["net_out_w"], jnp.float32),
-                       "out_b": jnp.asarray(a["net_out_b"], jnp.float32)}
+      params["net"] = {"convs": convs, "out_w": put(a["net_out_w"]), "out_b": put(a["net_out_b"])}
     self.radius = _radius(params)
     if self.lookahead < self.radius:
       self.lookahead = self.radius
@@ -454,10 +453,11 @@ class SpectralBlockDecoder(BlockDecoder):
   def init(self, batch: int):
     f, c = N_FFT // 2 + 1, self.c
     sil = np.broadcast_to(c.silence, (batch, self.window, c.latent_dim))
-    return {"lat": jnp.asarray(sil, jnp.float32),
-            "ctx": jnp.zeros((batch, _CTX, f), jnp.complex64),
-            "ahead": jnp.zeros((batch, c.lookahead, f), jnp.complex64),
-            "blocks": jnp.zeros((), jnp.int32)}
+    put = jax.device_put  # not jnp: no small programs compiled at start-up
+    return {"lat": put(np.ascontiguousarray(sil, np.float32)),
+            "ctx": put(np.zeros((batch, _CTX, f), np.complex64)),
+            "ahead": put(np.zeros((batch, c.lookahead, f), np.complex64)),
+            "blocks": put(np.zeros((), np.int32))}
 
   def step(self, params, state, latents):
     c = self.c
