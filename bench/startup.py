@@ -64,7 +64,7 @@ def child(args) -> None:
         out[name] = (w + time.perf_counter() - t, u + time.process_time() - c)
     setattr(module, attr, wrapper)
 
-  import numpy as np
+  import numpy  # noqa: F401
   mark("numpy")
   import jax  # noqa: F401
   mark("jax")

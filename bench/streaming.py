@@ -169,7 +169,6 @@ def per_block_rows(args, conf, cfg, codec) -> None:
       for batch in [int(b) for b in args.batch.split(",")]:
         dit = make_stream(model, "block_causal", steps, cfg_on, batch, warm=0)
         sec = time_blocks(lambda: dit.next_block().block_until_ready(), args.reps)
-        del dit
         fl = flops_per_block(c, "block_causal", steps, batch, cfg_on)
         e2e, fused = None, "-"
         if codec is not None:

@@ -177,3 +177,26 @@ def test_model_with_params_equals_the_model():
     assert type(a[k]) is type(b[k]), k
     x, y = np.asarray(a[k].get_value()), np.asarray(b[k].get_value())
     assert x.dtype == y.dtype and np.array_equal(x, y), k
+
+
+def test_stream_key_is_jax_random_key():
+  """Stream keys built from key data are the keys ``jax.random.key`` makes (no seeding program
+  at start-up), for every seed, including those outside the fast path."""
+  for seed in (0, 1, 12345, 2 ** 31 + 5, 2 ** 32 - 1, -1, 2 ** 40):
+    np.testing.assert_array_equal(jax.random.key_data(S.stream_key(seed)),
+                                  jax.random.key_data(jax.random.key(seed)))
+
+
+@pytest.mark.slow
+def test_flax_import_skips_ipython():
+  """``import lmdm_jax`` then flax: IPython is not imported (flax only asks whether it runs
+  inside IPython); without lmdm_jax's hook flax would import it when it is installed."""
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  code = ("import sys, lmdm_jax; from flax import nnx; import treescope; "
+          "print('IPython' in sys.modules)")
+  r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                     env=dict(os.environ, PYTHONPATH=root), timeout=300)
+  assert r.returncode == 0, r.stderr
+  assert r.stdout.split()[-1] == "False"
