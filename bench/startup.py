@@ -7,13 +7,16 @@ before the first decoded samples, each phase timed, in fresh processes side by s
 - warm: a second process (and more with --warm-runs) with the cache the cold run filled;
 - off:  the cache turned off (LMDM_NO_COMPILE_CACHE=1), for comparison (--no-off to skip).
 
-Each run is a child process doing sample's steps (default config -> bundled model, codec, MiniLM
-text encoder, prompt encoding, the KV-cached stream and its block step, the decoder warm-up, the
-first block decoded; "model" includes the default config's check that its codec and text encoder
-load, so the text encoder is ready before its own phase). The tables give wall seconds from the
-parent's spawn to the end of each phase, the seconds spent in each, and the child's CPU seconds
-(all threads). On a machine shared with other work the wall times grow with the load; CPU
-seconds much less so. The cache lives in a temporary folder (the user cache is not touched).
+Each run is a child process doing what `python3 sample.py` does up to its first audio:
+``load_system()`` (the bundled model, its MiniLM text encoder and codec), ``system.stream()``
+(the prompt encoded, the block program and the prompt program compiled: with the cache warm,
+loaded from the exported programs and the persistent compilation cache) and blocks until the
+first one with audio (the decoder holds back its look-ahead: with the bundled model the second
+block is the first with audio). The table gives, per phase, wall seconds and the child's CPU
+seconds (all threads); the indented phases are parts of the one above them (timed by wrapping
+the functions that do them). On a machine shared with other work the wall times grow with the
+load; CPU seconds much less so. The cache lives in a temporary folder (the user cache is not
+touched).
 """
 from __future__ import annotations
 
@@ -27,43 +30,80 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PHASES = [("start", "python up"), ("import", "imports"), ("system", "system load"),
-          ("stream", "1st block"), ("decoder", "decoder"), ("first_audio", "1st audio")]
+# (key, label): the phases in the order they run; the nested ones (indented labels) are parts of
+# the one above them, timed by wrapping the functions that do them
+PHASES = [("start", "python up"), ("numpy", "import numpy"), ("jax", "import jax"),
+          ("flax", "import flax"), ("lmdm", "import lmdm_jax"), ("system", "load_system()"),
+          ("model", "  model (bundle)"), ("text", "  text encoder"), ("codec", "  codec"),
+          ("stream", "system.stream()"), ("prompt", "  prompt encode"),
+          ("block_program", "  block program"), ("prompt_program", "  prompt program"),
+          ("block1", "1st block"), ("first_audio", "to 1st audio")]
+NESTED = {"model", "text", "codec", "prompt", "block_program", "prompt_program"}
 
 
 def child(args) -> None:
-  """One start-up, timed; prints one JSON line: phase -> seconds since the parent's spawn."""
-  marks = {"start": time.time() - args.t0}
-  cpu = {"start": time.process_time()}
+  """One start-up, timed; prints one JSON line: phase -> (wall, CPU) seconds, "total" -> wall
+  seconds from the parent's spawn to the first audio."""
+  out = {"start": (time.time() - args.t0, time.process_time())}
+  last = [time.perf_counter(), time.process_time()]
 
   def mark(name):
-    marks[name] = time.time() - args.t0
-    cpu[name] = time.process_time()
+    t, c = time.perf_counter(), time.process_time()
+    out[name] = (t - last[0], c - last[1])
+    last[:] = [t, c]
 
-  import numpy as np
+  def timed(module, attr, name):
+    fn = getattr(module, attr)
 
-  from lmdm_jax import compile_cache
-  from lmdm_jax.system import DEFAULT_PROMPT, load_system
+    def wrapper(*a, **kw):
+      t, c = time.perf_counter(), time.process_time()
+      try:
+        return fn(*a, **kw)
+      finally:
+        w, u = out.get(name, (0.0, 0.0))
+        out[name] = (w + time.perf_counter() - t, u + time.process_time() - c)
+    setattr(module, attr, wrapper)
+
+  import numpy  # noqa: F401
+  mark("numpy")
+  import jax  # noqa: F401
+  mark("jax")
+  import lmdm_jax  # noqa: F401 - its import hook must be in place before flax
+  from flax import nnx  # noqa: F401
+  mark("flax")
+  from lmdm_jax import checkpoint_io, compile_cache, sources
+  from lmdm_jax.system import DEFAULT_PROMPT, System, load_system
   cache = compile_cache.enable()
-  mark("import")
+  mark("lmdm")
+  timed(checkpoint_io, "load_model", "model")
+  timed(sources, "text_encoder", "text")
+  timed(sources, "codec_for", "codec")
+  timed(System, "condition", "prompt")
+  programs = compile_cache.compile_program
+
+  def compile_program(name, *a, **kw):
+    t, c = time.perf_counter(), time.process_time()
+    try:
+      return programs(name, *a, **kw)
+    finally:
+      out[f"{name}_program"] = (time.perf_counter() - t, time.process_time() - c)
+  compile_cache.compile_program = compile_program
   system = load_system(args.checkpoint, config=args.config, log=lambda *_: None)
   if system.codec is None:
     raise SystemExit("startup: the model has no codec here: nothing to time")
-  mark("system")  # model, codec, text encoder
-  stream = system.stream(DEFAULT_PROMPT, seed=0)  # prompt encoded, block step compiled
-  first = stream.next_latents()
+  mark("system")
+  stream = system.stream(DEFAULT_PROMPT, seed=0)  # prompt encoded, block program compiled
   mark("stream")
-  warm = system.codec.stream_decoder()  # compiles the decoder, as sample does before timing
-  warm.push(np.zeros((4 * system.cfg.chunk, system.cfg.io_channels), np.float32))
-  warm.flush()
-  mark("decoder")
-  audio = stream.decoder.push(first)
+  audio = stream.next_block()
+  mark("block1")
   while audio.shape[-1] == 0:
     audio = stream.next_block()
   mark("first_audio")
-  marks["cpu"] = cpu
-  marks["cache"] = cache
-  print("STARTUP " + json.dumps(marks), flush=True)
+  out["total"] = time.time() - args.t0
+  out["cache"] = cache
+  out["programs"] = dict(compile_cache.COMPILES)
+  out["fused"] = stream.fused is not None
+  print("STARTUP " + json.dumps(out), flush=True)
 
 
 def run_child(label: str, env: dict, args) -> dict:
@@ -80,7 +120,7 @@ def run_child(label: str, env: dict, args) -> dict:
                      f"{r.stderr[-3000:]}")
   rec = json.loads(line[-1][len("STARTUP "):])
   rec["label"] = label
-  print(f"[startup] {label}: first audio after {rec['first_audio']:.2f} s", file=sys.stderr,
+  print(f"[startup] {label}: first audio after {rec['total']:.2f} s", file=sys.stderr,
         flush=True)
   return rec
 
@@ -122,21 +162,25 @@ def main(argv=None):
   loads.append(load_average())
   print(f"time to first audio, {args.checkpoint or 'bundled model'}; {os.cpu_count()} CPUs, load "
         f"average (1/5/15 min) {' -> '.join(loads)}; cache {n_files} files, {size / 2**20:.1f} MiB")
-  print("wall seconds from spawn at the end of each phase; CPU = the child's CPU seconds\n")
-  head = f"{'run':<10}" + "".join(f"{name:>13}" for _, name in PHASES) + f"{'CPU':>8}"
+  print("per phase: wall seconds (CPU seconds of the child, all threads); indented phases are "
+        "parts of the one above\n")
+  head = f"{'phase':<20}" + "".join(f"{r['label']:>16}" for r in runs)
   print(head)
   print("-" * len(head))
-  for r in runs:
-    print(f"{r['label']:<10}" + "".join(f"{r[k]:>13.2f}" for k, _ in PHASES)
-          + f"{r['cpu']['first_audio']:>8.1f}")
-  print("\nper phase: wall seconds (CPU seconds)")
-  print(head[:-8])
-  for r in runs:
-    prev, prev_cpu, row = 0.0, 0.0, []
-    for k, _ in PHASES:
-      row.append(f"{r[k] - prev:.2f} ({r['cpu'][k] - prev_cpu:.1f})")
-      prev, prev_cpu = r[k], r["cpu"][k]
-    print(f"{r['label']:<10}" + "".join(f"{x:>13}" for x in row))
+  for key, name in PHASES:
+    cells = []
+    for r in runs:
+      w, c = r.get(key, (0.0, 0.0))
+      cells.append(f"{w:.2f} ({c:.2f})" if key != "start" else f"{w:.2f}")
+    print(f"{name:<20}" + "".join(f"{x:>16}" for x in cells))
+  print("-" * len(head))
+  print(f"{'first audio (wall)':<20}" + "".join(f"{r['total']:>16.2f}" for r in runs))
+  print(f"{'CPU to 1st audio':<20}" + "".join(
+      f"{sum(r[k][1] for k, _ in PHASES if k not in NESTED):>16.2f}"
+      for r in runs))
+  print(f"{'programs':<20}" + "".join(
+      f"{'%d traced %d exp' % (r['programs']['traced'], r['programs']['exported']):>16}"
+      for r in runs))
 
 
 if __name__ == "__main__":

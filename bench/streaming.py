@@ -8,6 +8,19 @@ each regime over the naive baseline measured side by side.
   python3 bench/streaming.py                       # tiny: 6 and 8 steps, with/without CFG
   python3 bench/streaming.py --config saos --steps 8 --cfg on --batch 1,4 --reps 3
   python3 bench/streaming.py --config saos --dtype bfloat16     # on an accelerator
+
+Per block, the DiT alone and end to end with the decode (``--modes``: the rows of issue 17):
+``cfg8`` is 8 steps with CFG (scale 3), ``arc4`` the ARC-Forcing setting (4 steps, no CFG);
+each at every ``--batch`` and ``--dtypes``, block_causal. The DiT column runs ``sampling.Stream``
+(the block program without a decoder); the end-to-end column runs the System's stream at batch 1
+(``System.stream``: the block program with the codec's decode inside when the codec has a block
+decoder, else the host stream decoder) and the block program with the decoder at larger
+batches. x real time is per stream (block seconds / seconds per block); "streams x RT" is
+batch x that. % peak: the DiT's FLOPs per second against a matmul of the same dtype.
+
+  python3 bench/streaming.py --config demo --modes cfg8,arc4 --batch 1 --dtypes float32
+  python3 bench/streaming.py --config saos --modes cfg8,arc4 --batch 1,8 \
+      --dtypes float32,bfloat16 --codec oobleck-random          # every row: a GPU
 """
 from __future__ import annotations
 
@@ -95,6 +108,100 @@ def time_interleaved(streams: dict, reps: int) -> dict:
   return {k: float(np.median(v)) for k, v in ts.items()}
 
 
+MODES = {"cfg8": (8, True), "arc4": (4, False)}  # steps, CFG
+
+
+def bench_codec(name: str, conf):
+  """The codec the end-to-end column decodes with: the config's ('config'), none ('none'), or
+  Stable Audio Open's VAE with random weights ('oobleck-random', for timing)."""
+  if name == "none":
+    return None
+  if name == "oobleck-random":
+    from lmdm_jax.codecs.oobleck import OobleckCodec
+    from lmdm_jax.nn.oobleck import STABLE_AUDIO_OPEN_VAE, OobleckVAE, VAEConfig
+    vae_cfg = VAEConfig.from_pretransform(STABLE_AUDIO_OPEN_VAE)
+    return OobleckCodec(OobleckVAE(vae_cfg, nnx.Rngs(0)))
+  if name != "config":
+    raise SystemExit(f"streaming: --codec {name!r}: choose config, none or oobleck-random")
+  if not conf.get("codec"):
+    return None
+  from lmdm_jax.codecs import get_codec
+  return get_codec(conf.codec)
+
+
+def time_blocks(step, reps: int, warm: int = 2) -> float:
+  """Median seconds of ``step()`` (which must block until its result is ready)."""
+  for _ in range(warm):
+    step()
+  ts = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    step()
+    ts.append(time.perf_counter() - t0)
+  return float(np.median(ts))
+
+
+def per_block_rows(args, conf, cfg, codec) -> None:
+  """The ``--modes`` table (see the module docstring)."""
+  from lmdm_jax.system import System
+  block_s = cfg.chunk / FRAME_RATE
+  print(f"# per block: {cfg.chunk} frames = {block_s * 1000:.0f} ms of audio; codec "
+        f"{type(codec).__name__ if codec is not None else 'none'}\n")
+  print("| mode | steps | CFG | batch | dtype | DiT ms/block | DiT x RT | DiT % peak | "
+        "e2e ms/block | e2e x RT | streams x RT (e2e) | fused decode |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+  for dtype in args.dtypes.split(","):
+    c = dataclasses.replace(cfg, dtype=dtype, param_dtype=dtype)
+    model = DiT(c, rngs=nnx.Rngs(0))
+    peak = matmul_peak(jnp.dtype(dtype))
+
+    def cond(prompts, start, total, c=c):
+      return (np.full((len(prompts), CROSS_LEN, c.cond_token_dim), 0.1, np.float32),
+              np.full((len(prompts), c.global_cond_dim), 0.1, np.float32)
+              if c.global_cond_dim else None)
+
+    system = System(model, conditioner=cond, cross_len=CROSS_LEN, codec=codec)
+    for mode in args.modes.split(","):
+      if mode not in MODES:
+        raise SystemExit(f"streaming: unknown mode {mode!r}; choose from {sorted(MODES)}")
+      steps, cfg_on = MODES[mode]
+      scale = 3.0 if cfg_on else 1.0
+      for batch in [int(b) for b in args.batch.split(",")]:
+        dit = make_stream(model, "block_causal", steps, cfg_on, batch, warm=0)
+        sec = time_blocks(lambda: dit.next_block().block_until_ready(), args.reps)
+        fl = flops_per_block(c, "block_causal", steps, batch, cfg_on)
+        e2e, fused = None, "-"
+        if codec is not None:
+          if batch == 1:
+            audio = system.stream("bench", steps=steps, cfg_scale=scale, seed=0)
+            fused = "yes" if audio.fused is not None else "no (host decoder)"
+            e2e = time_blocks(audio.next_block, args.reps)
+          else:
+            dec = codec.block_decoder(c.chunk)
+            if dec is not None:
+              st = S.Stream(model, batch=batch, cfg_guidance=cfg_on, cross_len=CROSS_LEN,
+                            sampler=S.SamplerParams.make(steps, scale), decoder=dec)
+              st.set_prompt(*cond(["x"] * batch, 0, 0))
+              e2e = time_blocks(lambda: jax.block_until_ready(st.step()), args.reps)
+              fused = "yes"
+            else:
+              st = make_stream(model, "block_causal", steps, cfg_on, batch, warm=0)
+              decs = [codec.stream_decoder() for _ in range(batch)]
+
+              def host_step():
+                blk = np.asarray(st.next_block())
+                for i, d in enumerate(decs):
+                  d.push(blk[i])
+              e2e = time_blocks(host_step, args.reps)
+              fused = "no (host decoder)"
+        gfs = fl / sec / 1e9
+        cells = ([f"{e2e * 1000:.1f}", f"{block_s / e2e:.2f}", f"{batch * block_s / e2e:.2f}"]
+                 if e2e else ["-", "-", "-"])
+        print(f"| {mode} | {steps} | {'on' if cfg_on else 'off'} | {batch} | {dtype} | "
+              f"{sec * 1000:.1f} | {block_s / sec:.2f} | {100 * gfs / peak:.0f}% | "
+              + " | ".join(cells) + f" | {fused} |", flush=True)
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   ap.add_argument("--config", default="tiny")
@@ -104,6 +211,12 @@ def main(argv=None):
   ap.add_argument("--regimes", default=",".join(REGIMES))
   ap.add_argument("--reps", type=int, default=10)
   ap.add_argument("--dtype", default=None, help="compute dtype override (e.g. bfloat16)")
+  ap.add_argument("--modes", default=None,
+                  help="per-block table instead: cfg8 (8 steps + CFG), arc4 (4 steps, no CFG)")
+  ap.add_argument("--dtypes", default="float32", help="--modes: dtypes (float32,bfloat16)")
+  ap.add_argument("--codec", default="config",
+                  help="--modes: the end-to-end decode: config (the config's codec; default), "
+                  "none, oobleck-random (SAO's VAE with random weights, for timing)")
   args = ap.parse_args(argv)
 
   conf = load_cli_config(args.config)
@@ -114,12 +227,16 @@ def main(argv=None):
     FRAME_RATE = get_codec(conf.codec).frame_rate
   if args.dtype:
     cfg = dataclasses.replace(cfg, dtype=args.dtype, param_dtype=args.dtype)
-  model = DiT(cfg, rngs=nnx.Rngs(0))
-  peak = matmul_peak(jnp.dtype(cfg.dtype))
   dev = jax.devices()[0]
   print(f"# streaming benchmark: config {args.config} ({cfg.depth}x{cfg.embed_dim}, chunk "
         f"{cfg.chunk}, K={cfg.context_chunks}, window {cfg.window_chunks}), dtype {cfg.dtype}, "
         f"device {dev.device_kind} ({jax.default_backend()}), jax {jax.__version__}")
+  if args.modes:
+    from lmdm_jax import compile_cache
+    compile_cache.enable()
+    return per_block_rows(args, conf, cfg, bench_codec(args.codec, conf))
+  model = DiT(cfg, rngs=nnx.Rngs(0))
+  peak = matmul_peak(jnp.dtype(cfg.dtype))
   print(f"# measured matmul peak: {peak:.1f} GFLOP/s; block = {cfg.chunk} frames = "
         f"{cfg.chunk / FRAME_RATE * 1000:.0f} ms of audio at {FRAME_RATE:.2f} frames/s\n")
   print("| regime | steps | CFG | batch | token-passes | GFLOP/block | ms/block | RTF | GFLOP/s "

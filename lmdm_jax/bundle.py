@@ -27,7 +27,7 @@ from flax import nnx
 
 from lmdm_jax import file_checks as fc
 from lmdm_jax.config import registered_spec
-from lmdm_jax.nn.dit import DiT
+from lmdm_jax.nn.dit import DiT, model_with_params
 
 ASSET_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 DEFAULT_BUNDLE = os.path.join(ASSET_DIR, "demo_model.npz")
@@ -97,7 +97,8 @@ def load_bundle(path: str):
     heads = fc.npz_headers(z, where)
     meta = _meta(z, heads, where)
     cfg = fc.model_config(meta.get("model"), f"{where} __meta__ model")
-    want = fc.param_shapes(fc.abstract_model(cfg, where))
+    abstract = fc.abstract_model(cfg, where)
+    want = fc.param_shapes(abstract)
     got = {k[len("param/"):]: v[:2] for k, v in heads.items() if k.startswith("param/")}
     got.update({k: v[:2] for k, v in heads.items()  # anything else is unexpected
                 if k != "__meta__" and not k.startswith("param/")})
@@ -106,13 +107,13 @@ def load_bundle(path: str):
     if odd:
       raise fc.ModelFileError(f"{where}: parameters must be {list(fc.PARAM_DTYPES)}; "
                               f"{odd[0]} is {got[odd[0]][1]}")
-    model = DiT(cfg, rngs=nnx.Rngs(0))  # only now: the file holds exactly this model's arrays
-    st = nnx.state(model, nnx.Param)
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(st))
-    new = [np.asarray(fc.read_npz_array(z, "param/" + _path_str(p), where), np.float32)
-           for p, _ in leaves]
-  nnx.replace_by_pure_dict(st, jax.tree_util.tree_unflatten(treedef, new))
-  nnx.update(model, st)
+    # only now: the file holds exactly this model's arrays
+    st = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(st)
+    # device_put, not jnp.asarray: that compiles a copy program per shape (18 of them)
+    new = [jax.device_put(np.asarray(fc.read_npz_array(z, "param/" + _path_str(p), where),
+                                     np.float32)) for p, _ in leaves]
+  model = model_with_params(abstract, jax.tree_util.tree_unflatten(treedef, new))
   return cfg, model, meta
 
 

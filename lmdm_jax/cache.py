@@ -36,11 +36,13 @@ class KVCache:
     shape = (cfg.depth, batch, n_slots * cfg.chunk, cfg.num_heads, cfg.head_dim)
     cshape = (cfg.depth, batch, cross_len, cfg.cross_kv_heads, cfg.head_dim)
     # Separate buffers per field (fields sharing one buffer cannot all be donated).
-    return cls(k=jnp.zeros(shape, dt), v=jnp.zeros(shape, dt),
-               slot_chunk=jnp.full((n_slots,), -1, jnp.int32),
-               next_chunk=jnp.zeros((), jnp.int32),
-               cross_k=jnp.zeros(cshape, dt), cross_v=jnp.zeros(cshape, dt),
-               global_embed=jnp.zeros((batch, cfg.embed_dim), dt))
+    # numpy + device_put: jnp.zeros would compile (or load) one small program per shape
+    put = lambda a: jax.device_put(a)  # noqa: E731
+    return cls(k=put(np.zeros(shape, dt)), v=put(np.zeros(shape, dt)),
+               slot_chunk=put(np.full((n_slots,), -1, np.int32)),
+               next_chunk=put(np.zeros((), np.int32)),
+               cross_k=put(np.zeros(cshape, dt)), cross_v=put(np.zeros(cshape, dt)),
+               global_embed=put(np.zeros((batch, cfg.embed_dim), dt)))
 
   @property
   def n_slots(self) -> int:

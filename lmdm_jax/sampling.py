@@ -56,8 +56,9 @@ class SamplerParams:
   def make(cls, steps=8, cfg_scale=1.0, plus_plus=False, pingpong=True) -> "SamplerParams":
     if not 1 <= int(steps) <= MAX_STEPS:
       raise ValueError(f"steps must be in 1..{MAX_STEPS}, got {steps}")
-    return cls(jnp.asarray(steps, jnp.int32), jnp.asarray(cfg_scale, jnp.float32),
-               jnp.asarray(bool(plus_plus)), jnp.asarray(bool(pingpong)))
+    put = jax.device_put  # not jnp.asarray: no small conversion programs at start-up
+    return cls(put(np.asarray(steps, np.int32)), put(np.asarray(cfg_scale, np.float32)),
+               put(np.asarray(bool(plus_plus))), put(np.asarray(bool(pingpong))))
 
 
 def schedule(steps, max_steps: int = MAX_STEPS) -> jax.Array:
@@ -124,7 +125,7 @@ def init_state(cfg: DiTConfig, regime: str, batch: int, cfg_guidance: bool, cros
     n_slots, ctx_len = cfg.context_chunks, cs
   else:
     n_slots, ctx_len = (cfg.window_chunks if regime == "enc_dec" else 0), cfg.window_chunks * cs
-  ctx = jnp.zeros((batch, ctx_len, c), jnp.float32)
+  ctx = jax.device_put(np.zeros((batch, ctx_len, c), np.float32))
   if context is not None:
     if regime.startswith("block_causal"):
       raise ValueError("block_causal streams start from an empty cache; prime them by generating "
@@ -133,11 +134,19 @@ def init_state(cfg: DiTConfig, regime: str, batch: int, cfg_guidance: bool, cros
       raise ValueError(f"context must have shape {ctx.shape} (batch, window frames, latent "
                        f"channels), got {tuple(context.shape)}")
     ctx = jnp.asarray(context, jnp.float32)
-  key = seed if isinstance(seed, jax.Array) else jax.random.key(seed)
+  key = seed if isinstance(seed, jax.Array) else stream_key(seed)
+  zero = lambda: jax.device_put(np.zeros((), np.int32))  # noqa: E731
   return StreamState(cache=KVCache.create(cfg, b2, n_slots, cross_len), context=ctx,
-                     context_extra=jnp.zeros((batch, ctx_len, e), jnp.float32),
-                     has_pending=jnp.zeros((), jnp.int32), block_index=jnp.zeros((), jnp.int32),
-                     key=key)
+                     context_extra=jax.device_put(np.zeros((batch, ctx_len, e), np.float32)),
+                     has_pending=zero(), block_index=zero(), key=key)
+
+
+def stream_key(seed: int) -> jax.Array:
+  """``jax.random.key(seed)``; for the default threefry keys and 0 <= seed < 2**32 built from
+  its key data [0, seed] directly (the same key, without compiling the seeding program)."""
+  if 0 <= int(seed) < 2 ** 32 and jax.config.jax_default_prng_impl == "threefry2x32":
+    return jax.random.wrap_key_data(np.array([0, int(seed)], np.uint32))
+  return jax.random.key(seed)
 
 
 def start_context(cfg: DiTConfig, batch: int) -> jax.Array:
@@ -193,7 +202,9 @@ def rope_window_tables(model: DiT) -> RopeTables:
   cfg = model.cfg
   span = max(cfg.context_chunks, cfg.window_chunks) + 1
   pos = np.arange(-cfg.chunk, span * cfg.chunk + 1)
-  return RopeTables(*A.rope_tables(np.asarray(model.inv_freq[...]), pos), first=-cfg.chunk)
+  ang = pos[:, None].astype(np.float64) * np.asarray(model.inv_freq[...], np.float64)[None, :]
+  put = lambda a: jax.device_put(a.astype(np.float32))  # noqa: E731 - as A.rope_tables, no program
+  return RopeTables(put(np.cos(ang)), put(np.sin(ang)), first=-cfg.chunk)
 
 
 class LastStep(NamedTuple):
@@ -221,7 +232,9 @@ def _global_token(model: DiT, cache: KVCache, t):
 def _denoise(x, v0, t, eps, n_steps, sp: SamplerParams, cfg_on: bool, velocity_at):
   """Denoising steps 0..n_steps-1 of schedule t from the initial noise x. ``velocity_at(x, t_i)``
   -> (v_cond, v_uncond); v0: step 0's pair when already known (the fused first step), else None.
-  Steps after step 0 run in a ``fori_loop``. Returns (x, (x_in, v_cond) of the last step)."""
+  Steps after step 0 run in a ``fori_loop`` when ``n_steps`` is an array (the step count a
+  runtime value), unrolled when it is a Python int (a fixed count: one straight program).
+  Returns (x, (x_in, v_cond) of the last step)."""
   start, last = 0, (x, jnp.zeros_like(x))
   if v0 is not None:
     last = (x, v0[0])
@@ -233,6 +246,11 @@ def _denoise(x, v0, t, eps, n_steps, sp: SamplerParams, cfg_on: bool, velocity_a
     v_c, v_u = velocity_at(x, t[i])
     return update(x, v_c, v_u, t[i], t[i + 1], eps(i), sp, cfg_on), (x, v_c)
 
+  if isinstance(n_steps, int):
+    val = (x, last)
+    for i in range(start, n_steps):
+      val = body(i, val)
+    return val
   return jax.lax.fori_loop(start, n_steps, body, (x, last))
 
 
@@ -436,6 +454,22 @@ def generate_block(model: DiT, tables: RopeTables, state: StreamState, extra, sp
   return window_step(model, tables, state, extra, sp, regime)
 
 
+def block_program(model: DiT, tables: RopeTables, state: StreamState, extra, sp: SamplerParams,
+                  regime: str, decoder=None, dec_params=None, dec_state=None):
+  """One block of a stream as ONE program, the stream's common path: in the block_causal
+  regimes the commit of the previous block into the ring (fused into step 0), every denoising
+  step, and, with a ``decoder`` (a codec's ``BlockDecoder``), the decode of the new block.
+  ``Stream`` compiles it once, ahead of time, with ``state`` and ``dec_state`` donated; the
+  batch axis is kept throughout (serving calls it with one slot per item).
+
+  Returns (block (B, chunk, C) float32, audio (B, channels, n) or None, state, dec_state)."""
+  block, state, _ = generate_block(model, tables, state, extra, sp, regime)
+  if decoder is None:
+    return block, None, state, dec_state
+  audio, dec_state = decoder.step(dec_params, dec_state, block)
+  return block, audio, state, dec_state
+
+
 def reference_block(model: DiT, history, state: StreamState, extra, sp: SamplerParams,
                     history_extra=None):
   """The no-cache exactness reference for ``block_causal``: block i is denoised by recomputing the
@@ -473,15 +507,18 @@ def reference_block(model: DiT, history, state: StreamState, extra, sp: SamplerP
 class Stream:
   """A jitted stream of blocks: ``set_prompt`` then iterate ``blocks(n)`` or call ``next_block``.
 
-  The block step is compiled ahead of time (``jit(...).lower(...).compile()``) with the state
-  donated, so the first block has no compile stall and later blocks never recompile; the sampler
-  settings (steps, CFG scale, CFG++, pingpong) are runtime arrays. A prompt change swaps the
-  cross-attention K/V in the cache (same shapes, no recompilation).
+  The block program (``block_program``: commit, every denoising step and, given a codec's
+  ``decoder`` (``BlockDecoder``), the block's decode) is compiled once, ahead of time
+  (``compile_cache.compile_program``: jit, lower, compile; exported to the user cache for the
+  next start) with the state donated, so the first block has no compile stall and later blocks
+  never recompile; the sampler settings (steps, CFG scale, CFG++, pingpong) are runtime arrays.
+  A prompt change swaps the cross-attention K/V in the cache (same shapes, no recompilation).
+  ``step()`` returns the block and its audio; ``next_block()`` the block.
   """
 
   def __init__(self, model: DiT, *, batch: int = 1, regime: str = "block_causal",
                cfg_guidance: bool = True, cross_len: int | None = None, seed: int = 0,
-               sampler: SamplerParams | None = None):
+               sampler: SamplerParams | None = None, decoder=None):
     cfg = model.cfg
     if not cfg.streaming:
       raise ValueError("streaming needs a model with input_add channels (an LMDM config); "
@@ -496,11 +533,8 @@ class Stream:
     self.tables = rope_window_tables(model)
     self.sampler = sampler or SamplerParams.make()
     self.state = init_state(cfg, regime, batch, cfg_guidance, self.cross_len, seed)
-    self._zero_extra = jnp.zeros((batch, cfg.chunk, cfg.extra_dim), jnp.float32)
+    self._zero_extra = jax.device_put(np.zeros((batch, cfg.chunk, cfg.extra_dim), np.float32))
     gd = self.graphdef
-
-    def step(params, tables, state, extra, sp):
-      return generate_block(nnx.merge(gd, params), tables, state, extra, sp, regime)
 
     def prompt(params, state, cond, glob):
       return set_prompt(nnx.merge(gd, params), state, cond, glob)
@@ -508,13 +542,27 @@ class Stream:
     def commit(params, tables, state):
       return commit_pending(nnx.merge(gd, params), tables, state)
 
-    self._glob_spec = (jnp.zeros((batch, cfg.global_cond_dim), jnp.float32)
+    self.decoder = decoder
+    self.dec_state = None if decoder is None else decoder.init(batch)
+    self.dec_params = None if decoder is None else decoder.params
+
+    def program(params, tables, state, extra, sp, dec_params, dec_state):
+      return block_program(nnx.merge(gd, params), tables, state, extra, sp, regime, decoder,
+                           dec_params, dec_state)
+
+    self._glob_spec = (np.zeros((batch, cfg.global_cond_dim), np.float32)
                        if cfg.global_cond_dim else None)
-    cond_spec = jnp.zeros((batch, self.cross_len, cfg.cond_token_dim), jnp.float32)
-    self._step = jax.jit(step, donate_argnums=(2,)).lower(
-        self.params, self.tables, self.state, self._zero_extra, self.sampler).compile()
-    self._prompt = jax.jit(prompt, donate_argnums=(1,)).lower(
-        self.params, self.state, cond_spec, self._glob_spec).compile()
+    cond_spec = np.zeros((batch, self.cross_len, cfg.cond_token_dim), np.float32)
+    from lmdm_jax import compile_cache
+    key = f"{cfg!r} {regime} decoder={decoder!r}"
+    audio_like = None if decoder is None else 0
+    self._program = compile_cache.compile_program(
+        "block", program, (self.params, self.tables, self.state, self._zero_extra, self.sampler,
+                           self.dec_params, self.dec_state), donate_argnums=(2, 6),
+        out_like=(0, audio_like, self.state, self.dec_state), key=key)
+    self._prompt = compile_cache.compile_program(
+        "prompt", prompt, (self.params, self.state, cond_spec, self._glob_spec),
+        donate_argnums=(1,), out_like=self.state, key=f"{cfg!r}")
     self._commit = jax.jit(commit, donate_argnums=(2,))
     self._generate = {}
 
@@ -523,7 +571,7 @@ class Stream:
   def set_prompt(self, cond_tokens, global_cond=None) -> None:
     """cond_tokens: (batch, cross_len, cond_token_dim); global_cond: (batch, global_cond_dim)."""
     cfg = self.cfg
-    cond_tokens = jnp.asarray(cond_tokens, jnp.float32)
+    cond_tokens = _f32(cond_tokens)
     want = (self.batch, self.cross_len, cfg.cond_token_dim)
     if cond_tokens.shape != want:
       what = "prompt batch" if cond_tokens.ndim == 3 and cond_tokens.shape[0] != self.batch else "shape"
@@ -532,7 +580,7 @@ class Stream:
     if cfg.global_cond_dim:
       if global_cond is None:
         global_cond = jnp.zeros((self.batch, cfg.global_cond_dim), jnp.float32)
-      global_cond = jnp.asarray(global_cond, jnp.float32)
+      global_cond = _f32(global_cond)
       if global_cond.shape != (self.batch, cfg.global_cond_dim):
         raise ValueError(f"global conditioning: expected shape {(self.batch, cfg.global_cond_dim)}"
                          f", got {tuple(global_cond.shape)} (prompt batch mismatch?)")
@@ -595,11 +643,18 @@ class Stream:
 
   # ------------------------------------------------------------------------------ generation
 
+  def step(self, extra=None):
+    """One block through the block program: (block (batch, chunk, C), its audio (batch,
+    channels, decoder.max_samples), of which ``decoder.valid(k)`` is new, or None without a
+    decoder)."""
+    block, audio, self.state, self.dec_state = self._program(
+        self.params, self.tables, self.state, self._check_extra(extra, self.cfg.chunk),
+        self.sampler, self.dec_params, self.dec_state)
+    return block, audio
+
   def next_block(self, extra=None) -> jax.Array:
     """Generate one block (batch, chunk, C)."""
-    block, self.state, _ = self._step(self.params, self.tables, self.state,
-                                      self._check_extra(extra, self.cfg.chunk), self.sampler)
-    return block
+    return self.step(extra)[0]
 
   def blocks(self, n: int | None = None) -> Iterator[jax.Array]:
     """Iterate blocks (forever when n is None)."""
@@ -630,6 +685,14 @@ class Stream:
       self._generate[n] = jax.jit(run, donate_argnums=(2,))
     out, self.state = self._generate[n](self.params, self.tables, self.state, extra, self.sampler)
     return out
+
+
+def _f32(x) -> jax.Array:
+  """A float32 device array; host arrays go by device_put (jnp.asarray compiles a small
+  conversion program per new shape, which costs start-up time)."""
+  if isinstance(x, jax.Array):
+    return x.astype(jnp.float32)
+  return jax.device_put(np.asarray(x, np.float32))
 
 
 def check_frames(frames: int, chunk: int, what: str) -> None:

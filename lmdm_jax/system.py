@@ -193,7 +193,14 @@ class AudioStream:
   ``next_block()`` -> the audio this block releases, (channels, n) float32 (n varies with the
   decoder's look-ahead; latents (chunk, C) when the system has no codec or ``decode=False``);
   ``flush()`` -> the decoder's tail. ``set_prompt(text)`` takes effect at the next block.
-  Non-finite latents stop the stream with ``FloatingPointError`` (nothing non-finite is emitted).
+  ``last_latents``: the latents of the last block. Non-finite latents stop the stream with
+  ``FloatingPointError`` (nothing non-finite is emitted).
+
+  When the codec decodes blocks of the model's size inside a program (``Codec.block_decoder``),
+  each block is ONE compiled program: commit, denoising steps and decode (``sampling.
+  block_program``); otherwise the latents go through ``codec.stream_decoder()`` on the host.
+  ``next_latents()`` runs the same program; the audio of blocks taken as latents comes with
+  the next ``next_block()`` or ``flush()``, so nothing is lost either way.
   """
 
   def __init__(self, system: System, prompt: str, *, seed: int, sketch, decode: bool,
@@ -204,8 +211,11 @@ class AudioStream:
     kw = dict(batch=1, cfg_guidance=settings.cfg_scale != 1.0, cross_len=system.cross_len,
               seed=seed, sampler=S.SamplerParams.make(settings.steps, settings.cfg_scale,
                                                       settings.plus_plus, settings.pingpong))
+    fused = None
+    if decode and system.codec is not None and system.streams:
+      fused = system.codec.block_decoder(cfg.chunk)
     if system.streams:
-      self.stream = S.Stream(system.model, regime=settings.regime, **kw)
+      self.stream = S.Stream(system.model, regime=settings.regime, decoder=fused, **kw)
       self.seconds_total = None
     else:  # a base model: the whole clip at once, handed out block by block
       from lmdm_jax import clip_sampling
@@ -221,8 +231,12 @@ class AudioStream:
           sketch, system.frame_rate)
       sketch_lib.place(np.asarray(feats[:0], np.float32), cfg.extra_dim)  # the model has them
       self._sketch = np.asarray(feats, np.float32)
+    self.fused = fused  # the codec's BlockDecoder inside the block program, or None
     self.decoder = (system.codec.stream_decoder()
-                    if decode and system.codec is not None else None)
+                    if decode and system.codec is not None and fused is None else None)
+    self.last_latents = None
+    self._flushed = False
+    self._audio = []  # audio of blocks taken as latents, not yet handed out
 
   def set_prompt(self, prompt: str) -> None:
     """Condition the next blocks on ``prompt`` (no recompilation)."""
@@ -248,21 +262,47 @@ class AudioStream:
   def next_latents(self, extra=None) -> np.ndarray:
     """The next block's latents (chunk, C); ``extra``: (1, chunk, extra_dim) channels (default:
     the sketch's, else zeros)."""
+    if self._flushed:
+      raise RuntimeError("the stream was flushed: start a new one")
     if extra is None:
       extra = self._sketch_extra(self.block)
-    blk = np.asarray(self.stream.next_block(extra))[0]
+    if self.fused is None:
+      blk = np.asarray(self.stream.next_block(extra))[0]
+    else:
+      blk, audio = self.stream.step(extra)
+      blk = np.asarray(blk)[0]
     if not np.isfinite(blk).all():
       raise FloatingPointError(f"block {self.block}: the sampler produced non-finite latents "
                                f"({self.settings})")
+    if self.fused is not None:
+      lo, hi = self.fused.valid(self.block)
+      self._audio.append(np.asarray(audio)[0, :, lo:hi])
     self.block += 1
+    self.last_latents = blk
     return blk
+
+  def _take_audio(self) -> np.ndarray:
+    parts, self._audio = self._audio, []
+    if len(parts) == 1:
+      return parts[0]
+    return np.concatenate(parts, axis=-1) if parts else np.zeros(
+        (self.system.channels, 0), np.float32)
 
   def next_block(self, extra=None) -> np.ndarray:
     blk = self.next_latents(extra)
+    if self.fused is not None:
+      return self._take_audio()
     return blk if self.decoder is None else self.decoder.push(blk)
 
   def flush(self) -> np.ndarray:
     """The decoder's held-back tail (empty without a decoder)."""
+    if self.fused is not None:
+      head = self._take_audio()
+      if self._flushed:
+        return head
+      self._flushed = True
+      tail = self.fused.tail(self.stream.dec_state).flush()
+      return np.concatenate([head, tail], axis=-1)
     if self.decoder is None:
       return np.zeros((0, self.system.cfg.io_channels), np.float32)
     return self.decoder.flush()

@@ -183,7 +183,7 @@ def run(args):
   if cfg.extra_dim and not args.sketch:
     print(f"[sample] the model has {cfg.extra_dim} extra input channels (accompaniment / sketch);"
           " they are left at zero")
-  if codec is not None:
+  if codec is not None and stream.fused is None:  # else the block program decodes
     C.warm_decoder(codec, 4 * cfg.chunk)
   print(f"[sample] compiled the block step{' and the decoder' if codec is not None else ''} in "
         f"{time.perf_counter() - t0:.1f} s (regime {st.regime}, {st.steps} steps, CFG "
@@ -194,12 +194,12 @@ def run(args):
   # the output goes to a partial file, renamed over --out only when the run completes
   out = args.out if codec is not None else latents_path(args.out)
   latents = []
-  writer = decoder = player = None
+  writer = player = None
+  decoding = codec is not None
   if codec is not None:
     wav_bytes = n_blocks * block_s * codec.sample_rate * codec.channels * 2
     writer = WavWriter(out, codec.sample_rate, codec.channels,
                        format="RF64" if wav_bytes > 2 ** 32 - 2 ** 24 else "WAV")
-    decoder = stream.decoder
     if args.play:
       player = open_player(codec.sample_rate, codec.channels)
   elif args.play:
@@ -234,21 +234,21 @@ def run(args):
         stream.set_prompt(prompts[cur].text)
         say(f"[sample] {k * block_s:.1f} s: prompt -> {prompts[cur].text!r}")
       try:
-        blk = stream.next_latents()
+        out = stream.next_block() if decoding else stream.next_latents()
       except FloatingPointError:
         raise NonFiniteOutput(f"block {k} ({k * block_s:.1f} s): the model produced NaN or "
                               "infinite latents") from None
-      if decoder is not None:
-        emit(decoder.push(blk))
+      if decoding:
+        emit(out)
       else:
-        latents.append(blk)
+        latents.append(out)
       done += 1
       rtf.add(block_s)
       if bar is not None:
         bar.set_postfix_str(f"{rtf.value:.2f}x real time", refresh=False)
         bar.update(1)
-    if decoder is not None:
-      emit(decoder.flush())
+    if decoding:
+      emit(stream.flush())
 
   try:
     produce()
@@ -256,9 +256,9 @@ def run(args):
   except KeyboardInterrupt:
     interrupted = True
     say(f"[sample] interrupted after {done} blocks: keeping what was made")
-    if decoder is not None:
+    if decoding:
       try:
-        emit(decoder.flush())
+        emit(stream.flush())
       except (KeyboardInterrupt, NonFiniteOutput):
         pass
   except NonFiniteOutput as e:

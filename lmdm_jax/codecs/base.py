@@ -40,6 +40,12 @@ class Codec(abc.ABC):
     when fed ``block`` frames at a time, for live use (the jam). Default: the codec itself."""
     return self
 
+  def block_decoder(self, frames: int) -> "BlockDecoder | None":
+    """The stream decoder as pure functions for blocks of exactly ``frames`` latent frames, to
+    run inside a compiled block program (``BlockDecoder``); None when the codec has none for
+    that block size (callers then push blocks through ``stream_decoder``)."""
+    return None
+
 
 class StreamDecoder(abc.ABC):
   """Block-wise decoding of a latent stream.
@@ -56,4 +62,39 @@ class StreamDecoder(abc.ABC):
 
   @abc.abstractmethod
   def flush(self) -> np.ndarray:
+    ...
+
+
+class BlockDecoder(abc.ABC):
+  """``StreamDecoder`` for fixed blocks of ``frames`` latent frames as pure JAX functions, so
+  that a compiled block program can decode its block (the batch axis is kept).
+
+  ``params``: the codec's arrays (an argument of the program, not a constant in it);
+  ``init(batch)``: the decoder state before the first block; ``step(params, state, latents
+  (B, frames, latent_dim))`` -> (audio (B, channels, ``max_samples``), state): static shapes;
+  ``valid(k)``: the sample range (lo, hi) of block k's (0-based) audio that the stream decoder
+  would have returned for that block (host side); ``tail(state, item)``: a ``StreamDecoder``
+  that continues from ``state`` for batch item ``item`` (its ``flush`` gives the stream's end).
+  Concatenating ``audio[..., lo:hi]`` of every block and the tail's ``flush`` equals the stream
+  decoder's output, within the codec's documented margin.
+  """
+
+  params: object
+  frames: int
+  max_samples: int
+
+  @abc.abstractmethod
+  def init(self, batch: int):
+    ...
+
+  @abc.abstractmethod
+  def step(self, params, state, latents):
+    ...
+
+  @abc.abstractmethod
+  def valid(self, k: int) -> tuple[int, int]:
+    ...
+
+  @abc.abstractmethod
+  def tail(self, state, item: int = 0) -> StreamDecoder:
     ...

@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lmdm_jax.codecs.base import Codec, StreamDecoder
+from lmdm_jax.codecs.base import BlockDecoder, Codec, StreamDecoder
 
 ASSET_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 DEFAULT_ASSET = os.path.join(ASSET_DIR, "spectral_default.npz")
@@ -259,9 +259,10 @@ class SpectralCodec(Codec):
                        f"{chunk}, lookahead={lookahead}, offset={offset}")
     self.n_iter, self.chunk, self.lookahead, self.momentum = n_iter, chunk, lookahead, momentum
     self.offset = offset
-    params = {"mean": jnp.asarray(self.mean), "basis_t": jnp.asarray(self.basis[:, :k].T),
-              "scale": jnp.asarray(self.scale[:k]), "lat_mean": jnp.asarray(self.lat_mean),
-              "lat_std": jnp.asarray(self.lat_std), "eps": jnp.float32(self.eps)}
+    put = lambda x: jax.device_put(np.asarray(x, np.float32))  # noqa: E731 - no programs
+    params = {"mean": put(self.mean), "basis_t": put(self.basis[:, :k].T),
+              "scale": put(self.scale[:k]), "lat_mean": put(self.lat_mean),
+              "lat_std": put(self.lat_std), "eps": put(self.eps)}
     self._enc = []
     self.residual = bool(a["net_residual"]) if "net_residual" in a else False
     self._enc_out = a["net_enc_out_w"].astype(np.float32) if "net_enc_out_w" in a else None
@@ -273,11 +274,9 @@ class SpectralCodec(Codec):
     if "net_out_w" in a:
       convs, i = [], 0
       while f"net_conv{i}_w" in a:
-        convs.append((jnp.asarray(a[f"net_conv{i}_w"], jnp.float32),
-                      jnp.asarray(a[f"net_conv{i}_b"], jnp.float32)))
+        convs.append((put(a[f"net_conv{i}_w"]), put(a[f"net_conv{i}_b"])))
         i += 1
-      params["net"] = {"convs": convs, "out_w": jnp.asarray(a["net_out_w"], jnp.float32),
-                       "out_b": jnp.asarray(a["net_out_b"], jnp.float32)}
+      params["net"] = {"convs": convs, "out_w": put(a["net_out_w"]), "out_b": put(a["net_out_b"])}
     self.radius = _radius(params)
     self._params = params
     # Latent of a silent frame: what lies before the stream's start and after its end.
@@ -367,6 +366,15 @@ class SpectralCodec(Codec):
   def stream_decoder(self) -> "SpectralStreamDecoder":
     return SpectralStreamDecoder(self)
 
+  def block_decoder(self, frames: int) -> "SpectralBlockDecoder | None":
+    """The stream decoder for blocks of ``frames`` latent frames, a multiple of the internal
+    chunk (then every block runs the same number of chunks once the decoder is primed), for a
+    chunk grid that starts with the stream (``offset`` 0) and look-ahead of at least the net's
+    radius; other decoders (``low_latency``'s) return None and stream on the host."""
+    if frames < 1 or frames % self.chunk or self.offset or self.lookahead < self.radius:
+      return None
+    return SpectralBlockDecoder(self, frames)
+
   def decode_logmag(self, latents: np.ndarray) -> np.ndarray:
     """(frames, K) -> (frames, F) log-magnitudes (no phase reconstruction); for analysis."""
     latents = self._check_latents(latents)
@@ -449,3 +457,103 @@ class SpectralStreamDecoder(StreamDecoder):
     before = self._emitted
     audio = self._run(total)
     return audio[None, : max(total * HOP - before, 0)]
+
+
+class SpectralBlockDecoder(BlockDecoder):
+  """``SpectralStreamDecoder`` for blocks of ``frames`` = q * chunk latent frames, as one pure
+  function per block (``BlockDecoder``): every block runs q chunk steps over a fixed window of
+  the latest latents; during the first blocks, before the decoder has its look-ahead, the steps
+  that the stream decoder would not run yet are skipped (``lax.cond``) and their audio is not
+  valid. The state holds the window, the committed and look-ahead spectra and a block counter.
+
+  In the stream decoder's terms: frames are numbered in the stream padded with ``radius``
+  silent frames in front; after k blocks, P(k) = radius + k * frames frames are in and
+  S(k) = (P(k) - need) // chunk + 1 chunk steps have run (0 while P(k) < need = chunk +
+  lookahead + 2 radius); step s reads padded frames s * chunk .. s * chunk + need - 1. Once
+  primed, the q steps of block k end delta = (radius - need) mod chunk frames before its end.
+  """
+
+  def __init__(self, codec: "SpectralCodec", frames: int):
+    self.c, self.frames = codec, frames
+    b, look, r = codec.chunk, codec.lookahead, codec.radius
+    self.q = frames // b
+    self.need = b + look + 2 * r
+    self.delta = (r - self.need) % b
+    self.window = (self.q - 1) * b + self.need + self.delta
+    self.max_samples = self.q * b * HOP
+    self.params = codec._params
+
+  def __repr__(self) -> str:  # names the compiled program (compile_cache keys): no ids
+    c = self.c
+    return (f"SpectralBlockDecoder(frames={self.frames}, chunk={c.chunk}, lookahead={c.lookahead},"
+            f" radius={c.radius}, n_iter={c.n_iter}, momentum={c.momentum}, residual="
+            f"{c.residual}, latent_dim={c.latent_dim})")
+
+  def steps_after(self, k: int) -> int:
+    """S(k): chunk steps run after k blocks."""
+    p = self.c.radius + k * self.frames
+    return 0 if p < self.need else (p - self.need) // self.c.chunk + 1
+
+  def init(self, batch: int):
+    f, c = N_FFT // 2 + 1, self.c
+    sil = np.broadcast_to(c.silence, (batch, self.window, c.latent_dim))
+    put = jax.device_put  # not jnp: no small programs compiled at start-up
+    return {"lat": put(np.ascontiguousarray(sil, np.float32)),
+            "ctx": put(np.zeros((batch, _CTX, f), np.complex64)),
+            "ahead": put(np.zeros((batch, c.lookahead, f), np.complex64)),
+            "blocks": put(np.zeros((), np.int32))}
+
+  def step(self, params, state, latents):
+    c = self.c
+    b, look = c.chunk, c.lookahead
+    lat = jnp.concatenate([state["lat"], latents.astype(jnp.float32)], axis=1)[:, self.frames:]
+    k = state["blocks"] + 1  # blocks in after this one
+    p = c.radius + k * self.frames
+    s_after = jnp.where(p < self.need, 0, (p - self.need) // b + 1)
+    ctx, ahead, out = state["ctx"], state["ahead"], []
+    one = jax.vmap(functools.partial(_chunk_step, n_iter=c.n_iter, momentum=c.momentum,
+                                     residual=c.residual), in_axes=(None, 0, 0, 0, None))
+    for j in range(self.q):
+      s = s_after - self.q + j  # this chunk step's index in the stream (< 0: not run yet)
+      g = s * b + jnp.arange(-_CTX, b + look)
+      exists = (g >= 0).astype(jnp.float32)
+      window = lat[:, j * b:j * b + self.need]
+
+      def run(ops):  # item by item: a batched FFT rounds differently, and Griffin-Lim's
+        ctx, ahead = ops  # phase feedback grows 1-ulp differences to ~1e-4 over blocks
+        parts = [one(params, window[i:i + 1], ctx[i:i + 1], ahead[i:i + 1], exists)
+                 for i in range(window.shape[0])]
+        spec = jnp.concatenate([p[0] for p in parts])
+        audio = jnp.concatenate([p[1] for p in parts])
+        return spec[:, b - _CTX:b], spec[:, b:], audio
+
+      def skip(ops):
+        ctx, ahead = ops
+        return ctx, ahead, jnp.zeros((lat.shape[0], b * HOP), jnp.float32)
+
+      ctx, ahead, audio = jax.lax.cond(s >= 0, run, skip, (ctx, ahead))
+      out.append(audio)
+    audio = jnp.concatenate(out, axis=1)[:, None, :]
+    return audio, {"lat": lat, "ctx": ctx, "ahead": ahead, "blocks": k}
+
+  def valid(self, k: int) -> tuple[int, int]:
+    b = self.c.chunk
+    s_after = self.steps_after(k + 1)
+    first = s_after - self.q  # step index of the block's first chunk
+    j0 = max(0, -first)  # chunks of this block that did not run
+    lo = j0 * b * HOP + (2 * HOP if first + j0 == 0 and j0 < self.q else 0)
+    return (min(lo, self.max_samples), self.max_samples)
+
+  def tail(self, state, item: int = 0) -> "SpectralStreamDecoder":
+    k = int(state["blocks"])
+    s = self.steps_after(k)
+    p = self.c.radius + k * self.frames
+    sd = SpectralStreamDecoder(self.c)
+    keep = p - s * self.c.chunk  # padded frames in and not yet consumed by a chunk step
+    sd._lat = np.asarray(state["lat"][item])[self.window - keep:]
+    sd._ctx = np.asarray(state["ctx"][item])
+    sd._ahead = np.asarray(state["ahead"][item])
+    sd._a = s * self.c.chunk
+    sd._n = k * self.frames
+    sd._emitted = max(0, s * self.c.chunk * HOP - 2 * HOP)
+    return sd

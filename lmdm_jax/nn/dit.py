@@ -177,9 +177,7 @@ class DiT(nnx.Module):
     self.postprocess_conv = nnx.Param(jnp.zeros((c, c), pd))
     self.project_in = linear(c, d, bias=False, rngs=rngs, cfg=cfg)
     self.project_out = linear(d, c, bias=False, rngs=rngs, cfg=cfg)
-    r = cfg.rotary_dim
-    self.inv_freq = Buffer(jnp.asarray(
-        1.0 / (cfg.rope_base ** (np.arange(0, r, 2, dtype=np.float64) / r)), jnp.float32))
+    self.inv_freq = Buffer(jnp.asarray(rope_inv_freq(cfg)))
     self.layers = nnx.List([Block(cfg, rngs) for _ in range(cfg.depth)])
 
   # ------------------------------------------------------------------------------ embeddings
@@ -334,3 +332,28 @@ def count_params(model_or_state) -> int:
 def abstract_model(cfg: DiTConfig) -> DiT:
   """The model with ShapeDtypeStruct leaves (no memory): ``jax.eval_shape`` of its construction."""
   return nnx.eval_shape(lambda: DiT(cfg, rngs=nnx.Rngs(0)))
+
+
+def rope_inv_freq(cfg: DiTConfig) -> np.ndarray:
+  """The rotary inverse frequencies (rotary_dim // 2,) float32, from float64."""
+  r = cfg.rotary_dim
+  return (1.0 / (cfg.rope_base ** (np.arange(0, r, 2, dtype=np.float64) / r))).astype(np.float32)
+
+
+def model_with_params(abstract: DiT, params) -> DiT:
+  """A concrete model from its abstract one (``abstract_model``) and its parameters, without
+  random initialisation (which costs about a second of start-up): ``params`` is the pure dict of
+  the ``nnx.Param`` state (``nnx.to_pure_dict``); the buffers get their defined values (the
+  rotary ``inv_freq``, zeros for the LayerNorms' fixed bias)."""
+  graphdef, pstate, bstate = nnx.split(abstract, nnx.Param, Buffer)
+  nnx.replace_by_pure_dict(pstate, params)
+  inv_freq = rope_inv_freq(abstract.cfg)
+
+  def value(path, leaf):  # device_put: no per-shape programs compiled, as jnp.zeros would
+    if path and getattr(path[-1], "key", None) == "inv_freq":
+      return jax.device_put(inv_freq)
+    return jax.device_put(np.zeros(leaf.shape, leaf.dtype))
+
+  buffers = jax.tree_util.tree_map_with_path(value, nnx.to_pure_dict(bstate))
+  nnx.replace_by_pure_dict(bstate, buffers)
+  return nnx.merge(graphdef, pstate, bstate)

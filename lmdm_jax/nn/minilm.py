@@ -287,7 +287,7 @@ def load_state_dict(model: BertEncoder, weights: dict[str, Any],
       problems.append(f"key {key!r} has shape {val.shape}, expected {tuple(var.get_value().shape)}"
                       + (" (transposed)" if transpose else ""))
       continue
-    var.set_value(jnp.asarray(val))
+    var.set_value(jax.device_put(val))  # not jnp.asarray: no program per shape
   if problems:
     raise ValueError(f"cannot load the MiniLM/BERT encoder from {source}: " + "; ".join(problems))
   return nnx.merge(graphdef, nnx.from_flat_state(flat))
@@ -367,13 +367,23 @@ class MiniLMConditioner:
       raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     self.max_tokens, self.batch_size = max_tokens, batch_size
     self.dim = self.encoder.cfg.hidden_size
-    graphdef, state = nnx.split(self.encoder)
+    self._graphdef, self._state = nnx.split(self.encoder)
+    self._programs = {}
 
-    @jax.jit
-    def _encode(state, ids, mask, types):
-      return nnx.merge(graphdef, state).encode(ids, mask, types)
+  def _encode(self, ids, mask, types):
+    """The encoder program for this (rows, columns) shape, compiled once ahead of time and
+    exported to the user cache (``compile_cache.compile_program``: a warm start skips tracing)."""
+    if ids.shape not in self._programs:
+      from lmdm_jax import compile_cache
+      gd = self._graphdef
 
-    self._encode = lambda ids, mask, types: _encode(state, ids, mask, types)
+      def encode(state, ids, mask, types):
+        return nnx.merge(gd, state).encode(ids, mask, types)
+
+      self._programs[ids.shape] = compile_cache.compile_program(
+          "minilm", encode, (self._state, ids, mask, types), out_like=(0, 0),
+          key=repr(self.encoder.cfg))
+    return self._programs[ids.shape](self._state, ids, mask, types)
 
   def encode_ids(self, ids, mask, types=None):
     """Tokenized (B, T) arrays -> (tokens (B, T, d), sentence embedding (B, d)) numpy float32.
