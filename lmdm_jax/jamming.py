@@ -77,10 +77,15 @@ class JamSession:
                              cross_len=system.cross_len, seed=seed,
                              sampler=S.SamplerParams.make(steps, cfg_scale, plus_plus, pingpong))
       self.stream.set_prompt(tokens, glob)
-    progress("compiling the decoder")
-    self.decoder_latency = self._decoder_latency()  # samples; also compiles the decoder
-    progress("warming up the encoder")
-    codec.encode(np.zeros((self.channels, 4 * self.cs * self.hop), np.float32))  # warm up
+    try:
+      progress("compiling the decoder")
+      self.decoder_latency = self._decoder_latency()  # samples; also compiles the decoder
+      progress("warming up the encoder")
+      codec.encode(np.zeros((self.channels, 4 * self.cs * self.hop), np.float32))  # warm up
+    except BaseException:
+      if server is not None:
+        self.stream.close()  # the slot is free again
+      raise
     self.delay_samples = int(round(delay_blocks * self.block_seconds * self.sr)) + self.decoder_latency
     self._decoder = codec.stream_decoder()
     # partner input, generated output (musical sample positions from 0)

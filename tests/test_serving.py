@@ -1,8 +1,6 @@
 """Batched serving (lmdm_jax/serving.py): every slot's output equals the same stream or jam run
 alone, for a mix of prompts, step counts, CFG scales, seeds and delays in one batched step; joins,
 leaves, prompt and sampler changes compile nothing; the live sampler thread batches jams."""
-import threading
-import time
 
 import jax
 import numpy as np
