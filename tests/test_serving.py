@@ -6,10 +6,13 @@ import jax
 import numpy as np
 import pytest
 
+from lmdm_jax import sampling as S
 from lmdm_jax import serving
 from lmdm_jax.config import DiTConfig, load_config_file
 from lmdm_jax.testing import random_model, rel_err
 from tests.test_jam import FakeClock, acc_config, wait_for
+
+pytestmark = pytest.mark.slow  # each test compiles several block steps (10 s and more)
 
 TOL = 1e-5
 
@@ -61,6 +64,36 @@ def capture_latents(sess):
   sess.latents, emit = [], sess._emit
   sess._emit = lambda k, blk: (sess.latents.append(np.array(blk)), emit(k, blk))[1]
   return sess
+
+
+def test_slot_streams_equal_lone_streams_on_the_model():
+  """The model level: two slots with their own prompt, seed, steps and CFG scale,
+  one joining a block late and idle for a block, equal two ``sampling.Stream``s to 1e-5."""
+  model = random_model("tiny", seed=0)
+  cfg = model.cfg
+  cond = [np.random.default_rng(i).standard_normal((1, 3, cfg.cond_token_dim)).astype(np.float32)
+          for i in range(2)]
+  glob = [np.random.default_rng(9 + i).standard_normal((1, cfg.global_cond_dim)).astype(np.float32)
+          if cfg.global_cond_dim else None for i in range(2)]
+  sps = [S.SamplerParams.make(2, 2.0), S.SamplerParams.make(3, 1.5, plus_plus=True)]
+  alone = []
+  for i in range(2):
+    st = S.Stream(model, cfg_guidance=True, cross_len=3, seed=i + 1, sampler=sps[i])
+    st.set_prompt(cond[i], glob[i])
+    alone.append(np.stack([np.asarray(st.next_block())[0] for _ in range(3)]))
+  pool = serving.SlotStreams(model, 2, cfg_guidance=True, cross_len=3)
+  pool.join(0, cond[0], glob[0], seed=1, sampler=sps[0])
+  got = [[], []]
+  got[0].append(pool.step(active=[True, False])[0])
+  pool.join(1, cond[1], glob[1], seed=2, sampler=sps[1])
+  for act in ([True, True], [False, True], [True, True]):
+    blocks = pool.step(active=act)
+    for i in range(2):
+      if act[i]:
+        got[i].append(blocks[i])
+  errs = [rel_err(np.stack(g), a) for g, a in zip(got, alone)]
+  assert max(errs) < TOL, errs
+  assert rel_err(alone[0], alone[1]) > 1e-2
 
 
 def test_text_and_jam_slots_equal_lone_sessions(system, slots):
