@@ -8,8 +8,10 @@ the weights are read once per forward for all slots, and each slot keeps everyth
 ``sampling.Stream`` keeps: its own prompt (cross-attention K/V), ring, counters and noise key,
 and its own sampler settings (``SamplerParams`` leaves of shape (slots,)). Per slot:
 - validity: ``step(..., active)`` advances the slots marked active; the others' states come back
-  unchanged (a select on every state leaf), so a slot that waits (a jam's delay) or is empty
-  costs compute but never changes;
+  unchanged (a select on every state leaf), so a slot that waits (a jam's delay) never
+  changes. A step runs the narrowest of the compiled widths 1, 2, 4, ..., slots that holds every
+  active slot (the first ``width`` slots; ``SlotServer`` hands out the lowest free slot), so
+  free slots above the highest active one cost nothing;
 - step count: each slot's schedule comes from its own ``steps``; the denoising loop (a
   ``fori_loop`` whose trip count is per slot) runs, under ``vmap``, the largest step count of
   the batch, and a slot whose steps are done keeps its value (JAX's batched while-loop selects
@@ -31,6 +33,7 @@ in lockstep) and a live sampler thread on the block clock for jam sessions (the 
 """
 from __future__ import annotations
 
+import functools
 import threading
 import time
 
@@ -65,7 +68,8 @@ class SlotStreams:
 
   ``join(slot, cond, glob, seed, sampler)`` starts a fresh stream in ``slot``; ``set_prompt`` and
   ``set_sampler`` change one slot; ``step(extras, active)`` -> (slots, chunk, C) latents (rows of
-  inactive slots are meaningless); ``leave(slot)`` frees it (its state stays until the next
+  inactive slots are meaningless; the step runs the narrowest compiled width, 1, 2, 4, ...,
+  slots, that holds every active slot); ``leave(slot)`` frees it (its state stays until the next
   join overwrites it). Nothing here recompiles after the constructor.
   """
 
@@ -99,10 +103,14 @@ class SlotStreams:
         blk, state, _ = S.window_step(model, tables, state, extra, sp, regime)
       return blk[0], state
 
-    def step(params, tables, states, extras, sp, active):
-      blocks, new = jax.vmap(step_one, in_axes=(None, None, 0, 0, 0))(params, tables, states,
-                                                                       extras, sp)
-      return blocks, jax.tree.map(lambda a, b: _select(active, a, b), new, states)
+    def step(width, params, tables, states, extras, sp, active):
+      """Slots 0..width-1 (the first ``width`` of the slot axis) advance, the rest untouched."""
+      head = lambda tree: jax.tree.map(lambda a: a[:width], tree)
+      blocks, new = jax.vmap(step_one, in_axes=(None, None, 0, 0, 0))(
+          params, tables, head(states), head(extras), head(sp))
+      new = jax.tree.map(lambda a, b: _select(active[:width], a, b), new, head(states))
+      return blocks, jax.tree.map(lambda a, b: jax.lax.dynamic_update_slice_in_dim(a, b, 0, 0),
+                                  states, new)
 
     def join(params, states, slot, key, cond, glob):
       one = S.set_prompt(nnx.merge(gd, params), fresh(key), cond, glob)
@@ -123,8 +131,12 @@ class SlotStreams:
     self._glob_spec = jnp.zeros((1, cfg.global_cond_dim), jnp.float32) if cfg.global_cond_dim else None
     key = jax.random.key(0)
     compile_ = lambda f, donate, *args: self._count(jax.jit(f, donate_argnums=donate).lower(*args).compile())
-    self._step = compile_(step, (2,), self.params, self.tables, self.state, self._zero_extras,
-                          self.sampler, jnp.zeros((n,), bool))
+    # one program per width 1, 2, 4, ..., slots: a step runs the narrowest that holds every
+    # active slot (slots are handed out lowest first), so free slots above cost nothing
+    self.widths = sorted({min(2 ** i, n) for i in range(n.bit_length() + 1)})
+    self._steps = {w: compile_(functools.partial(step, w), (2,), self.params, self.tables,
+                               self.state, self._zero_extras, self.sampler,
+                               jnp.zeros((n,), bool)) for w in self.widths}
     self._join = compile_(join, (1,), self.params, self.state, slot0, key, cond, self._glob_spec)
     self._prompt = compile_(prompt, (1,), self.params, self.state, slot0, cond, self._glob_spec)
     self._start = (compile_(start, (2,), self.params, self.tables, self.state, slot0)
@@ -204,9 +216,13 @@ class SlotStreams:
       for slot in np.flatnonzero(active & ~self._started):
         self.state = self._start(self.params, self.tables, self.state, self._slot(slot))
     self._started |= active
-    blocks, self.state = self._step(self.params, self.tables, self.state, extras, self.sampler,
-                                    jnp.asarray(active))
-    return np.asarray(blocks)
+    top = int(np.flatnonzero(active)[-1]) + 1 if active.any() else 1
+    width = next(w for w in self.widths if w >= top)
+    blocks, self.state = self._steps[width](self.params, self.tables, self.state, extras,
+                                            self.sampler, jnp.asarray(active))
+    out = np.zeros((n, cfg.chunk, cfg.io_channels), np.float32)
+    out[:width] = np.asarray(blocks)
+    return out
 
 
 # --------------------------------------------------------------------------- the System level
