@@ -168,7 +168,8 @@ def main(argv=None):
     except ValueError as e:
       print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
       return 2
-    model, cross_len, block_seconds, name = system.model, system.cross_len, system.block_seconds, system.name
+    model, cross_len, name = system.model, system.cross_len, system.name
+    block_seconds = system.block_seconds
     steps, cfg_scale = d.steps, d.cfg_scale
     can_jam = system.codec is not None and system.cfg.extra_dim >= 1 + system.codec.latent_dim
     mode = args.mode or ("jam" if can_jam else "text")

@@ -51,7 +51,7 @@ class SlotsFull(RuntimeError):
 
 
 def _select(active, new, old):
-  """Per slot: ``new`` where ``active`` (slots,) else ``old`` (any leaf with a leading slot axis)."""
+  """Per slot: ``new`` where ``active`` (slots,), else ``old`` (leaves with a leading slot axis)."""
   return jnp.where(jnp.reshape(active, (-1,) + (1,) * (new.ndim - 1)), new, old)
 
 
@@ -128,9 +128,14 @@ class SlotStreams:
     self._zero_extras = jnp.zeros((n, 1, cfg.chunk, e), jnp.float32)
     slot0 = jnp.zeros((), jnp.int32)
     cond = jnp.zeros((1, cross_len, cfg.cond_token_dim), jnp.float32)
-    self._glob_spec = jnp.zeros((1, cfg.global_cond_dim), jnp.float32) if cfg.global_cond_dim else None
+    self._glob_spec = (jnp.zeros((1, cfg.global_cond_dim), jnp.float32)
+                       if cfg.global_cond_dim else None)
     key = jax.random.key(0)
-    compile_ = lambda f, donate, *args: self._count(jax.jit(f, donate_argnums=donate).lower(*args).compile())
+
+    def compile_(f, donate, *args):
+      self.compiles += 1
+      return jax.jit(f, donate_argnums=donate).lower(*args).compile()
+
     # one program per width 1, 2, 4, ..., slots: a step runs the narrowest that holds every
     # active slot (slots are handed out lowest first), so free slots above cost nothing
     self.widths = sorted({min(2 ** i, n) for i in range(n.bit_length() + 1)})
@@ -144,10 +149,6 @@ class SlotStreams:
     self._setsp = compile_(lambda sp, slot, one: _put(sp, slot, one), (0,), self.sampler, slot0,
                            S.SamplerParams.make())
     self._key = jax.jit(jax.random.key)
-
-  def _count(self, compiled):
-    self.compiles += 1
-    return compiled
 
   # ------------------------------------------------------------------------------- slots
 
