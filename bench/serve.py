@@ -128,6 +128,10 @@ def main(argv=None):
   ap.add_argument("--cfg-scale", type=float, default=None,
                   help="CFG scale; 1 = no guidance (default: the model's)")
   ap.add_argument("--dtype", default=None, help="compute dtype with --config (e.g. bfloat16)")
+  ap.add_argument("--blas-threads", type=int, default=1,
+                  help="threads per NumPy BLAS call, as the jam server sets them (the codec's "
+                  "encoder: small matrices; more threads only contend); 0 = leave as is "
+                  "(default: 1)")
   ap.add_argument("--keep-going", action="store_true",
                   help="try every count up to --max-sessions, not stopping at the first that "
                   "is not real time (default: stop)")
@@ -135,6 +139,12 @@ def main(argv=None):
   if not args.seconds > 0 or args.max_sessions < 1:
     print("error: --seconds must be > 0 and --max-sessions >= 1", file=sys.stderr)
     return 2
+  if args.blas_threads > 0:
+    try:
+      import threadpoolctl
+      threadpoolctl.threadpool_limits(limits=args.blas_threads, user_api="blas")
+    except ImportError:
+      pass
   import jax
 
   from lmdm_jax import compile_cache
