@@ -44,12 +44,17 @@ class JamSession:
                cfg_scale: float = 1.0, plus_plus: bool = False, pingpong: bool = True,
                seed: int = 0, regime: str = "block_causal", encoder_guard_frames: int = 4,
                lead_seconds: float | None = None, low_latency_decoder: bool = True,
-               clock=time.perf_counter, log=None, progress=None):
+               clock=time.perf_counter, log=None, progress=None, server=None):
     """``progress(stage)``, if given, names each set-up stage as it begins (the jam page shows
     them): encoding the prompt, compiling the block step, compiling the decoder, warming up the
     encoder (and measuring the block compute, for ``delay_blocks="auto"``).
     ``low_latency_decoder=False`` decodes with the codec's default stream decoder (more
-    look-ahead: 0.42 s instead of 0.16 s with the bundled codec)."""
+    look-ahead: 0.42 s instead of 0.16 s with the bundled codec). ``server``: a
+    ``serving.SlotServer`` of this system: the session takes one of its slots (``SlotsFull`` when
+    none is free; released by ``close()``) and, live, its blocks come from the server's sampler
+    thread, batched with the other sessions' (``SlotServer.attach``), instead of its own stream
+    and thread; ``delay_blocks="auto"`` then chooses 2 blocks (the shared step is not timed
+    per session)."""
     from lmdm_jax import sampling as S
     progress = progress or (lambda stage: None)
     cfg, codec = system.cfg, system.codec
@@ -78,24 +83,40 @@ class JamSession:
     self._log = log or (lambda *a: None)
     progress("encoding the prompt")
     tokens, glob = system.condition(prompt)
-    progress("compiling the block step")
-    self.stream = S.Stream(system.model, batch=1, regime=regime, cfg_guidance=cfg_scale != 1.0,
-                           cross_len=system.cross_len, seed=seed,
-                           sampler=S.SamplerParams.make(steps, cfg_scale, plus_plus, pingpong))
-    self.stream.set_prompt(tokens, glob)
-    progress("compiling the decoder")
-    self.decoder_latency = self._decoder_latency()  # samples; also compiles the decoder
-    progress("warming up the encoder")
-    codec.encode(np.zeros((self.channels, 4 * self.cs * self.hop), np.float32))  # warm up
+    self.server = server
+    if server is not None:
+      if regime != server.regime:
+        raise ValueError(f"regime {regime!r}: the slot server streams in {server.regime!r}")
+      if (cfg_scale != 1.0) not in server.pools:
+        progress("compiling the block step")
+      self.stream = server.join(tokens, glob, seed=seed, steps=steps, cfg_scale=cfg_scale,
+                                plus_plus=plus_plus, pingpong=pingpong)
+    else:
+      progress("compiling the block step")
+      self.stream = S.Stream(system.model, batch=1, regime=regime, cfg_guidance=cfg_scale != 1.0,
+                             cross_len=system.cross_len, seed=seed,
+                             sampler=S.SamplerParams.make(steps, cfg_scale, plus_plus, pingpong))
+      self.stream.set_prompt(tokens, glob)
     self.measured_block_compute_s = None
-    if auto:
-      progress("measuring the block compute")
-      self.measured_block_compute_s = c = self.measure_block_compute()
-      heard = self.cs - int(np.ceil(2 * c * self.sr / self.hop - 1e-6)) - self.guard
-      if 2 * heard >= self.cs:
-        delay_blocks, lead_seconds = 1, 2 * c
-      else:
-        delay_blocks, lead_seconds = 2, None
+    try:
+      progress("compiling the decoder")
+      self.decoder_latency = self._decoder_latency()  # samples; also compiles the decoder
+      progress("warming up the encoder")
+      codec.encode(np.zeros((self.channels, 4 * self.cs * self.hop), np.float32))  # warm up
+      if auto and server is not None:
+        delay_blocks = 2
+      elif auto:
+        progress("measuring the block compute")
+        self.measured_block_compute_s = c = self.measure_block_compute()
+        heard = self.cs - int(np.ceil(2 * c * self.sr / self.hop - 1e-6)) - self.guard
+        if 2 * heard >= self.cs:
+          delay_blocks, lead_seconds = 1, 2 * c
+        else:
+          delay_blocks, lead_seconds = 2, None
+    except BaseException:
+      if server is not None:
+        self.stream.close()  # the slot is free again
+      raise
     self.delay_blocks = int(delay_blocks)
     # samples before a block's deadline that its generation starts, in whole hops
     self.lead_samples = block if lead_seconds is None else min(
@@ -198,7 +219,11 @@ class JamSession:
     return float(min(times[1:]))
 
   def start(self):
-    if self._thread is None:
+    if self._t0 is None and self.server is not None:
+      if self._stop.is_set():
+        raise RuntimeError("this session was closed")
+      self._t0 = self.server.attach(self)
+    elif self._thread is None and self.server is None:
       self._t0 = self.clock()
       self._thread = threading.Thread(target=self._run, name="jam-sampler", daemon=True)
       self._thread.start()
@@ -208,6 +233,9 @@ class JamSession:
     self._stop.set()
     if self._thread is not None:
       self._thread.join(timeout=60)
+    if self.server is not None:
+      self.server.detach(self)
+      self.stream.close()
     self._raise()
 
   def __enter__(self):
@@ -277,29 +305,52 @@ class JamSession:
     from a live session that keeps up while the partner plays and then ``delay_samples`` of
     silence (as the jam CLI feeds it): (channels, n + delay_samples), the first
     ``delay_samples`` silent. Not bound to a clock; ``progress(k, n_blocks)`` after each block."""
-    if self._thread is not None:
+    self.render_begin(partner)
+    block = self.cs * self.hop
+    n_blocks = int(np.ceil((self._render["n"] + self.decoder_latency) / block))
+    while self.render_pending():
+      t1 = time.perf_counter()
+      extra = self.render_input()
+      self.render_output(np.asarray(self.stream.next_block(extra))[0],
+                         time.perf_counter() - t1)
+      if progress is not None:
+        progress(self.blocks, max(n_blocks, self.blocks))
+    return self.render_result()
+
+  # ``render`` in steps, so that a ``SlotServer`` can run several sessions in lockstep.
+
+  def render_begin(self, partner) -> None:
+    if self._thread is not None or self._t0 is not None:
       raise RuntimeError("render() runs a session offline; this one was started live")
     partner = self._check_audio(partner)
-    n = partner.shape[1]
-    fed_total = n + self.delay_samples  # the partner, then silence while the model finishes
-    block = self.cs * self.hop
-    n_blocks = int(np.ceil((n + self.decoder_latency) / block))
-    fed = k = 0
-    while self._out_start + self._out.shape[1] < n:
-      upto = min(max((k + self.delay_blocks) * block - self.lead_samples, 0),
-                 fed_total)  # known when block k starts
-      if upto > fed:
-        seg = partner[:, fed:min(upto, n)]
-        pad = upto - fed - seg.shape[1]
-        self._append_partner(np.pad(seg, ((0, 0), (0, pad))) if pad else seg)
-        fed = upto
-      t1 = time.perf_counter()
-      self._generate(k)
-      self.block_times.append(time.perf_counter() - t1)
-      k += 1
-      if progress is not None:
-        progress(k, max(n_blocks, k))
-    out = np.zeros((self.channels, fed_total), np.float32)
+    # the partner, then silence while the model finishes
+    self._render = dict(partner=partner, n=partner.shape[1], fed=0,
+                        fed_total=partner.shape[1] + self.delay_samples)
+
+  def render_pending(self) -> bool:
+    """Whether the offline render still needs blocks."""
+    return self._out_start + self._out.shape[1] < self._render["n"]
+
+  def render_input(self) -> np.ndarray:
+    """Feeds the partner audio known when the next block starts; returns its extra channels."""
+    r, k, block = self._render, self.blocks, self.cs * self.hop
+    upto = min(max((k + self.delay_blocks) * block - self.lead_samples, 0),
+               r["fed_total"])  # known when block k starts
+    if upto > r["fed"]:
+      seg = r["partner"][:, r["fed"]:min(upto, r["n"])]
+      pad = upto - r["fed"] - seg.shape[1]
+      self._append_partner(np.pad(seg, ((0, 0), (0, pad))) if pad else seg)
+      r["fed"] = upto
+    return self._accomp_extra(k, trim=True)
+
+  def render_output(self, blk, seconds: float) -> None:
+    """The next block's latents (chunk, C): decoded and appended; ``seconds`` its compute."""
+    self._emit(self.blocks, blk)
+    self.block_times.append(seconds)
+
+  def render_result(self) -> np.ndarray:
+    n = self._render["n"]
+    out = np.zeros((self.channels, self._render["fed_total"]), np.float32)
     with self._lock:
       made = self._out[:, :n - self._out_start]
     out[:, self.delay_samples:self.delay_samples + made.shape[1]] = made
@@ -334,7 +385,10 @@ class JamSession:
   def _generate(self, k: int) -> None:
     """Block k from the partner audio known now: generated, decoded, appended to the output."""
     extra = self._accomp_extra(k, trim=True)
-    blk = np.asarray(self.stream.next_block(extra))[0]
+    self._emit(k, np.asarray(self.stream.next_block(extra))[0])
+
+  def _emit(self, k: int, blk) -> None:
+    """Block k's latents (chunk, C): checked, decoded, appended to the output."""
     if not np.isfinite(blk).all():
       raise FloatingPointError(f"jam block {k}: the sampler produced non-finite latents")
     audio = self._decoder.push(blk)

@@ -16,6 +16,9 @@ its sampler defaults. Every app and benchmark goes through it:
 
   session = system.jam(prompt="...", delay_blocks=2)      # generative delay (a JamSession)
 
+  slots = lmdm_jax.serving.SlotServer(system, slots=8)    # many streams, one batched step
+  a, b = slots.open_stream("solo piano", seed=1), slots.open_stream("drums", steps=4)
+
 ``load_system(source)`` reads any source this project knows (``sources.describe``): ``None`` (the
 bundled default model), a bundle ``.npz``, a ``train.py`` or ``arc.py`` work directory, or a
 converted stable-audio-tools checkpoint directory; ``load_system(config="tiny")`` builds a config
@@ -177,7 +180,8 @@ class System:
     return audio[:, :int(round(float(seconds) * self.codec.sample_rate))]
 
   def jam(self, prompt: str = "", **kw):
-    """A ``JamSession`` (generative delay) on this system; ``kw`` as ``JamSession``."""
+    """A ``JamSession`` (generative delay) on this system; ``kw`` as ``JamSession`` (with
+    ``server=``, a ``serving.SlotServer``, it takes one of its slots)."""
     from lmdm_jax.jamming import JamSession
     if self.codec is None:
       raise ValueError("jamming needs a codec that decodes this model's latents")
@@ -204,26 +208,35 @@ class AudioStream:
   """
 
   def __init__(self, system: System, prompt: str, *, seed: int, sketch, decode: bool,
-               settings: SamplerDefaults, frames: int | None = None):
+               settings: SamplerDefaults, frames: int | None = None, server=None):
+    """``server``: a ``serving.SlotServer`` of this system: the stream takes one of its slots
+    (released by ``close()``) instead of compiling its own step."""
     from lmdm_jax import sampling as S
     self.system, self.settings = system, settings
     cfg = system.cfg
     kw = dict(batch=1, cfg_guidance=settings.cfg_scale != 1.0, cross_len=system.cross_len,
               seed=seed, sampler=S.SamplerParams.make(settings.steps, settings.cfg_scale,
                                                       settings.plus_plus, settings.pingpong))
+    self.block = 0
+    self.prompt = None
+    self.seconds_total = None
     fused = None
-    if decode and system.codec is not None and system.streams:
-      fused = system.codec.block_decoder(cfg.chunk)
-    if system.streams:
+    if server is not None:  # a slot of a batched server; its blocks are decoded on the host
+      tokens, glob = system.condition(prompt)
+      self.stream = server.join(tokens, glob, seed=seed, steps=settings.steps,
+                                cfg_scale=settings.cfg_scale, plus_plus=settings.plus_plus,
+                                pingpong=settings.pingpong)
+      self.prompt = prompt
+    elif system.streams:
+      if decode and system.codec is not None:
+        fused = system.codec.block_decoder(cfg.chunk)
       self.stream = S.Stream(system.model, regime=settings.regime, decoder=fused, **kw)
-      self.seconds_total = None
     else:  # a base model: the whole clip at once, handed out block by block
       from lmdm_jax import clip_sampling
       self.stream = clip_sampling.ClipStream(system.model, frames, **kw)
       self.seconds_total = frames / system.frame_rate
-    self.block = 0
-    self.prompt = None
-    self.set_prompt(prompt)
+    if self.prompt is None:
+      self.set_prompt(prompt)
     self._sketch = None
     if sketch is not None:
       from lmdm_jax.data import sketch as sketch_lib
@@ -265,16 +278,17 @@ class AudioStream:
     if self._flushed:
       raise RuntimeError("the stream was flushed: start a new one")
     if extra is None:
-      extra = self._sketch_extra(self.block)
+      extra = self.next_extra()
     if self.fused is None:
-      blk = np.asarray(self.stream.next_block(extra))[0]
-    else:
-      blk, audio = self.stream.step(extra)
-      blk = np.asarray(blk)[0]
+      return self._accept(np.asarray(self.stream.next_block(extra))[0])
+    blk, audio = self.stream.step(extra)
+    return self._accept(np.asarray(blk)[0], audio)
+
+  def _accept(self, blk, audio=None) -> np.ndarray:
     if not np.isfinite(blk).all():
       raise FloatingPointError(f"block {self.block}: the sampler produced non-finite latents "
                                f"({self.settings})")
-    if self.fused is not None:
+    if audio is not None:
       lo, hi = self.fused.valid(self.block)
       self._audio.append(np.asarray(audio)[0, :, lo:hi])
     self.block += 1
@@ -288,11 +302,26 @@ class AudioStream:
     return np.concatenate(parts, axis=-1) if parts else np.zeros(
         (self.system.channels, 0), np.float32)
 
+  def next_extra(self):
+    """The next block's extra channels (the sketch's), or None (zeros)."""
+    return self._sketch_extra(self.block)
+
+  def take_block(self, blk) -> np.ndarray:
+    """The next block's latents (chunk, C), computed elsewhere (a ``SlotServer``'s batched
+    step): checked and decoded as ``next_block`` does."""
+    blk = self._accept(np.asarray(blk))
+    return blk if self.decoder is None else self.decoder.push(blk)
+
   def next_block(self, extra=None) -> np.ndarray:
     blk = self.next_latents(extra)
     if self.fused is not None:
       return self._take_audio()
     return blk if self.decoder is None else self.decoder.push(blk)
+
+  def close(self) -> None:
+    """Release the stream's serving slot (if it has one)."""
+    if hasattr(self.stream, "close"):
+      self.stream.close()
 
   def flush(self) -> np.ndarray:
     """The decoder's held-back tail (empty without a decoder)."""

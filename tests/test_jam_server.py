@@ -357,6 +357,59 @@ def test_session_streams_and_survives_bad_frames_oversized_and_abrupt_clients(se
   assert "still running" not in server.output(100000)
 
 
+def test_sessions_share_the_slots_and_a_full_server_says_so(server):
+  """Every slot taken (4, the default): a further start gets 'busy' naming the slots, the
+  sessions already running keep streaming, together, from the one batched sampler."""
+  async def run():
+    sr = 22050
+    clients = []
+    for i in range(4):
+      ws = await connect(server.ws, max_size=None)
+      r = Reader(ws)
+      hello = await r.get("hello")
+      assert hello["slots"] == 4
+      await ws.send(json.dumps({"type": "start", "steps": 1 + i % 2, "prompt": f"voice {i}"}))
+      clients.append((ws, r))
+    kept = [0] * 4  # frames sent by the keep-alive (a session gets no audio for 30 s: idle)
+    started = [None] * 4
+
+    async def keep_alive():
+      while True:
+        for i, (ws, _) in enumerate(clients):
+          if started[i] is not None:
+            await ws.send(np.zeros(FRAME, "<f4").tobytes())
+            kept[i] += FRAME
+        await asyncio.sleep(1.0)
+
+    alive_task = asyncio.create_task(keep_alive())
+    for i, (_, r) in enumerate(clients):
+      started[i] = await r.get("started", timeout=180)
+    async with connect(server.ws) as extra:
+      rx = Reader(extra)
+      hello = await rx.get("hello")
+      assert hello["free_slots"] == 0
+      await extra.send(json.dumps({"type": "start"}))
+      e = await rx.get("error")
+      assert e["code"] == "busy" and "all 4 session slots" in e["error"], e
+    alive_task.cancel()
+    (a, ra), (b, rb) = clients[:2]
+    sent = await asyncio.gather(feed(a, 1.0, sr, start=kept[0]),
+                                feed(b, 1.0, sr, freq=440.0, start=kept[1]))
+    sent = [n + k for n, k in zip(sent, kept)]
+    for (ws, r), n, st in zip(clients[:2], sent, started[:2]):
+      n += await feed_until_generated(ws, r, sr, st["delay_samples"], start=n)
+      await wait_until(lambda: r.received >= n, 20, "answers")
+      assert np.abs(np.concatenate(r.audio)[st["delay_samples"]:]).max() > 0
+    for ws, r in clients:
+      await ws.send(json.dumps({"type": "stop"}))
+      await r.get("stopped")
+      await ws.close()
+      r.task.cancel()
+
+  asyncio.run(run())
+  alive(server)
+
+
 # ------------------------------------------------------------------------- headless Chromium
 
 

@@ -6,7 +6,11 @@
 One HTTP port serves the page (``/``, ``/jam.js``, ``/worklet.js``) and the WebSocket (``/ws``).
 It binds 127.0.0.1 unless ``--host`` says otherwise (the browser only grants the microphone to a
 secure context: localhost, or https). The model, codec and text encoder are loaded once; every
-connection gets its own ``JamSession`` (its own stream state, KV cache and sampler thread).
+connection's ``JamSession`` takes one of ``--slots`` fixed slots of one ``serving.SlotServer``:
+one sampler thread advances every session due on the block clock in one batched step (its own
+prompt, steps, CFG scale, seed, delay and accompaniment input per slot); sessions join and
+leave without recompiling. When every slot is taken a start gets ``{"type": "error", "code":
+"busy", ...}`` saying so (the hello message says ``slots`` and ``free_slots``).
 
 Protocol (``/ws``):
 - server -> client, first: ``{"type": "hello", "sample_rate", "channels": 1, "block_samples",
@@ -99,7 +103,7 @@ class JamServer:
   def __init__(self, system, *, config_name: str = "?", random_weights: bool = True,
                prompt: str = "", delay_blocks: int = 2, steps: int = 8, cfg_scale: float = 1.0,
                plus_plus: bool = False, pingpong: bool = True, seed: int = 0,
-               max_sessions: int = 4, max_message_bytes: int = 1 << 20,
+               slots: int = 4, max_message_bytes: int = 1 << 20,
                stats_interval: float = 0.5, idle_timeout: float = 30.0, any_origin: bool = False,
                allow_hosts=(), log=_log):
     cfg, codec = system.cfg, system.codec
@@ -118,7 +122,9 @@ class JamServer:
     self.block_samples = cfg.chunk * codec.hop
     self.frame_samples = 1024
     self.max_frame_samples = self.sr  # one second per binary frame at most
-    self.max_sessions, self.max_message_bytes = int(max_sessions), int(max_message_bytes)
+    if int(slots) < 1:
+      raise ValueError(f"--slots must be at least 1, got {slots}")
+    self.max_sessions, self.max_message_bytes = int(slots), int(max_message_bytes)
     self.stats_interval, self.idle_timeout = float(stats_interval), float(idle_timeout)
     self.any_origin = any_origin
     self.allow_hosts = tuple(allow_hosts)
@@ -129,6 +135,8 @@ class JamServer:
         raise ValueError(f"--allow-host {entry!r}: {e}") from None
     self.hosts = None  # HostPolicy of the listening address, set by listening()
     self.log = log
+    from lmdm_jax.serving import SlotServer
+    self.slot_server = SlotServer(system, self.max_sessions, log=log)
     self.sessions = 0  # live JamSessions (the event loop's thread only)
     self.connections = 0
     self.reports: list[dict] = []
@@ -145,14 +153,16 @@ class JamServer:
                 max_frame_samples=self.max_frame_samples,
                 max_message_bytes=self.max_message_bytes, config=self.config_name,
                 random_weights=self.random_weights, defaults=self.defaults,
-                active_sessions=self.sessions, max_sessions=self.max_sessions)
+                active_sessions=self.sessions, max_sessions=self.max_sessions,
+                slots=self.max_sessions, free_slots=max(self.max_sessions - self.sessions, 0))
 
   # ---------------------------------------------------------------------------- sessions
 
   def make_session(self, prompt: str, delay_blocks: int, steps: int, cfg: float, progress=None):
-    """Build a JamSession (worker thread). Its stream is guarded by its own lock, so a prompt or
-    sampler change from the event loop never races the sampler thread's donated state.
-    ``progress(stage)`` (called from this thread) names each set-up stage as it begins."""
+    """Build a JamSession in a slot of the server's ``SlotServer`` (worker thread). The slots'
+    state is guarded by the SlotServer's lock, so a prompt or sampler change from the event loop
+    never races the sampler thread's donated state. ``progress(stage)`` (called from this thread)
+    names each set-up stage as it begins."""
     from lmdm_jax.jamming import JamSession
     progress = progress or (lambda stage: None)
     if self.setup_lock.locked():
@@ -160,17 +170,8 @@ class JamServer:
     with self.setup_lock:
       sess = JamSession(self.system, prompt, delay_blocks=delay_blocks or "auto", steps=steps,
                         cfg_scale=cfg, plus_plus=self.plus_plus, pingpong=self.pingpong,
-                        seed=self.seed, progress=progress)
-    lock = threading.Lock()
-    stream = sess.stream
-    step = stream.next_block
-
-    def next_block(extra=None):
-      with lock:
-        return step(extra)
-
-    stream.next_block = next_block
-    sess.stream_lock = lock
+                        seed=self.seed, progress=progress, server=self.slot_server)
+    sess.stream_lock = self.slot_server.lock
     return sess
 
   def encode_prompt(self, prompt: str):
@@ -437,8 +438,8 @@ class Connection:
     steps = _int_field(msg, "steps", d["steps"], 1, 64)
     cfg = _float_field(msg, "cfg", d["cfg"], 0.0, 20.0)
     if srv.sessions >= srv.max_sessions:
-      raise BadMessage("busy", f"the server runs {srv.sessions} sessions, its limit "
-                       f"(--max-sessions {srv.max_sessions})")
+      raise BadMessage("busy", f"all {srv.max_sessions} session slots of this server are taken "
+                       f"(--slots {srv.max_sessions}): try again when a session ends")
     srv.sessions += 1
     self.counted = True
     self.starting = True
@@ -736,8 +737,12 @@ def main(argv=None):
   ap.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: "
                   "this machine only)")
   ap.add_argument("--port", type=int, default=8765, help="port; 0 picks a free one (default: 8765)")
-  ap.add_argument("--max-sessions", type=int, default=4,
-                  help="concurrent jam sessions (default: 4)")
+  ap.add_argument("--slots", "--max-sessions", type=int, default=4, dest="slots",
+                  help="session slots: at most this many concurrent jam sessions, all advanced "
+                  "in one batched block step (each step computes every slot of a pool, used "
+                  "or not; guided (cfg != 1) and unguided sessions have a pool each); a start "
+                  "when all are taken gets a 'busy' error (default: 4; --max-sessions is the "
+                  "old name)")
   ap.add_argument("--max-message-bytes", type=int, default=1 << 20,
                   help="a larger message closes its connection with code 1009 (default: 1 MiB)")
   ap.add_argument("--stats-interval", type=float, default=0.5,
@@ -755,8 +760,9 @@ def main(argv=None):
                   "machine (DNS rebinding) cannot drive the server")
   ap.add_argument("--compile-cache", default=None,
       help="JAX's persistent compilation cache folder (default: $LMDM_COMPILE_CACHE, else "
-      "~/.cache/lmdm_jax/jax): every session compiles its own block step, the cache turns the "
-      "second and later ones into loads (seconds -> a fraction); 'none' or "
+      "~/.cache/lmdm_jax/jax): the server compiles its slots' batched block step once (and "
+      "the other CFG kind's when a session first needs it), the cache turns a restart's "
+      "compiles into loads (seconds -> a fraction); 'none' or "
       "LMDM_NO_COMPILE_CACHE=1 = off")
   ap.add_argument("--blas-threads", type=int, default=1,
                   help="threads per NumPy BLAS call (the codec's encoder: small matrices, called "
@@ -789,7 +795,7 @@ def main(argv=None):
                     random_weights=not args.checkpoint and args.config is not None,
                     prompt=args.prompt, delay_blocks=args.delay_blocks, steps=d.steps,
                     cfg_scale=d.cfg_scale, plus_plus=d.plus_plus, pingpong=d.pingpong,
-                    seed=args.seed, max_sessions=args.max_sessions,
+                    seed=args.seed, slots=args.slots,
                     max_message_bytes=args.max_message_bytes,
                     stats_interval=args.stats_interval, idle_timeout=args.idle_timeout,
                     any_origin=args.any_origin, allow_hosts=args.allow_host)
@@ -797,6 +803,7 @@ def main(argv=None):
     print(f"{tag} error: {' '.join(str(e).split())}", file=sys.stderr)
     return 2
   codec, cfg = system.codec, system.cfg
+  srv.slot_server.pool(d.cfg_scale != 1.0)  # the default sessions' slots, compiled now
   C.warm_decoder(codec.low_latency(cfg.chunk), cfg.chunk)  # the sessions' decoder
   print(f"{tag} model ready in {time.perf_counter() - t0:.1f} s: {codec.sample_rate} Hz, blocks "
         f"of {srv.block_samples / srv.sr:.3f} s", flush=True)
@@ -807,6 +814,7 @@ def main(argv=None):
     return 2
   finally:
     srv.pool.shutdown(wait=False, cancel_futures=True)
+    srv.slot_server.close()
   return 0
 
 
