@@ -9,7 +9,8 @@ chunk more), times the block's dense layers (qkv, out, cross-q, cross-out, ff_in
   bf16-w     W stored in bfloat16, upcast to float32 at use (weights-only)
   int8       W int8 per output channel, x quantised per row at run time, int8 x int8 -> int32
              ``dot_general``, then rescaled to float32 (``lmdm_jax.quantize``)
-Prints ms per block-layer-set, GFLOP/s and the speed-up over fp32.
+Prints wall ms per call, GFLOP/s, process CPU ms per call (all threads: on a shared machine the
+wall time includes waiting for a core, the CPU time does not) and the speed-ups over fp32.
 
   python3 bench/quant_matmul.py                  # demo and saos shapes
   python3 bench/quant_matmul.py --configs saos --layers 4 --reps 5
@@ -73,14 +74,11 @@ def weights(kind, shapes, key):
   return out
 
 
-def median_time(f, *args, reps):
+def timed(f, *args):
+  """(wall seconds, process CPU seconds) of one call."""
+  t0, c0 = time.perf_counter(), time.process_time()
   jax.block_until_ready(f(*args))
-  ts = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    jax.block_until_ready(f(*args))
-    ts.append(time.perf_counter() - t0)
-  return float(np.median(ts))
+  return time.perf_counter() - t0, time.process_time() - c0
 
 
 def main(argv=None):
@@ -94,8 +92,8 @@ def main(argv=None):
   print(f"# dense layers: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax "
         f"{jax.__version__}, {args.layers} chained layer sets (qkv, out, cross-q, cross-out, "
         "ff_in, ff_out) per call; interleaved, median\n")
-  print("| config | rows | " + " | ".join(f"{k} ms | {k} GFLOP/s" for k in kinds)
-        + " | " + " | ".join(f"{k} vs fp32" for k in kinds[1:]) + " |")
+  print("| config | rows | " + " | ".join(f"{k} ms (CPU ms) | {k} GFLOP/s" for k in kinds)
+        + " | " + " | ".join(f"{k} vs fp32 (CPU)" for k in kinds[1:]) + " |")
   print("|---|---|" + "---|---|" * len(kinds) + "---|" * (len(kinds) - 1))
   for name in args.configs.split(","):
     cfg = DiTConfig.from_config(load_cli_config(name).model)
@@ -110,10 +108,12 @@ def main(argv=None):
         jax.block_until_ready(f(x, w))
       for _ in range(args.reps):  # round-robin: machine load hits every kind alike
         for k, (f, w) in fs.items():
-          ts[k].append(median_time(f, x, w, reps=1))
-      med = {k: float(np.median(v)) for k, v in ts.items()}
-      cells = " | ".join(f"{med[k] * 1e3:.2f} | {flop_row * rows / med[k] / 1e9:.0f}" for k in kinds)
-      ratio = " | ".join(f"{med['fp32'] / med[k]:.2f}x" for k in kinds[1:])
+          ts[k].append(timed(f, x, w))
+      med = {k: np.median(np.array(v), axis=0) for k, v in ts.items()}
+      cells = " | ".join(f"{med[k][0] * 1e3:.2f} ({med[k][1] * 1e3:.2f}) | "
+                         f"{flop_row * rows / med[k][0] / 1e9:.0f}" for k in kinds)
+      ratio = " | ".join(f"{med['fp32'][0] / med[k][0]:.2f}x ({med['fp32'][1] / med[k][1]:.2f}x)"
+                         for k in kinds[1:])
       print(f"| {name} | {rows} ({label}) | {cells} | {ratio} |", flush=True)
 
 
