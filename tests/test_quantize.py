@@ -120,3 +120,15 @@ def test_load_system_quantize_option():
   assert any("int8" in m for m in logs)
   blk = system.stream("a prompt", seed=0, steps=2, cfg_scale=1.0).next_block()
   assert blk.shape == (system.cfg.chunk, system.cfg.io_channels) and np.isfinite(blk).all()
+
+
+def test_cli_quantize_flag(capsys):
+  from lmdm_jax.apps import jam, sample_cli, server
+  assert sample_cli.build_parser().parse_args([]).quantize == "none"
+  assert sample_cli.build_parser().parse_args(["--quantize", "int8"]).quantize == "int8"
+  assert jam.build_parser().parse_args(["--input", "x.wav", "--quantize", "int8"]).quantize == "int8"
+  for main in (sample_cli.main, server.main):
+    with pytest.raises(SystemExit) as e:
+      main(["--quantize", "int4"])
+    assert e.value.code == 2
+    assert "--quantize: invalid choice: 'int4'" in capsys.readouterr().err
