@@ -28,7 +28,8 @@ from lmdm_jax import quantize as Q  # noqa: E402
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   ap.add_argument("--checkpoint", default=None, help="model source (default: the bundled model)")
-  ap.add_argument("--config", default=None, help="a config with random weights (testing.random_model)")
+  ap.add_argument("--config", default=None,
+                  help="a config with random weights (testing.random_model)")
   ap.add_argument("--blocks", type=int, default=6)
   ap.add_argument("--steps", type=int, default=None, help="default: the model's")
   ap.add_argument("--cfg-scale", type=float, default=None, help="default: the model's (1: no CFG)")

@@ -38,7 +38,7 @@ def layer_shapes(cfg: DiTConfig):
 
 
 def make_fn(kind, shapes, n_layers):
-  """A jitted function (x, weights) -> sum of the outputs of every layer, chained layer sets."""
+  """A jitted (x, weights) -> x after ``n_layers`` block layer sets (residual adds, SwiGLU)."""
 
   def apply(x, w):
     if kind == "fp32":
@@ -100,9 +100,11 @@ def main(argv=None):
     shapes = layer_shapes(cfg)
     flop_row = 2 * args.layers * sum(a * b for a, b in shapes)
     cs = cfg.chunk
-    for label, rows in [("batch 1", cs + 1), ("CFG", 2 * (cs + 1)), ("fused 1st, CFG", 2 * (2 * cs + 1))]:
+    for label, rows in [("batch 1", cs + 1), ("CFG", 2 * (cs + 1)),
+                        ("fused 1st, CFG", 2 * (2 * cs + 1))]:
       x = jax.random.normal(jax.random.key(1), (rows, cfg.embed_dim), jnp.float32)
-      fs = {k: (make_fn(k, shapes, args.layers), weights(k, shapes, jax.random.key(0))) for k in kinds}
+      fs = {k: (make_fn(k, shapes, args.layers), weights(k, shapes, jax.random.key(0)))
+            for k in kinds}
       ts = {k: [] for k in kinds}
       for k, (f, w) in fs.items():
         jax.block_until_ready(f(x, w))

@@ -134,7 +134,8 @@ def test_cli_quantize_flag(capsys):
   from lmdm_jax.apps import jam, sample_cli, server
   assert sample_cli.build_parser().parse_args([]).quantize == "none"
   assert sample_cli.build_parser().parse_args(["--quantize", "int8"]).quantize == "int8"
-  assert jam.build_parser().parse_args(["--input", "x.wav", "--quantize", "int8"]).quantize == "int8"
+  jam_args = jam.build_parser().parse_args(["--input", "x.wav", "--quantize", "int8"])
+  assert jam_args.quantize == "int8"
   for main in (sample_cli.main, server.main):
     with pytest.raises(SystemExit) as e:
       main(["--quantize", "int4"])
