@@ -21,6 +21,8 @@ batch x that. % peak: the DiT's FLOPs per second against a matmul of the same dt
   python3 bench/streaming.py --config demo --modes cfg8,arc4 --batch 1 --dtypes float32
   python3 bench/streaming.py --config saos --modes cfg8,arc4 --batch 1,8 \
       --dtypes float32,bfloat16 --codec oobleck-random          # every row: a GPU
+  python3 bench/streaming.py --config saos --steps 4 --cfg off --regimes block_causal \
+      --quantize none,int8     # fp32 and dynamic-int8 weights side by side, interleaved
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from lmdm_jax import quantize as Q  # noqa: E402
 from lmdm_jax import sampling as S  # noqa: E402
 from lmdm_jax.config import DiTConfig, load_cli_config  # noqa: E402
 from lmdm_jax.nn.dit import DiT  # noqa: E402
@@ -217,6 +220,9 @@ def main(argv=None):
   ap.add_argument("--codec", default="config",
                   help="--modes: the end-to-end decode: config (the config's codec; default), "
                   "none, oobleck-random (SAO's VAE with random weights, for timing)")
+  ap.add_argument("--quantize", default="none",
+                  help="weight modes to compare, interleaved in one run: none,int8 "
+                       "(lmdm_jax.quantize; the speed-up column is then vs none)")
   args = ap.parse_args(argv)
 
   conf = load_cli_config(args.config)
@@ -236,30 +242,38 @@ def main(argv=None):
     compile_cache.enable()
     return per_block_rows(args, conf, cfg, bench_codec(args.codec, conf))
   model = DiT(cfg, rngs=nnx.Rngs(0))
+  quants = args.quantize.split(",")
+  for q in quants:
+    if q not in Q.QUANTIZE_MODES:
+      ap.error(f"--quantize {q!r}: choose from {list(Q.QUANTIZE_MODES)}")
+  models = {q: Q.quantize_model(model, q) for q in quants}
   peak = matmul_peak(jnp.dtype(cfg.dtype))
   print(f"# measured matmul peak: {peak:.1f} GFLOP/s; block = {cfg.chunk} frames = "
         f"{cfg.chunk / FRAME_RATE * 1000:.0f} ms of audio at {FRAME_RATE:.2f} frames/s\n")
-  print("| regime | steps | CFG | batch | token-passes | GFLOP/block | ms/block | RTF | GFLOP/s "
-        "| % peak | speed-up vs naive |")
-  print("|---|---|---|---|---|---|---|---|---|---|---|")
+  vs = "naive" if len(quants) == 1 else quants[0]
+  print("| regime | weights | steps | CFG | batch | token-passes | GFLOP/block | ms/block | RTF "
+        f"| GFLOP/s | % peak | speed-up vs {vs} |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|---|")
   block_s = cfg.chunk / FRAME_RATE
   for batch in [int(b) for b in args.batch.split(",")]:
     for steps in [int(s) for s in args.steps.split(",")]:
       for cfg_on in [c == "on" for c in args.cfg.split(",")]:
         regimes = args.regimes.split(",")
-        streams = {r: make_stream(model, r, steps, cfg_on, batch) for r in regimes}
+        keys = [(r, q) for r in regimes for q in quants]
+        streams = {k: make_stream(models[k[1]], k[0], steps, cfg_on, batch) for k in keys}
         secs = time_interleaved(streams, args.reps)
         del streams
-        base = secs.get("naive")
-        for regime in regimes:
-          sec = secs[regime]
+        for regime, q in keys:
+          sec = secs[(regime, q)]
+          base = secs.get(("naive", q)) if len(quants) == 1 else secs[(regime, quants[0])]
           fl = flops_per_block(cfg, regime, steps, batch, cfg_on)
-          tok = sum(q for q, _ in passes(cfg, regime, steps))
+          tok = sum(n for n, _ in passes(cfg, regime, steps))
           gfs = fl / sec / 1e9
           speed = f"{base / sec:.2f}x" if base else "-"
-          print(f"| {regime} | {steps} | {'on' if cfg_on else 'off'} | {batch} | {tok} | "
-                f"{fl / 1e9:.2f} | {sec * 1000:.1f} | {block_s / sec:.2f} | {gfs:.1f} | "
-                f"{100 * gfs / peak:.0f}% | {speed} |", flush=True)
+          print(f"| {regime} | {q if q != 'none' else cfg.param_dtype} | {steps} | "
+                f"{'on' if cfg_on else 'off'} | {batch} | {tok} | {fl / 1e9:.2f} | "
+                f"{sec * 1000:.1f} | {block_s / sec:.2f} | {gfs:.1f} | {100 * gfs / peak:.0f}% | "
+                f"{speed} |", flush=True)
 
 
 if __name__ == "__main__":

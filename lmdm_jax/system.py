@@ -78,6 +78,7 @@ class System:
     self.name, self.description = name, description
     self.seconds_start, self.seconds_total = float(seconds_start), seconds_total
     self.conditioning_note = ""  # what the conditioning holds, for logs (converted models)
+    self.quantize = "none"  # "int8": the model is a dynamic-int8 view (``load_system``)
     if codec is not None and codec.latent_dim != self.cfg.io_channels:
       raise ValueError(f"the codec's {codec.latent_dim}-dim latents do not match the model's "
                        f"io_channels={self.cfg.io_channels}")
@@ -342,12 +343,26 @@ class AudioStream:
 
 
 def load_system(source: str | None = None, *, config: str | None = None, codec: str | None = None,
-                t5: str | None = None, vae: str | None = None, seed: int = 0, log=print) -> System:
+                t5: str | None = None, vae: str | None = None, seed: int = 0,
+                quantize: str | None = None, log=print) -> System:
   """The System of ``source`` (see ``lmdm_jax.sources``): None is the bundled trained model.
   ``config``: a registered config name or the user's own config file, for random weights or to
   override the config a source records; ``codec``: a codec name (``"none"``: latents); ``t5``:
   a local T5 folder for T5-conditioned models; ``vae``: the VAE of a converted checkpoint that
-  has none; ``seed``: random weights' seed. Raises ``sources.SourceError`` (a ValueError) with a
-  one-line message naming what is missing and the flag that supplies it."""
+  has none; ``seed``: random weights' seed; ``quantize``: ``"int8"`` samples with a dynamic-int8
+  view of the DiT's block linears (``lmdm_jax.quantize``; a CPU speed option, the loaded weights
+  are unchanged), None or ``"none"`` (default) in the model's dtype. Raises
+  ``sources.SourceError`` (a ValueError) with a one-line message naming what is missing and the
+  flag that supplies it."""
+  from lmdm_jax import quantize as Q
   from lmdm_jax import sources
-  return sources.load(source, config=config, codec=codec, t5=t5, vae=vae, seed=seed, log=log)
+  mode = "none" if quantize is None else str(quantize)
+  if mode not in Q.QUANTIZE_MODES:
+    raise sources.SourceError(f"--quantize {mode!r}: choose one of {list(Q.QUANTIZE_MODES)}")
+  system = sources.load(source, config=config, codec=codec, t5=t5, vae=vae, seed=seed, log=log)
+  if mode != "none":
+    system.model, system.quantize = Q.quantize_model(system.model, mode), mode
+    system.description += f"; {mode} dynamic quantisation of the block linears"
+    log(f"[system] {mode}: the DiT's block linears run as dynamic {mode} (weights per output "
+        "channel, activations per token)")
+  return system

@@ -18,11 +18,11 @@ LAYERS = [
     ("convert", ["lmdm_jax.convert"]),  # checkpoints of the authors' code -> nn modules
     ("core", ["lmdm_jax.layouts", "lmdm_jax.cache", "lmdm_jax.sampling", "lmdm_jax.text",
               "lmdm_jax.codecs", "lmdm_jax.data", "lmdm_jax.music_metrics", "lmdm_jax.testing",
-              "lmdm_jax.clip_sampling"]),
+              "lmdm_jax.clip_sampling", "lmdm_jax.quantize"]),
     ("training", ["lmdm_jax.training"]),
     # whole systems from any source; the converter's loader and exporter read every source
     ("loading", ["lmdm_jax.bundle", "lmdm_jax.checkpoint_io", "lmdm_jax.system",
-                 "lmdm_jax.sources", "lmdm_jax.jamming", "lmdm_jax.convert.load",
+                 "lmdm_jax.sources", "lmdm_jax.jamming", "lmdm_jax.serving", "lmdm_jax.convert.load",
                  "lmdm_jax.convert.export", "lmdm_jax.convert.__main__"]),
     ("apps", ["lmdm_jax.apps", "lmdm_jax.__main__"]),
 ]

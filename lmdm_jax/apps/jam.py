@@ -84,6 +84,10 @@ def build_parser():
   ap.add_argument("--buffer", type=int, default=1024,
                   help=f"with --realtime: audio callback size in samples ({BUFFER_RANGE[0]}.."
                        f"{BUFFER_RANGE[1]}; default: 1024)")
+  ap.add_argument("--quantize", choices=["none", "int8"], default="none",
+                  help="int8: run the DiT's block linears as dynamic int8 (int8 weights per output "
+                  "channel, activations per token; a CPU speed option, see docs/STREAMING.md); "
+                  "default: none (the model's dtype)")
   ap.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
   return ap
 
@@ -123,7 +127,8 @@ def _run(args, tag):
   from lmdm_jax.system import load_system
   t0 = time.perf_counter()
   try:
-    system = load_system(args.checkpoint, config=args.config, codec=args.codec, seed=args.seed)
+    system = load_system(args.checkpoint, config=args.config, codec=args.codec, seed=args.seed,
+                         quantize=args.quantize)
     if system.codec is None:
       raise C.UsageError("jamming needs a codec that matches the model")
     codec = system.codec

@@ -68,6 +68,10 @@ def build_parser():
   ap.add_argument("--play", action="store_true",
                   help="also play through the sound card (needs sounddevice; default: off)")
   ap.add_argument("--no-progress", action="store_true", help="no progress bar (default: shown)")
+  ap.add_argument("--quantize", choices=["none", "int8"], default="none",
+                  help="int8: run the DiT's block linears as dynamic int8 (int8 weights per output "
+                  "channel, activations per token; a CPU speed option, see docs/STREAMING.md); "
+                  "default: none (the model's dtype)")
   ap.add_argument("--t5", default=None, metavar="DIR",
                   help="local Hugging Face T5 folder for T5-conditioned models (--config saos, a "
                        "converted checkpoint) (default: the folder recorded by the converter)")
@@ -152,7 +156,8 @@ def run(args):
   import time
   try:
     system = load_system(args.checkpoint, config=args.config, codec=args.codec, t5=args.t5,
-                         vae=args.vae, seed=args.seed, log=print)
+                         vae=args.vae, seed=args.seed, quantize=args.quantize,
+                         log=print)
     t0 = time.perf_counter()
     stream = system.stream(prompts[0].text, seed=args.seed, sketch=args.sketch,
                            seconds=args.seconds, steps=args.steps, cfg_scale=args.cfg_scale,

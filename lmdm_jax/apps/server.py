@@ -764,6 +764,10 @@ def main(argv=None):
       "the other CFG kind's when a session first needs it), the cache turns a restart's "
       "compiles into loads (seconds -> a fraction); 'none' or "
       "LMDM_NO_COMPILE_CACHE=1 = off")
+  ap.add_argument("--quantize", choices=["none", "int8"], default="none",
+                  help="int8: run the DiT's block linears as dynamic int8 (int8 weights per output "
+                  "channel, activations per token; a CPU speed option, see docs/STREAMING.md); "
+                  "default: none (the model's dtype)")
   ap.add_argument("--blas-threads", type=int, default=1,
                   help="threads per NumPy BLAS call (the codec's encoder: small matrices, called "
                   "from every session's thread; more threads than 1 only contend, and on a busy "
@@ -789,7 +793,7 @@ def main(argv=None):
   from lmdm_jax.system import load_system
   try:
     system = load_system(args.checkpoint, config=args.config, codec=args.codec, seed=args.seed,
-                         log=lambda m: print(f"{tag} {m}"))
+                         quantize=args.quantize, log=lambda m: print(f"{tag} {m}"))
     d = system.sampler_settings(steps=args.steps, cfg_scale=args.cfg_scale)
     srv = JamServer(system, config_name=system.name,
                     random_weights=not args.checkpoint and args.config is not None,
