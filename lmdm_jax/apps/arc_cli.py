@@ -4,6 +4,7 @@
   python3 arc.py --config arc_tiny --base runs/tiny --data synthetic --workdir runs/arc_tiny
   python3 arc.py --config configs/my_arc.py --base runs/demo --data data_cache/latents ...
   python3 arc.py ... --fsdp 4            # shard base/adapter/head/optimizers over 4 of the devices
+  python3 arc.py ... --coordinator HOST:PORT --num-processes N --process-id I   # each process
 
 --base is a train.py workdir (or its checkpoints/ folder): the base parameters are read from its
 latest (or --base-step) orbax checkpoint, {"params", "rest", "opt", "step"}, by a partial restore
@@ -16,8 +17,8 @@ Metrics: <workdir>/arc_metrics.jsonl. ``lmdm_jax.training.arc_run.load_arc_model
 returns the base with the adapter merged in, for inference (e.g. bench/drift.py).
 
 Scale: the same sharding as stage 1 (train.py, ``lmdm_jax.training.sharding``): a (data, fsdp)
-mesh over all devices (``--fsdp``, default 1 = data parallel; multi-host via the same
-``init_distributed``); the batch is split over the mesh, the frozen base, adapter, head and both
+mesh over all devices (``--fsdp``, default 1 = data parallel; several processes with the same
+flags as train.py, docs/TRAINING.md); the batch is split over the mesh, the frozen base, adapter, head and both
 optimizer states are FSDP-sharded over ``fsdp`` by the same rules, and checkpoints restore into
 that layout. One device is a mesh of one (the same code path).
 """
@@ -32,7 +33,7 @@ import jax
 
 from lmdm_jax import compile_cache
 from lmdm_jax.config import load_cli_config
-from lmdm_jax.training import sharding
+from lmdm_jax.training import distributed, sharding
 from lmdm_jax.training.arc_run import (ARC_DIR, METRICS, build, make_step_fns, model_config,
                                        restore_state, sections, train_loop)
 from lmdm_jax.training.checkpoints import Checkpointer, latest_step
@@ -63,10 +64,11 @@ def main(argv=None):
   ap.add_argument("--seed", type=int, help="seed (default: the config's)")
   ap.add_argument("--fsdp", type=int,
                   help="devices per FSDP group, as train's --fsdp (default: the config's, 1)")
+  distributed.add_arguments(ap)
   args = ap.parse_args(argv)
   compile_cache.enable(log=lambda m: print(f"[arc] {m}"))
 
-  sharding.init_distributed()
+  distributed.initialize_from_args(args, ap)  # before anything touches a device
   conf = load_cli_config(args.config)
   _, _, _, tr = sections(conf)
   for k in ("steps", "batch_size", "ckpt_every", "keep", "log_every", "fsdp"):
@@ -96,8 +98,11 @@ def main(argv=None):
       if old.get(k) != rec[k] and os.path.isdir(os.path.join(args.workdir, ARC_DIR)):
         raise SystemExit(f"[arc] {args.workdir} holds a run with {k}={old.get(k)!r}; this command "
                          f"has {rec[k]!r}. Use another --workdir.")
-  with open(rec_path, "w") as f:
-    json.dump(rec, f, indent=1, default=str)
+  distributed.barrier("arc-run-record-read")  # every process has read it before it is rewritten
+  if distributed.is_main():
+    with open(rec_path + ".tmp", "w") as f:
+      json.dump(rec, f, indent=1, default=str)
+    os.replace(rec_path + ".tmp", rec_path)
 
   mesh = sharding.make_mesh(fsdp=tr["fsdp"])
   sharding.check_batch(tr["batch_size"], mesh)
@@ -116,11 +121,12 @@ def main(argv=None):
     start = int(state["step"])
     print(f"[arc] resumed from step {start} ({ckpt.directory})")
   metrics_path = os.path.join(args.workdir, METRICS)
-  truncate_metrics(metrics_path, start)
+  if distributed.is_main():
+    truncate_metrics(metrics_path, start)
   fns = make_step_fns(trainer, mesh=mesh)
   steps = tr["steps"]
   t0 = [time.perf_counter()]
-  with open(metrics_path, "a") as mf:
+  with open(metrics_path if distributed.is_main() else os.devnull, "a") as mf:
     def on_metrics(done, phase, m):
       if done % tr["log_every"] and done != steps:
         return
@@ -137,7 +143,7 @@ def main(argv=None):
 
     state = train_loop(trainer, fns, state, frozen, batches, tr["batch_size"], start, steps,
                        seed, ckpt, tr["ckpt_every"], on_metrics,
-                       meta={"config": args.config, "base": rec["base"]})
+                       meta={"config": args.config, "base": rec["base"]}, mesh=mesh)
   ckpt.close()
   print(f"[arc] finished at step {steps}; adapter checkpoints in {ckpt.directory}")
 

@@ -3,6 +3,7 @@
   python3 train.py --config tiny --data synthetic --workdir runs/tiny --steps 200
   python3 train.py --config configs/demo.py --data data_cache/latents --workdir runs/demo
   python3 train.py ... --fsdp 4            # shard params/optimizer over 4 of the devices
+  python3 train.py ... --coordinator HOST:PORT --num-processes N --process-id I   # each process
 
 A run restarted with the same command resumes from its last checkpoint and continues with the
 same data order, noise and losses as an uninterrupted run (data and PRNG keys depend only on the
@@ -18,7 +19,6 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from tqdm import tqdm
@@ -26,7 +26,7 @@ from tqdm import tqdm
 from lmdm_jax import compile_cache
 from lmdm_jax.config import DiTConfig, load_cli_config
 from lmdm_jax.nn.dit import DiT
-from lmdm_jax.training import sharding
+from lmdm_jax.training import distributed, sharding
 from lmdm_jax.training.checkpoints import Checkpointer, abstract_like, latest_step, run_layout
 from lmdm_jax.training.data import Batcher, make_source
 from lmdm_jax.training.stage1 import Stage1, Stage1Config
@@ -89,10 +89,12 @@ def main(argv=None):
   ap.add_argument("--sample-seconds", type=float,
                   help="length of those samples in seconds (default: the config's, 10)")
   ap.add_argument("--no-progress", action="store_true", help="no progress bar (default: shown)")
+  distributed.add_arguments(ap)
   args = ap.parse_args(argv)
   compile_cache.enable(log=lambda m: print(f"[train] {m}"))
 
-  sharding.init_distributed()
+  distributed.initialize_from_args(args, ap)  # before anything touches a device
+  main_process = distributed.is_main()  # writes config.json and metrics.jsonl
   conf = load_cli_config(args.config)
   cfg = DiTConfig.from_config(conf.model)
   if latest_step(os.path.join(args.workdir, "checkpoints")) is not None:
@@ -120,8 +122,7 @@ def main(argv=None):
 
   state = trainer.init_state(model)
   del model
-  shard = sharding.state_shardings(state, mesh)
-  state = jax.device_put(state, shard)
+  state, shard = sharding.place(state, mesh)
   ckpt = Checkpointer(os.path.join(args.workdir, "checkpoints"), keep=tr["keep"])
   start = 0
   if ckpt.latest_step() is not None:
@@ -129,30 +130,36 @@ def main(argv=None):
     start = int(state["step"])
     print(f"[train] resumed from step {start} ({ckpt.directory})")
   metrics_path = os.path.join(args.workdir, "metrics.jsonl")
-  truncate_metrics(metrics_path, start)
-  with open(os.path.join(args.workdir, "config.json"), "w") as f:
-    json.dump({"config": args.config, "model": dict(conf.model, positions=cfg.positions),
-               "train": tr, "seed": seed,
-               "data": args.data}, f, indent=1, default=str)
+  if main_process:
+    truncate_metrics(metrics_path, start)
+    tmp = os.path.join(args.workdir, "config.json.tmp")
+    with open(tmp, "w") as f:
+      json.dump({"config": args.config, "model": dict(conf.model, positions=cfg.positions),
+                 "train": tr, "seed": seed,
+                 "data": args.data}, f, indent=1, default=str)
+    os.replace(tmp, os.path.join(args.workdir, "config.json"))
 
-  bsh = sharding.batch_sharding(mesh)
-  step_fn = jax.jit(trainer.train_step, donate_argnums=(0,),
-                    in_shardings=(shard, bsh, sharding.replicated(mesh)),
-                    out_shardings=(shard, sharding.replicated(mesh)))
-  eval_fn = jax.jit(trainer.eval_loss)
+  bsh, rep = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+  step_fn = jax.jit(trainer.train_step, donate_argnums=(0,), in_shardings=(shard, bsh, rep),
+                    out_shardings=(shard, rep))
+  eval_fn = jax.jit(trainer.eval_loss, in_shardings=(shard, bsh, rep), out_shardings=rep)
   base_key = jax.random.key(seed)
+  rows = sharding.local_rows(tr["batch_size"], mesh)  # this process's rows of each batch
 
-  def put(b):
-    return jax.device_put({k: jnp.asarray(v) for k, v in b.items()}, bsh)
+  def batch_at(batcher, step):
+    return sharding.global_batch(batcher(step, tr["batch_size"], rows), tr["batch_size"], mesh)
+
+  def key_at(key):
+    return sharding.put(key, rep)
 
   steps = tr["steps"]
-  bar = tqdm(range(start, steps), initial=start, total=steps, disable=args.no_progress,
-             dynamic_ncols=True, desc="train")
+  bar = tqdm(range(start, steps), initial=start, total=steps,
+             disable=args.no_progress or not main_process, dynamic_ncols=True, desc="train")
   t_last, n_last = time.perf_counter(), start
-  with open(metrics_path, "a") as mf:
+  with open(metrics_path if main_process else os.devnull, "a") as mf:
     for step in bar:
-      batch = put(batches(step, tr["batch_size"]))
-      state, m = step_fn(state, batch, jax.random.fold_in(base_key, step))
+      batch = batch_at(batches, step)
+      state, m = step_fn(state, batch, key_at(jax.random.fold_in(base_key, step)))
       done = step + 1
       if done % tr["log_every"] == 0 or done == steps:
         m = {k: float(v) for k, v in m.items()}
@@ -161,8 +168,8 @@ def main(argv=None):
         t_last, n_last = now, done
         rec = {"step": done, **m, "steps_per_s": rate}
         if tr["eval_every"] and (done % tr["eval_every"] == 0 or done == steps):
-          ev = [float(eval_fn(state, put(held_batches(10_000_000 + i, tr["batch_size"])),
-                              jax.random.key(i))) for i in range(tr["eval_batches"])]
+          ev = [float(eval_fn(state, batch_at(held_batches, 10_000_000 + i),
+                              key_at(jax.random.key(i)))) for i in range(tr["eval_batches"])]
           rec["heldout_loss"] = float(np.mean(ev))
         mf.write(json.dumps(rec) + "\n")
         mf.flush()
