@@ -18,9 +18,9 @@ returns the base with the adapter merged in, for inference (e.g. bench/drift.py)
 
 Scale: the same sharding as stage 1 (train.py, ``lmdm_jax.training.sharding``): a (data, fsdp)
 mesh over all devices (``--fsdp``, default 1 = data parallel; several processes with the same
-flags as train.py, docs/TRAINING.md); the batch is split over the mesh, the frozen base, adapter, head and both
-optimizer states are FSDP-sharded over ``fsdp`` by the same rules, and checkpoints restore into
-that layout. One device is a mesh of one (the same code path).
+flags as train.py, docs/TRAINING.md); the batch is split over the mesh, the frozen base,
+adapter, head and both optimizer states are FSDP-sharded over ``fsdp`` by the same rules, and
+checkpoints restore into that layout. One device is a mesh of one (the same code path).
 """
 from __future__ import annotations
 

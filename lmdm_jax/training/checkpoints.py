@@ -54,7 +54,8 @@ class Checkpointer:
 
   def latest_step(self):
     """The newest finished step or None (process 0's answer in every process)."""
-    return distributed.agree(self.manager.latest_step())
+    step = self.manager.latest_step()
+    return distributed.agree(None if step is None else int(step))
 
   def all_steps(self):
     """The finished steps (process 0's list in every process)."""
