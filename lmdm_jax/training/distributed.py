@@ -23,8 +23,6 @@ import re
 
 import numpy as np
 
-_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
-
 
 def add_arguments(ap) -> None:
   """The process flags of train.py and arc.py, on an argparse parser."""
@@ -100,13 +98,17 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
 def _compile_once() -> None:
   """Several processes: the first compiles each program and hands it to the others (JAX's
   ``jax_share_binary_between_hosts``), so all start running it together, and the persistent
-  compilation cache is off. JAX reads and writes that cache in process 0 only, so with it process
-  0 would start a cached program while the others still compile, and a collective that waits
-  longer than its timeout (30 s for the CPU's gloo) fails."""
+  compilation cache is off. JAX writes that cache from process 0 only (and on CPU the other
+  processes did not find their programs in it), so process 0 would start a cached program while
+  the others still compile, and a collective that waits longer than its timeout (30 s for the
+  CPU's gloo) fails."""
   import jax
   if jax.process_count() > 1:
-    jax.config.update("jax_share_binary_between_hosts", True)
     jax.config.update("jax_enable_compilation_cache", False)
+    try:
+      jax.config.update("jax_share_binary_between_hosts", True)
+    except AttributeError:  # a JAX without the option: every process compiles
+      pass
 
 
 def is_main() -> bool:
