@@ -4,6 +4,7 @@
   python3 arc.py --config arc_tiny --base runs/tiny --data synthetic --workdir runs/arc_tiny
   python3 arc.py --config configs/arc_demo.py --config.arc.lr_g=2e-5 --base runs/demo ...
   python3 arc.py ... --config.arc_train.fsdp=4   # shard base/adapter/head/optimizers over 4 devices
+  python3 arc.py ... --coordinator HOST:PORT --num-processes N --process-id I   # each process
 
 --config names the recipe (a registered config or your own file) and --config.FIELD=VALUE sets
 any of its fields (``arc.lr_g``, ``adapter.rank``, ``arc_train.steps``, ``seed``, ...;
@@ -21,10 +22,10 @@ Metrics: <workdir>/arc_metrics.jsonl. ``lmdm_jax.training.arc_run.load_arc_model
 returns the base with the adapter merged in, for inference (e.g. bench/drift.py).
 
 Scale: the same sharding as stage 1 (train.py, ``lmdm_jax.training.sharding``): a (data, fsdp)
-mesh over all devices (``arc_train.fsdp``, default 1 = data parallel; multi-host via the same
-``init_distributed``); the batch is split over the mesh, the frozen base, adapter, head and both
-optimizer states are FSDP-sharded over ``fsdp`` by the same rules, and checkpoints restore into
-that layout. One device is a mesh of one (the same code path).
+mesh over all devices (``arc_train.fsdp``, default 1 = data parallel; several processes with
+the same flags as train.py, docs/TRAINING.md); the batch is split over the mesh, the frozen base,
+adapter, head and both optimizer states are FSDP-sharded over ``fsdp`` by the same rules, and
+checkpoints restore into that layout. One device is a mesh of one (the same code path).
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ from lmdm_jax import compile_cache
 from lmdm_jax.apps import run_flags
 from lmdm_jax.apps.common import UsageError
 from lmdm_jax.config import one_line
-from lmdm_jax.training import sharding
+from lmdm_jax.training import distributed, sharding
 from lmdm_jax.training.arc_run import (ARC_DIR, METRICS, build, config_defaults, make_step_fns,
                                        model_config, restore_state, sections, train_loop)
 from lmdm_jax.training.checkpoints import Checkpointer, latest_step
@@ -62,6 +63,7 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_string("disc_ckpt", None, "checkpoint of a separate discriminator backbone (config "
                       "field disc_backbone; default: none, random backbone weights; also "
                       "--disc-ckpt)", flag_values=fv)
+  run_flags.define_process_flags(fv)
 
 
 def _recipe(overrides: dict) -> dict:
@@ -89,6 +91,8 @@ def _check(p: run_flags.Parsed):
   UsageError for a work directory that holds another run."""
   fv, conf = p.flags, p.conf
   workdir = run_flags.required(fv, "workdir")
+  compile_cache.enable(log=lambda m: print(f"[arc] {m}"))
+  run_flags.init_processes(fv)  # before anything touches a device
   _, _, _, tr = sections(conf)  # checks the adapter, head and arc fields
   seed = conf.seed
   rec_path = os.path.join(workdir, "arc_config.json")
@@ -115,13 +119,14 @@ def _check(p: run_flags.Parsed):
       if was != now:
         raise UsageError(f"{workdir} holds a run with {k}={was!r}; this command has {now!r}. "
                          "Use another --workdir.")
-  compile_cache.enable(log=lambda m: print(f"[arc] {m}"))
-  sharding.init_distributed()
   mesh = sharding.make_mesh(fsdp=tr["fsdp"])
   sharding.check_batch(tr["batch_size"], mesh)
   os.makedirs(workdir, exist_ok=True)
-  with open(rec_path, "w") as f:
-    json.dump(rec, f, indent=1, default=str)
+  distributed.barrier("arc-run-record-read")  # every process has read it before it is rewritten
+  if distributed.is_main():
+    with open(rec_path + ".tmp", "w") as f:
+      json.dump(rec, f, indent=1, default=str)
+    os.replace(rec_path + ".tmp", rec_path)
   return workdir, conf, tr, rec, base_step, mesh
 
 
@@ -143,11 +148,12 @@ def train(p: run_flags.Parsed, workdir: str, conf, tr: dict, rec: dict, base_ste
     start = int(state["step"])
     print(f"[arc] resumed from step {start} ({ckpt.directory})")
   metrics_path = os.path.join(workdir, METRICS)
-  truncate_metrics(metrics_path, start)
+  if distributed.is_main():
+    truncate_metrics(metrics_path, start)
   fns = make_step_fns(trainer, mesh=mesh)
   steps = tr["steps"]
   t0 = [time.perf_counter()]
-  with open(metrics_path, "a") as mf:
+  with open(metrics_path if distributed.is_main() else os.devnull, "a") as mf:
     def on_metrics(done, phase, m):
       if done % tr["log_every"] and done != steps:
         return
@@ -164,7 +170,7 @@ def train(p: run_flags.Parsed, workdir: str, conf, tr: dict, rec: dict, base_ste
 
     state = train_loop(trainer, fns, state, frozen, batches, tr["batch_size"], start, steps,
                        seed, ckpt, tr["ckpt_every"], on_metrics,
-                       meta={"config": p.config, "base": rec["base"]})
+                       meta={"config": p.config, "base": rec["base"]}, mesh=mesh)
   ckpt.close()
   print(f"[arc] finished at step {steps}; adapter checkpoints in {ckpt.directory}")
 

@@ -172,3 +172,21 @@ def required(fv, name: str) -> str:
   if not value:
     raise UsageError(f"--{name} is required (see --help)")
   return value
+
+
+def define_process_flags(fv: flags.FlagValues) -> None:
+  """train.py's and arc.py's flags for a run of several processes (docs/TRAINING.md)."""
+  flags.DEFINE_string("coordinator", None, "HOST:PORT of process 0's coordinator, the same for "
+                      "every process (default: $JAX_COORDINATOR_ADDRESS; none: one process)",
+                      flag_values=fv)
+  flags.DEFINE_integer("num_processes", None, "number of processes of the run (default: "
+                       "$JAX_NUM_PROCESSES, 1; also --num-processes)", flag_values=fv)
+  flags.DEFINE_integer("process_id", None, "this process's index, 0..N-1 (default: "
+                       "$JAX_PROCESS_ID; also --process-id)", flag_values=fv)
+
+
+def init_processes(fv) -> bool:
+  """Starts the distributed runtime from ``define_process_flags``' flags, before anything uses
+  a device; ValueError names a bad value."""
+  from lmdm_jax.training import distributed
+  return distributed.initialize(fv.coordinator, fv.num_processes, fv.process_id)

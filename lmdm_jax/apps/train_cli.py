@@ -4,6 +4,7 @@
   python3 train.py --config configs/demo.py --data data_cache/latents --workdir runs/demo
   python3 train.py --config demo --config.train.batch_size=4 --config.train.stage1.lr=1e-4 ...
   python3 train.py ... --config.train.fsdp=4   # shard params/optimizer over 4 of the devices
+  python3 train.py ... --coordinator HOST:PORT --num-processes N --process-id I   # each process
   python3 train.py --config my_saos.py --init converted/sao_small --data ... --workdir runs/ft
                                  # fine-tune from a pretrained model (train.init_from)
 
@@ -28,7 +29,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import flags
 from flax import nnx
@@ -39,7 +39,7 @@ from lmdm_jax.apps import run_flags
 from lmdm_jax.apps.common import UsageError
 from lmdm_jax.config import DiTConfig, one_line
 from lmdm_jax.nn.dit import DiT
-from lmdm_jax.training import init_from, sharding
+from lmdm_jax.training import distributed, init_from, sharding
 from lmdm_jax.training.checkpoints import Checkpointer, abstract_like, latest_step, run_layout
 from lmdm_jax.training.data import Batcher, make_source
 from lmdm_jax.training.stage1 import Stage1, Stage1Config
@@ -67,6 +67,7 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_string("init", None, "start from a pretrained model at step 0 (sets train.init_from): "
                       "a converted checkpoint, a bundle .npz, a train.py or arc.py work directory "
                       "(default: the config's train.init_from, none)", flag_values=fv)
+  run_flags.define_process_flags(fv)
   flags.DEFINE_boolean("no_progress", False, "no progress bar (also --no-progress)", flag_values=fv)
 
 
@@ -119,6 +120,8 @@ def main(argv=None):
     if p is None:
       return 0
     workdir = run_flags.required(p.flags, "workdir")
+    compile_cache.enable(log=lambda m: print(f"[train] {m}"))
+    run_flags.init_processes(p.flags)  # before anything touches a device
     conf = p.conf
     cfg = DiTConfig.from_config(conf.model)
     if latest_step(os.path.join(workdir, "checkpoints")) is not None:
@@ -128,8 +131,6 @@ def main(argv=None):
     if p.flags.init is not None:
       tr["init_from"] = p.flags.init
     tc = Stage1Config.from_config(tr["stage1"])
-    compile_cache.enable(log=lambda m: print(f"[train] {m}"))
-    sharding.init_distributed()
     mesh = sharding.make_mesh(fsdp=tr["fsdp"])
     sharding.check_batch(tr["batch_size"], mesh)
     frames = tc.chunks * cfg.chunk  # Stage1.frames
@@ -163,8 +164,7 @@ def train(p: run_flags.Parsed, workdir: str, conf, cfg: DiTConfig, tr: dict, tc:
 
   state = trainer.init_state(model)
   del model
-  shard = sharding.state_shardings(state, mesh)
-  state = jax.device_put(state, shard)
+  state, shard = sharding.place(state, mesh)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tr["keep"])
   start = 0
   if ckpt.latest_step() is not None:
@@ -172,30 +172,37 @@ def train(p: run_flags.Parsed, workdir: str, conf, cfg: DiTConfig, tr: dict, tc:
     start = int(state["step"])
     print(f"[train] resumed from step {start} ({ckpt.directory})")
   metrics_path = os.path.join(workdir, "metrics.jsonl")
-  truncate_metrics(metrics_path, start)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    json.dump({"config": p.config, "overrides": p.overrides,
-               "model": dict(conf.model, positions=cfg.positions), "train": tr, "seed": seed,
-               "data": p.flags.data}, f, indent=1, default=str)
+  main_process = distributed.is_main()  # writes config.json and metrics.jsonl
+  if main_process:
+    truncate_metrics(metrics_path, start)
+    tmp = os.path.join(workdir, "config.json.tmp")
+    with open(tmp, "w") as f:
+      json.dump({"config": p.config, "overrides": p.overrides,
+                 "model": dict(conf.model, positions=cfg.positions), "train": tr, "seed": seed,
+                 "data": p.flags.data}, f, indent=1, default=str)
+    os.replace(tmp, os.path.join(workdir, "config.json"))
 
-  bsh = sharding.batch_sharding(mesh)
-  step_fn = jax.jit(trainer.train_step, donate_argnums=(0,),
-                    in_shardings=(shard, bsh, sharding.replicated(mesh)),
-                    out_shardings=(shard, sharding.replicated(mesh)))
-  eval_fn = jax.jit(trainer.eval_loss)
+  bsh, rep = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+  step_fn = jax.jit(trainer.train_step, donate_argnums=(0,), in_shardings=(shard, bsh, rep),
+                    out_shardings=(shard, rep))
+  eval_fn = jax.jit(trainer.eval_loss, in_shardings=(shard, bsh, rep), out_shardings=rep)
   base_key = jax.random.key(seed)
+  rows = sharding.local_rows(tr["batch_size"], mesh)  # this process's rows of each batch
 
-  def put(b):
-    return jax.device_put({k: jnp.asarray(v) for k, v in b.items()}, bsh)
+  def batch_at(batcher, step):
+    return sharding.global_batch(batcher(step, tr["batch_size"], rows), tr["batch_size"], mesh)
+
+  def key_at(key):
+    return sharding.put(key, rep)
 
   steps = tr["steps"]
-  bar = tqdm(range(start, steps), initial=start, total=steps, disable=p.flags.no_progress,
-             dynamic_ncols=True, desc="train")
+  bar = tqdm(range(start, steps), initial=start, total=steps,
+             disable=p.flags.no_progress or not main_process, dynamic_ncols=True, desc="train")
   t_last, n_last = time.perf_counter(), start
-  with open(metrics_path, "a") as mf:
+  with open(metrics_path if main_process else os.devnull, "a") as mf:
     for step in bar:
-      batch = put(batches(step, tr["batch_size"]))
-      state, m = step_fn(state, batch, jax.random.fold_in(base_key, step))
+      batch = batch_at(batches, step)
+      state, m = step_fn(state, batch, key_at(jax.random.fold_in(base_key, step)))
       done = step + 1
       if done % tr["log_every"] == 0 or done == steps:
         m = {k: float(v) for k, v in m.items()}
@@ -204,8 +211,8 @@ def train(p: run_flags.Parsed, workdir: str, conf, cfg: DiTConfig, tr: dict, tc:
         t_last, n_last = now, done
         rec = {"step": done, **m, "steps_per_s": rate}
         if tr["eval_every"] and (done % tr["eval_every"] == 0 or done == steps):
-          ev = [float(eval_fn(state, put(held_batches(10_000_000 + i, tr["batch_size"])),
-                              jax.random.key(i))) for i in range(tr["eval_batches"])]
+          ev = [float(eval_fn(state, batch_at(held_batches, 10_000_000 + i),
+                              key_at(jax.random.key(i)))) for i in range(tr["eval_batches"])]
           rec["heldout_loss"] = float(np.mean(ev))
         mf.write(json.dumps(rec) + "\n")
         mf.flush()

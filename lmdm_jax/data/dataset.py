@@ -522,8 +522,9 @@ def build_dataset(audio_dir: str, out_dir: str, codec: Codec, codec_name: str = 
 class LatentDataset:
   """Random crops of ``crop_frames`` latent frames with their captions (and aligned stems).
 
-  Deterministic: ``batch(step, batch_size)`` depends only on (seed, step, batch_size) and the
-  dataset, so training resumed at step k sees the same data as an uninterrupted run.
+  Deterministic: row i of ``batch(step, batch_size)`` depends only on (seed, step, i) and the
+  dataset, so training resumed at step k sees the same data as an uninterrupted run, and
+  ``batch(step, batch_size, rows)`` reads only some rows (one process's share of a global batch).
   Items are drawn in proportion to their number of crop positions (``weighting="frames"``:
   every frame equally likely) or uniformly (``"items"``). Items shorter than ``crop_frames`` are
   zero-padded (``mask`` marks the real frames) unless ``min_frames`` excludes them.
@@ -607,13 +608,16 @@ class LatentDataset:
                 stems=[s.astype(np.float32) for s in self.stem_latents(i)],
                 stem_names=[s.get("name", "") for s in r["stems"]], record=r)
 
-  def _rng(self, step: int):
-    return np.random.default_rng(np.random.SeedSequence([self.seed, int(step)]))
+  def _rng(self, step: int, row: int):
+    return np.random.default_rng(np.random.SeedSequence([self.seed, int(step), int(row)]))
 
-  def batch(self, step: int, batch_size: int) -> dict:
-    rng = self._rng(step)
-    idx = np.searchsorted(self._cdf, rng.random(batch_size), side="right")
-    idx = np.minimum(idx, len(self.records) - 1)
+  def batch(self, step: int, batch_size: int, rows=None) -> dict:
+    """Rows ``rows`` (default: all ``batch_size``) of step ``step``'s batch, in that order."""
+    rows = range(batch_size) if rows is None else rows
+    rngs = [self._rng(step, i) for i in rows]
+    batch_size = len(rngs)
+    idx = np.searchsorted(self._cdf, [rng.random() for rng in rngs], side="right")
+    idx = np.minimum(idx, len(self.records) - 1).astype(np.int64)
     n, d = self.crop_frames, self.latent_dim
     lat = np.zeros((batch_size, n, d), np.float32)
     mask = np.zeros((batch_size, n), bool)
@@ -626,7 +630,7 @@ class LatentDataset:
     mel = self.melody
     melody = np.full((batch_size, n), np.nan, np.float32) if mel is not None else None
     stem_melody = np.full((batch_size, S, n), np.nan, np.float32) if mel is not None and S else None
-    for b, i in enumerate(idx):
+    for b, (i, rng) in enumerate(zip(idx, rngs)):
       r = self.records[i]
       T = r["frames"]
       start = int(rng.integers(0, T - n + 1)) if T >= n else 0

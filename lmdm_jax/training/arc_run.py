@@ -52,7 +52,7 @@ def load_base_params(path: str, cfg: DiTConfig, step: int | None = None, seed: i
   _, params, rest = nnx.split(nnx.eval_shape(lambda: DiT(cfg, rngs=nnx.Rngs(seed))), nnx.Param, ...)
   target = {"params": abstract_like(params), "rest": abstract_like(rest)}
   if mesh is None:
-    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     shardings = jax.tree.map(lambda _: dev, target)
   else:
     shardings = sharding.state_shardings(target, mesh)
@@ -154,8 +154,9 @@ def build(conf, seed: int = 0, base: str | None = None, base_step: int | None = 
 def make_step_fns(trainer: ARCForcing, compiler_options=None, mesh=None):
   """The G and D steps under the stage-1 ``mesh`` (default: all devices, fsdp 1), each jitted
   (``arc_forcing.jit_step``, state donated) and compiled on first use. Each call lays its state,
-  frozen arrays and batch (host or device arrays) out on the mesh first (a no-op for arrays
-  already there, e.g. from ``build(..., mesh=mesh)`` or a previous step)."""
+  frozen arrays, batch and key out on the mesh first (``sharding.put``: a no-op for arrays
+  already there, e.g. from ``build(..., mesh=mesh)``, a previous step or
+  ``sharding.global_batch``; host values must then be the same in every process)."""
   mesh = mesh if mesh is not None else sharding.make_mesh()
   jitted, compiled = {}, {}
 
@@ -165,7 +166,7 @@ def make_step_fns(trainer: ARCForcing, compiler_options=None, mesh=None):
       if phase not in jitted:
         jitted[phase] = jit_step(trainer, phase, state, frozen, mesh)
       fn, shardings = jitted[phase]
-      args = jax.device_put((state, frozen, dict(batch), key), shardings)
+      args = sharding.put((state, frozen, dict(batch), key), shardings)
       if compiler_options:
         if phase not in compiled:
           compiled[phase] = fn.lower(*args).compile(compiler_options=compiler_options)
@@ -177,12 +178,18 @@ def make_step_fns(trainer: ARCForcing, compiler_options=None, mesh=None):
 
 def train_loop(trainer: ARCForcing, fns, state, frozen, batches, batch_size: int, start: int,
                steps: int, seed: int, ckpt: Checkpointer | None = None, ckpt_every: int = 0,
-               on_metrics=None, meta=None):
-  """Steps start..steps-1; step s uses batch s, key fold_in(key(seed), s) and phase s mod 2."""
+               on_metrics=None, meta=None, mesh=None):
+  """Steps start..steps-1; step s uses batch s, key fold_in(key(seed), s) and phase s mod 2.
+  With the step functions' ``mesh``, each process builds only its rows of each batch
+  (``sharding.local_rows`` / ``global_batch``); without, every process builds all of it."""
   g_fn, d_fn = fns
   base_key = jax.random.key(seed)
+  rows = sharding.local_rows(batch_size, mesh) if mesh is not None else None
   for step in range(start, steps):
-    b = {k: np.asarray(v) for k, v in batches(step, batch_size).items()}  # split by the step fn
+    if mesh is not None:
+      b = sharding.global_batch(batches(step, batch_size, rows), batch_size, mesh)
+    else:
+      b = {k: np.asarray(v) for k, v in batches(step, batch_size).items()}  # split by the step fn
     fn = g_fn if trainer.phase(step) == "g" else d_fn
     state, m = fn(state, frozen, b, jax.random.fold_in(base_key, step))
     done = step + 1

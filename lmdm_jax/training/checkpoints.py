@@ -10,6 +10,11 @@ since orbax's compressed arrays do not all notice a changed byte. ``restore`` wi
 falls back from a damaged newest step to the newest intact one, with a one-line warning naming
 the damaged step; with none intact it raises ``CheckpointError`` naming each. A later ``save`` of
 a step found damaged moves the damaged folder aside (``<step>.damaged``) instead of failing.
+
+Several processes (``training.distributed``): every process calls ``save`` / ``restore`` /
+``latest_step`` at the same point (orbax writes and reads each process's shards). Process 0
+alone writes the integrity record and checks records; the others take its findings
+(``distributed.agree``), so all restore the same step and none waits on another that failed.
 """
 from __future__ import annotations
 
@@ -22,6 +27,8 @@ import sys
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+
+from lmdm_jax.training import distributed
 
 INTEGRITY = "lmdm_integrity.json"
 
@@ -46,10 +53,13 @@ class Checkpointer:
     self.damaged: set[int] = set()  # steps that restore found damaged (a save moves them aside)
 
   def latest_step(self):
-    return self.manager.latest_step()
+    """The newest finished step or None (process 0's answer in every process)."""
+    step = self.manager.latest_step()
+    return distributed.agree(None if step is None else int(step))
 
   def all_steps(self):
-    return list(self.manager.all_steps())
+    """The finished steps (process 0's list in every process)."""
+    return [int(s) for s in distributed.agree([int(s) for s in self.manager.all_steps()])]
 
   def step_dir(self, step: int) -> str:
     return os.path.join(self.directory, str(int(step)))
@@ -63,8 +73,16 @@ class Checkpointer:
       args["meta"] = ocp.args.JsonSave(meta)
     self.manager.save(step, args=ocp.args.Composite(**args), force=force)
     self.manager.wait_until_finished()
-    if jax.process_index() == 0 and os.path.isdir(self.step_dir(step)):
-      write_integrity(self.step_dir(step))
+    error = None
+    if distributed.is_main() and os.path.isdir(self.step_dir(step)):
+      try:
+        write_integrity(self.step_dir(step))
+      except OSError as e:
+        error = _one_line(e)
+    error = distributed.agree(error)  # also: no process goes on before the record is written
+    if error is not None:
+      raise OSError(f"checkpoint step {step} ({self.step_dir(step)}): its integrity record "
+                    f"could not be written: {error}")
 
   def restore(self, abstract_state, step: int | None = None):
     """Restore into the structure/shardings of ``abstract_state`` (e.g. jax.eval_shape output
@@ -94,7 +112,7 @@ class Checkpointer:
         target = make_target(stored)
       except ValueError as e:
         raise _NotDamage(e) from None
-      dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+      dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
       restore_args = jax.tree.map(
           lambda x: ocp.ArrayRestoreArgs(sharding=getattr(x, "sharding", None) or dev), target)
       h = ocp.PyTreeCheckpointHandler()
@@ -115,38 +133,55 @@ class Checkpointer:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
     errors = []
     for s in steps:
-      try:
-        verified = check_integrity(self.step_dir(s))
-      except Exception as e:  # noqa: BLE001 - an unreadable or mismatching record
-        self._note_damage(s, e, errors, warn=step is None)
+      verified, why = self._verify(s)
+      if why is not None:
+        self._note_damage(s, why, errors, warn=step is None)
         continue
+      out, failed = None, None
       try:
-        return read(s)
+        out = read(s)
       except _NotDamage as e:
         raise e.args[0] from None
       except Exception as e:  # noqa: BLE001 - damage shows in whatever way orbax/TensorStore say
         if verified:
           raise
-        self._note_damage(s, e, errors, warn=step is None)
+        failed = e
+      if distributed.all_true(failed is None):
+        return out
+      # an unverified step some process could not read: damaged for every process
+      self._note_damage(s, _one_line(failed) if failed is not None else
+                        "another process could not read it", errors, warn=step is None)
     raise CheckpointError(f"no intact checkpoint in {self.directory}: " + "; ".join(errors))
 
-  def _note_damage(self, step: int, e: Exception, errors: list, warn: bool) -> None:
-    why = _one_line(e)
+  def _verify(self, step: int):
+    """(verified, None) or (False, why it is damaged): ``check_integrity`` of the step by process
+    0, the same answer in every process."""
+    result = None
+    if distributed.is_main():
+      try:
+        result = [check_integrity(self.step_dir(step)), None]
+      except Exception as e:  # noqa: BLE001 - an unreadable or mismatching record
+        result = [False, _one_line(e)]
+    verified, why = distributed.agree(result)
+    return bool(verified), why
+
+  def _note_damage(self, step: int, why: str, errors: list, warn: bool) -> None:
     errors.append(f"step {step}: {why}")
     self.damaged.add(step)
-    if warn:
+    if warn and distributed.is_main():
       print(f"[checkpoints] warning: step {step} ({self.step_dir(step)}) is damaged, not "
             f"restored: {why}", file=sys.stderr, flush=True)
 
   def _move_aside(self, step: int) -> None:
     """A damaged step about to be written again: keep its folder as ``<step>.damaged[.N]``."""
     src = self.step_dir(step)
-    if os.path.isdir(src) and jax.process_index() == 0:
+    if os.path.isdir(src) and distributed.is_main():
       dst, n = src + ".damaged", 1
       while os.path.exists(dst):
         dst, n = f"{src}.damaged.{n}", n + 1
       os.replace(src, dst)
       print(f"[checkpoints] moved damaged step {step} aside to {dst}", file=sys.stderr, flush=True)
+    distributed.barrier(f"lmdm-checkpoints-move-aside-{step}")
     self.damaged.discard(step)
     self.manager.reload()
 
@@ -155,14 +190,12 @@ class Checkpointer:
 
 
 def latest_step(directory: str):
-  """The newest whole checkpoint step in ``directory``, or None; a missing folder is not created."""
-  if not os.path.isdir(directory):
-    return None
-  ck = Checkpointer(directory)
-  try:
-    return ck.latest_step()
-  finally:
-    ck.close()
+  """The newest whole checkpoint step in ``directory``, or None; a missing folder is not created.
+  Read by process 0 (no orbax manager, which would be a collective), the same in every process."""
+  step = None
+  if distributed.is_main() and os.path.isdir(directory):
+    step = max(ocp.path.step.checkpoint_steps(directory), default=None)
+  return distributed.agree(step)
 
 
 def _one_line(e: BaseException, n: int = 200) -> str:

@@ -2,6 +2,11 @@
 
 Sources: a pre-encoded ``LatentDataset`` folder (``lmdm_jax.data.dataset``) or ``synthetic``
 (seeded smooth multi-channel signals with template captions, for tests and smoke runs).
+
+Row i of step s's batch depends only on (seed, s, i): ``batch(step, batch_size, rows)`` builds
+just the given rows of the global batch, so each process of a several-process run builds only
+its own rows (``sharding.local_rows``) and the global batch does not depend on how many
+processes there are.
 """
 from __future__ import annotations
 
@@ -18,12 +23,17 @@ class SyntheticLatents:
   def __init__(self, frames: int, channels: int, seed: int = 0):
     self.frames, self.channels, self.seed = frames, channels, seed
 
-  def batch(self, step: int, batch_size: int) -> dict:
-    rng = np.random.default_rng(np.random.SeedSequence([self.seed, int(step)]))
+  def batch(self, step: int, batch_size: int, rows=None) -> dict:
+    """Rows ``rows`` (default: all) of step ``step``'s batch; row i from (seed, step, i) alone."""
+    rows = range(batch_size) if rows is None else rows
+    draws = []
+    for i in rows:
+      rng = np.random.default_rng(np.random.SeedSequence([self.seed, int(step), int(i)]))
+      draws.append([rng.uniform(lo, hi, self.channels)
+                    for lo, hi in ((0.01, 0.2), (0, 2 * np.pi), (0.5, 1.5))])
+    freq, phase, amp = (np.asarray([d[k] for d in draws]).reshape(len(draws), 1, self.channels)
+                        for k in range(3))
     t = np.arange(self.frames)[None, :, None]
-    freq = rng.uniform(0.01, 0.2, (batch_size, 1, self.channels))
-    phase = rng.uniform(0, 2 * np.pi, (batch_size, 1, self.channels))
-    amp = rng.uniform(0.5, 1.5, (batch_size, 1, self.channels))
     lat = (amp * np.sin(2 * np.pi * freq * t + phase)).astype(np.float32)
     caps = [f"pattern {int(f * 100)}" for f in freq[:, 0, 0]]
     return dict(latents=lat, mask=np.ones(lat.shape[:2], bool), captions=caps)
@@ -66,7 +76,8 @@ class Batcher:
   list of str -> (B, T, cond_token_dim), e.g. ``lmdm_jax.text.from_config(config)``), cached per
   caption.
 
-  Extra channels (when the model has them, see ``extra_groups``), deterministic in (seed, step):
+  Extra channels (when the model has them, see ``extra_groups``), deterministic in (seed, step,
+  row):
   - jamming (accompaniment): for an item with >= 2 stems, with probability ``p_jam`` the target
     is one stem and the accompaniment another stem of the same crop (a duet partner), the caption
     is prefixed with the target's part name; the accompaniment is dropped whole with
@@ -102,13 +113,14 @@ class Batcher:
         self._text_cache[c] = e
     return np.stack([self._text_cache[c] for c in captions])
 
-  def _extra(self, raw, step: int):
+  def _extra(self, raw, step: int, rows):
     cfg = self.cfg
     lat, mask = raw["latents"].astype(np.float32), raw["mask"]
     B, n, C = lat.shape
     caps = list(raw["captions"])
-    rng = np.random.default_rng(np.random.SeedSequence(
-        [getattr(self.source, "seed", 0), int(step), 0xE7]))
+    seed = getattr(self.source, "seed", 0)
+    rngs = [np.random.default_rng(np.random.SeedSequence([seed, int(step), 0xE7, int(i)]))
+            for i in rows]
     parts = []
     acc = np.zeros((B, n, 1 + C), np.float32) if self.accomp else None
     melody = raw.get("melody")
@@ -117,6 +129,7 @@ class Batcher:
     for b in range(B):
       if acc is None or stems is None:
         break
+      rng = rngs[b]
       have = np.nonzero(raw["stem_mask"][b])[0]
       if len(have) < 2 or rng.random() >= self.p_jam:
         continue
@@ -142,20 +155,23 @@ class Batcher:
       sk = np.zeros((B, n, SKETCH_DIM), np.float32)
       if melody is not None:
         for b in range(B):
-          if rng.random() < self.p_sketch and np.isfinite(melody[b]).any():
+          if rngs[b].random() < self.p_sketch and np.isfinite(melody[b]).any():
             sk[b] = pitch_features(melody[b]) * mask[b][:, None]
       parts.append(sk)
     extra = np.concatenate(parts, axis=-1) if parts else None
     return lat, caps, extra
 
-  def __call__(self, step: int, batch_size: int) -> dict:
-    raw = self.source.batch(step, batch_size)
-    lat, caps, extra = self._extra(raw, step)
+  def __call__(self, step: int, batch_size: int, rows=None) -> dict:
+    """Rows ``rows`` (default: all) of step ``step``'s batch of ``batch_size``: the arrays have
+    len(rows) rows, row i depending only on (seed, step, i)."""
+    rows = range(batch_size) if rows is None else rows
+    raw = self.source.batch(step, batch_size, rows)
+    lat, caps, extra = self._extra(raw, step, rows)
     out = dict(latents=lat, frame_mask=raw["mask"].astype(np.float32))
     if extra is not None:
       out["extra"] = extra
     if self.text is not None:
       out["cond"] = self.encode_text(caps)
     if self.cfg.global_cond_dim:
-      out["global_cond"] = np.zeros((batch_size, self.cfg.global_cond_dim), np.float32)
+      out["global_cond"] = np.zeros((len(lat), self.cfg.global_cond_dim), np.float32)
     return out
