@@ -152,23 +152,28 @@ class System:
     return s
 
   def stream(self, prompt: str | None = None, *, seed: int = 0, sketch=None, decode: bool = True,
-             seconds: float | None = None, **sampler) -> "AudioStream":
+             seconds: float | None = None, limiter=None, **sampler) -> "AudioStream":
     """A stream of decoded blocks (see ``AudioStream``). ``sketch``: a melody file (audio or
     MIDI) or (frames, 14) pitch features for the model's sketch channels; ``sampler``: ``steps``,
     ``cfg_scale``, ``plus_plus``, ``pingpong``, ``regime`` overrides. ``seconds``: the length of
-    the piece, needed by base models (whole clips) only."""
+    the piece, needed by base models (whole clips) only. ``limiter``: off (None, the default),
+    True or a ``limiter.SoftLimiter`` as the last stage of decoding; the stream's ``limiter``
+    counts the samples it changed."""
     if not self.streams and seconds is None:
       raise ValueError("a base model generates whole clips: give the clip's length (seconds=)")
     return AudioStream(self, DEFAULT_PROMPT if prompt is None else prompt, seed=seed,
                        sketch=sketch, decode=decode, settings=self.sampler_settings(**sampler),
+                       limiter=limiter,
                        frames=None if seconds is None else self.blocks_for(seconds) * self.cfg.chunk)
 
   def generate(self, prompt: str | None = None, seconds: float = 10.0, *, seed: int = 0,
-               sketch=None, **sampler) -> np.ndarray:
+               sketch=None, limiter=None, **sampler) -> np.ndarray:
     """Offline: ``seconds`` of audio, (channels, samples) float32 (latents (frames, C) when the
-    system has no codec)."""
+    system has no codec). ``limiter`` as ``stream``: pass a ``SoftLimiter`` to read its count
+    (``limiter.limited``) afterwards."""
     n = self.blocks_for(seconds)
-    stream = self.stream(prompt, seed=seed, sketch=sketch, seconds=seconds, **sampler)
+    stream = self.stream(prompt, seed=seed, sketch=sketch, seconds=seconds, limiter=limiter,
+                         **sampler)
     parts = [stream.next_block() for _ in range(n)]
     parts.append(stream.flush())
     if self.codec is None:
@@ -193,13 +198,17 @@ class AudioStream:
   ``next_block()`` -> the audio this block releases, (channels, n) float32 (n varies with the
   decoder's look-ahead; latents (chunk, C) when the system has no codec or ``decode=False``);
   ``flush()`` -> the decoder's tail. ``set_prompt(text)`` takes effect at the next block.
+  ``limiter``: the ``SoftLimiter`` applied to the decoded audio (None: off), with its count of
+  limited samples (``limited``, ``report()``); ``limit(audio)`` applies it.
   Non-finite latents stop the stream with ``FloatingPointError`` (nothing non-finite is emitted).
   """
 
   def __init__(self, system: System, prompt: str, *, seed: int, sketch, decode: bool,
-               settings: SamplerDefaults, frames: int | None = None):
+               settings: SamplerDefaults, frames: int | None = None, limiter=None):
     from lmdm_jax import sampling as S
+    from lmdm_jax.limiter import make_limiter
     self.system, self.settings = system, settings
+    self.limiter = make_limiter(limiter)
     cfg = system.cfg
     kw = dict(batch=1, cfg_guidance=settings.cfg_scale != 1.0, cross_len=system.cross_len,
               seed=seed, sampler=S.SamplerParams.make(settings.steps, settings.cfg_scale,
@@ -257,15 +266,19 @@ class AudioStream:
     self.block += 1
     return blk
 
+  def limit(self, audio: np.ndarray) -> np.ndarray:
+    """Decoded audio through the stream's limiter (unchanged when it has none)."""
+    return audio if self.limiter is None else self.limiter(audio)
+
   def next_block(self, extra=None) -> np.ndarray:
     blk = self.next_latents(extra)
-    return blk if self.decoder is None else self.decoder.push(blk)
+    return blk if self.decoder is None else self.limit(self.decoder.push(blk))
 
   def flush(self) -> np.ndarray:
     """The decoder's held-back tail (empty without a decoder)."""
     if self.decoder is None:
       return np.zeros((0, self.system.cfg.io_channels), np.float32)
-    return self.decoder.flush()
+    return self.limit(self.decoder.flush())
 
   def __iter__(self) -> Iterator[np.ndarray]:
     while True:
