@@ -138,7 +138,7 @@ def recorded_items(rec, n, context_s, seconds, fr, chunk):
   if ctx < chunk:
     raise SystemExit(f"music_eval.py: error: --context-seconds {context_s:g} is shorter than one "
                      f"block ({chunk / fr:.2f} s)")
-  off, cont = int(10 * fr), int(seconds * fr)
+  off, cont = int(10 * fr), int(np.ceil(seconds * fr))
   items = []
   for i in held:
     z = rec.latents(i).astype(np.float32)
@@ -179,7 +179,7 @@ def evaluate(label, system, args, prompts, truth, recorded, partners, corpus, lo
   sr, fr = codec.sample_rate, codec.frame_rate
   out_dir = os.path.join(args.out, label)
   os.makedirs(out_dir, exist_ok=True)
-  frames = int(args.seconds * fr)
+  frames = int(np.ceil(args.seconds * fr))  # at least the seconds (whole 5-s level windows)
   res, streams = {}, []
   t0 = time.perf_counter()
 
@@ -225,7 +225,7 @@ def evaluate(label, system, args, prompts, truth, recorded, partners, corpus, lo
 
   accomp, sketch = extra_groups(cfg)
   E, C = cfg.extra_dim, cfg.io_channels
-  jf = int(args.jam_seconds * fr)
+  jf = int(np.ceil(args.jam_seconds * fr))
   # C. jam: the partner in the accompaniment channels; agreement vs a time-shuffled partner
   if accomp and partners:
     ex = np.zeros((len(partners), jf, E), np.float32)
@@ -242,8 +242,10 @@ def evaluate(label, system, args, prompts, truth, recorded, partners, corpus, lo
       true.append(M.chroma_agreement(a[:n], p[:n], sr))
       shuf.append(M.chroma_agreement(a[:n], M.shuffle_windows(p[:n], sr), sr))
     res["jam_true"], res["jam_shuffled"] = _mean(true), _mean(shuf)
-    res["jam_ratio"] = (res["jam_true"] / res["jam_shuffled"] if res["jam_shuffled"] > 0
-                        else (float("inf") if res["jam_true"] > 0 else float("nan")))
+    # the ratio means something only for a positive agreement with the true partner
+    res["jam_ratio"] = (float("nan") if not res["jam_true"] > 0 else
+                        res["jam_true"] / res["jam_shuffled"] if res["jam_shuffled"] > 0
+                        else float("inf"))
     res["jam_n"] = len(partners)
     log(f"[eval] {label}: jam done ({time.perf_counter() - t0:.0f} s)")
 
@@ -309,8 +311,10 @@ def table(results, labels, args, counts) -> str:
     cells = []
     for c in cols:
       v = results.get(c, {}).get(key)
-      if v is None or (isinstance(v, float) and np.isnan(v)):
+      if v is None or (c == "real" and np.isnan(v)):
         cells.append(f"{'-':>{w}}")
+      elif np.isnan(v):  # measured, but undefined (e.g. no positive agreement): not a pass
+        cells.append(f"{'n/a FAIL':>{w}}")
       elif c == "real":
         cells.append(f"{fmt.format(v):>{w}}")
       else:

@@ -64,5 +64,6 @@ def test_system_stream_limits_and_counts(tmp_path):
   stream = system.stream("a prompt", seed=3, limiter=True)
   blocks = [stream.next_block() for _ in range(system.blocks_for(1.0))] + [stream.flush()]
   # the same samples through the default limiter (knee 0.9), streamed block by block
-  np.testing.assert_array_equal(np.concatenate(blocks, axis=1)[:, :raw.shape[1]], SoftLimiter()(raw))
+  streamed = np.concatenate(blocks, axis=1)[:, :raw.shape[1]]
+  np.testing.assert_array_equal(streamed, SoftLimiter()(raw))
   assert stream.limiter.limited >= int((np.abs(raw) > 0.9).sum())
