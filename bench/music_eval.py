@@ -204,8 +204,9 @@ def evaluate(label, system, args, prompts, truth, recorded, partners, corpus, lo
     res["tempo_8pct"] = float(np.mean([e < WITHIN_8PCT for e in terr]))
     res["seed_distance"] = _mean([M.chroma_distance(audio[2 * j], audio[2 * j + 1], sr)
                                   for j in range(len(prompts))])
-    res["prompt_items"] = [dict(prompt=p, key=f"{M.NAMES[k[0]]} {k[1]}", bpm=e, key_relation=x)
-                           for p, k, e, x in zip(tr, keys, tempi, rel)]
+    res["prompt_items"] = [dict(prompt=prompts[j // 2], draw=j % 2, key=f"{M.NAMES[k[0]]} {k[1]}",
+                                bpm=e, key_relation=x)
+                           for j, (k, e, x) in enumerate(zip(keys, tempi, rel))]
     log(f"[eval] {label}: {len(audio)} prompt streams done ({time.perf_counter() - t0:.0f} s)")
 
   # B. continuations of held-out recorded contexts
