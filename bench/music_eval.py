@@ -21,7 +21,7 @@ output, no limiter):
   level std over 5-s windows (A+B, mean over streams)   <= 3 dB
   clipped samples |x| >= 1 (A+B, total)                 0
   context chroma r, first 10 s vs context (B)          >= 0.3
-  jam agreement, true / time-shuffled partner (C)      >= 1.5
+  jam agreement, true / time-shuffled partner (C)      >= 1.5 (n/a unless both are > 0)
   between-seed chroma distance (A pairs)               >= 0.3
   harmonic motion between 1-s windows (A+B)            >= 0.1
   key exactly as prompted (A)                          >= 0.35
@@ -222,6 +222,7 @@ def evaluate(label, system, args, prompts, truth, recorded, partners, corpus, lo
     res["context_r"] = _mean(rs)
     log(f"[eval] {label}: {len(lat)} context streams done ({time.perf_counter() - t0:.0f} s)")
   res.update(summarize(streams))
+  res["per_stream"] = streams  # prompt streams (2 draws each), then context streams
   res["streams"] = len(streams)
 
   accomp, sketch = extra_groups(cfg)
@@ -243,10 +244,10 @@ def evaluate(label, system, args, prompts, truth, recorded, partners, corpus, lo
       true.append(M.chroma_agreement(a[:n], p[:n], sr))
       shuf.append(M.chroma_agreement(a[:n], M.shuffle_windows(p[:n], sr), sr))
     res["jam_true"], res["jam_shuffled"] = _mean(true), _mean(shuf)
-    # the ratio means something only for a positive agreement with the true partner
-    res["jam_ratio"] = (float("nan") if not res["jam_true"] > 0 else
-                        res["jam_true"] / res["jam_shuffled"] if res["jam_shuffled"] > 0
-                        else float("inf"))
+    # a ratio of two correlations means something only when both are positive; otherwise it is
+    # undefined (n/a, not a pass: e.g. 0.013 vs -0.009 is no agreement at all)
+    ok = res["jam_true"] > 0 and res["jam_shuffled"] > 0
+    res["jam_ratio"] = res["jam_true"] / res["jam_shuffled"] if ok else float("nan")
     res["jam_n"] = len(partners)
     log(f"[eval] {label}: jam done ({time.perf_counter() - t0:.0f} s)")
 
@@ -356,7 +357,8 @@ def main(argv=None):
   ap.add_argument("--jam-seconds", type=float, default=30.0)
   ap.add_argument("--quick", action="store_true",
                   help="smoke setting: 1 prompt x 2 draws + 1 context, 10-s streams")
-  ap.add_argument("--keep-wavs", type=int, default=8, help="WAVs written per model")
+  ap.add_argument("--keep-wavs", type=int, default=64, help="WAVs written per model (clipped "
+                                                             "to full scale, as a player hears)")
   ap.add_argument("--steps", type=int)
   ap.add_argument("--cfg-scale", type=float)
   ap.add_argument("--seed", type=int, default=0)
