@@ -67,3 +67,29 @@ def test_system_stream_limits_and_counts(tmp_path):
   streamed = np.concatenate(blocks, axis=1)[:, :raw.shape[1]]
   np.testing.assert_array_equal(streamed, SoftLimiter()(raw))
   assert stream.limiter.limited >= int((np.abs(raw) > 0.9).sum())
+
+
+def test_sample_cli_prints_the_limited_count(tmp_path, capsys, monkeypatch):
+  """sample.py limits by default and says how many samples it limited (a low knee here, so that
+  a random model's quiet output is limited); --no-limiter writes the raw output, silently."""
+  import soundfile as sf
+  from lmdm_jax import limiter
+  from lmdm_jax.apps import sample_cli
+  from tests.test_sample_cli import write_config
+  cfg = write_config(tmp_path / "tinyspectral.py")
+  real = limiter.make_limiter
+  monkeypatch.setattr(limiter, "make_limiter",
+                      lambda v: SoftLimiter(1e-3) if v is True else real(v))
+  runs = {}
+  for flag in ([], ["--no-limiter"]):
+    out = str(tmp_path / f"out{len(flag)}.wav")
+    assert sample_cli.main(["--config", cfg, "--seconds", "1", "--no-progress", "--out", out,
+                            *flag]) == 0
+    runs[bool(flag)] = (capsys.readouterr().out, sf.read(out)[0])
+  text, limited = runs[False]
+  line = next(x for x in text.splitlines() if x.startswith("[limiter] "))
+  n = int(line.split()[1])
+  raw = runs[True][1]
+  assert "[limiter]" not in runs[True][0]
+  assert n >= int((np.abs(raw) > 2e-3).sum()) > 0 and line.endswith("limited")
+  assert np.abs(limited).max() < np.abs(raw).max()
