@@ -32,3 +32,10 @@ class _NoIPythonForFlax:
 
 if "IPython" not in sys.modules and "flax.nnx" not in sys.modules:
   sys.meta_path.insert(0, _NoIPythonForFlax())
+
+
+def __getattr__(name):
+  if name in __all__:
+    from lmdm_jax import system
+    return getattr(system, name)
+  raise AttributeError(f"module 'lmdm_jax' has no attribute {name!r}")

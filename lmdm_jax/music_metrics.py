@@ -3,10 +3,14 @@ part follows a melody sketch or a partner. Used by ``bench/music_eval.py``; nump
 
 - key: mean STFT chroma correlated with the 24 rotated Krumhansl-Kessler profiles;
 - tempo: ``librosa.beat.beat_track``; errors are folded over octaves (x2, x1/2 count as right);
-- loudness: RMS level (dBFS) per window, its spread and slope over the stream;
+- loudness: RMS level (dBFS) per window, its spread and slope over the stream; the shares of
+  5-s windows above -6 dBFS (runaway) and below -50 dBFS (near-silent); clipped samples;
 - sketch adherence: the share of chroma energy in the sketch's pitch class per voiced frame
   (chance: 1/12), and how often it is the strongest pitch class;
-- partner agreement: correlation of windowed mean chroma vectors of two parts.
+- partner agreement: correlation of windowed mean chroma vectors of two parts, against a
+  time-shuffled partner; the same measure as a distance between two seeds' outputs;
+- memory: correlation of the pitch-class profile of a continuation with its context;
+- harmonic motion: how much the pitch-class content changes from one 1-s window to the next.
 """
 from __future__ import annotations
 
@@ -82,12 +86,35 @@ def loudness_windows(audio: np.ndarray, sr: int, window_s: float = 5.0) -> np.nd
   return 20 * np.log10(np.sqrt((x ** 2).mean(1)) + 1e-9)
 
 
+def loud_share(audio: np.ndarray, sr: int, threshold_db: float = -6.0,
+               window_s: float = 5.0) -> float:
+  """The share of ``window_s`` windows whose RMS level is above ``threshold_db`` dBFS (a runaway
+  to full scale; real mastered music stays below -6 dBFS RMS)."""
+  return float((loudness_windows(audio, sr, window_s) > threshold_db).mean())
+
+
+def silent_share(audio: np.ndarray, sr: int, threshold_db: float = -50.0,
+                 window_s: float = 5.0) -> float:
+  """The share of ``window_s`` windows whose RMS level is below ``threshold_db`` dBFS."""
+  return float((loudness_windows(audio, sr, window_s) < threshold_db).mean())
+
+
+def clipped_samples(audio: np.ndarray, full_scale: float = 1.0) -> int:
+  """The number of samples (values, all channels) with ``|x| >= full_scale``: what a WAV writer
+  clips. Measure it on the decoder's raw float output, before any writer or limiter."""
+  return int((np.abs(np.asarray(audio)) >= full_scale).sum())
+
+
 def loudness_stability(audio: np.ndarray, sr: int, window_s: float = 5.0) -> dict:
+  """RMS level per ``window_s`` window: mean, std (dB; the level-std target), range, slope over
+  the stream (dB per minute) and the shares of near-silent (< -50 dBFS) and loud (> -6 dBFS)
+  windows."""
   db = loudness_windows(audio, sr, window_s)
   minutes = (np.arange(len(db)) + 0.5) * window_s / 60
   slope = float(np.polyfit(minutes, db, 1)[0]) if len(db) > 1 else 0.0
   return dict(mean_db=float(db.mean()), std_db=float(db.std()), range_db=float(np.ptp(db)),
-              slope_db_per_min=slope, silent_windows=float((db < -50).mean()))
+              slope_db_per_min=slope, silent_windows=silent_share(audio, sr, window_s=window_s),
+              loud_windows=loud_share(audio, sr, window_s=window_s))
 
 
 def sketch_adherence(audio: np.ndarray, sr: int, hop: int, midi: np.ndarray) -> dict:
@@ -117,3 +144,54 @@ def chroma_agreement(a: np.ndarray, b: np.ndarray, sr: int, window_s: float = 2.
     if x.std() > 1e-6 and y.std() > 1e-6:
       rs.append(np.corrcoef(x, y)[0, 1])
   return float(np.mean(rs)) if rs else float("nan")
+
+
+def shuffle_windows(audio: np.ndarray, sr: int, window_s: float = 2.0) -> np.ndarray:
+  """A time-shuffled copy: the consecutive ``window_s`` windows rotated by half their count, so
+  every window moves (deterministic) while the pitch content is kept; a trailing partial window
+  stays in place. The control for ``chroma_agreement`` with a partner."""
+  w = int(window_s * sr)
+  n = len(audio) // w
+  if n < 2:
+    raise ValueError(f"shuffle_windows: {len(audio) / sr:.1f} s holds fewer than two "
+                     f"{window_s:g}-s windows")
+  x = np.asarray(audio)
+  head = np.roll(x[:n * w].reshape(n, w), n // 2, axis=0).reshape(-1)
+  return np.concatenate([head, x[n * w:]])
+
+
+def chroma_distance(a: np.ndarray, b: np.ndarray, sr: int, window_s: float = 2.0) -> float:
+  """1 - ``chroma_agreement``: 0 for the same pitch content in time, about 1 for unrelated
+  content (up to 2 for opposite). Between two seeds of one prompt it says how much the seed
+  changes the music."""
+  return 1.0 - chroma_agreement(a, b, sr, window_s)
+
+
+def pitch_profile(audio: np.ndarray, sr: int) -> np.ndarray:
+  """The mean chroma (12,) of a stretch of audio: its pitch-class profile."""
+  return chroma(audio, sr, hop=2048).mean(0)
+
+
+def context_correlation(generated: np.ndarray, context: np.ndarray, sr: int,
+                        seconds: float = 10.0) -> float:
+  """Pearson correlation of the pitch-class profile of the first ``seconds`` of ``generated``
+  with that of its ``context`` (the audio it continues): whether a continuation keeps the
+  context's key and harmony. NaN when either profile is flat."""
+  x = pitch_profile(generated[:int(seconds * sr)], sr)
+  y = pitch_profile(context, sr)
+  if x.std() < 1e-6 or y.std() < 1e-6:
+    return float("nan")
+  return float(np.corrcoef(x, y)[0, 1])
+
+
+def harmonic_motion(audio: np.ndarray, sr: int, window_s: float = 1.0) -> float:
+  """Mean over consecutive ``window_s`` windows of 1 - r(mean chroma of window t, of window t+1):
+  0 for a held chord, large when the pitch content changes every window. Pairs where either
+  window's chroma is flat (silence) are skipped; NaN when none is left."""
+  hop = 512
+  c = chroma(audio, sr, hop=hop)
+  w = max(1, int(window_s * sr / hop))
+  m = [c[s:s + w].mean(0) for s in range(0, len(c) - w + 1, w)]
+  d = [1.0 - np.corrcoef(x, y)[0, 1] for x, y in zip(m[:-1], m[1:])
+       if x.std() > 1e-6 and y.std() > 1e-6]
+  return float(np.mean(d)) if d else float("nan")

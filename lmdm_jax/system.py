@@ -156,23 +156,28 @@ class System:
     return s
 
   def stream(self, prompt: str | None = None, *, seed: int = 0, sketch=None, decode: bool = True,
-             seconds: float | None = None, **sampler) -> "AudioStream":
+             seconds: float | None = None, limiter=None, **sampler) -> "AudioStream":
     """A stream of decoded blocks (see ``AudioStream``). ``sketch``: a melody file (audio or
     MIDI) or (frames, 14) pitch features for the model's sketch channels; ``sampler``: ``steps``,
     ``cfg_scale``, ``plus_plus``, ``pingpong``, ``regime`` overrides. ``seconds``: the length of
-    the piece, needed by base models (whole clips) only."""
+    the piece, needed by base models (whole clips) only. ``limiter``: off (None, the default),
+    True or a ``limiter.SoftLimiter`` as the last stage of decoding; the stream's ``limiter``
+    counts the samples it changed."""
     if not self.streams and seconds is None:
       raise ValueError("a base model generates whole clips: give the clip's length (seconds=)")
     return AudioStream(self, DEFAULT_PROMPT if prompt is None else prompt, seed=seed,
                        sketch=sketch, decode=decode, settings=self.sampler_settings(**sampler),
+                       limiter=limiter,
                        frames=None if seconds is None else self.blocks_for(seconds) * self.cfg.chunk)
 
   def generate(self, prompt: str | None = None, seconds: float = 10.0, *, seed: int = 0,
-               sketch=None, **sampler) -> np.ndarray:
+               sketch=None, limiter=None, **sampler) -> np.ndarray:
     """Offline: ``seconds`` of audio, (channels, samples) float32 (latents (frames, C) when the
-    system has no codec)."""
+    system has no codec). ``limiter`` as ``stream``: pass a ``SoftLimiter`` to read its count
+    (``limiter.limited``) afterwards."""
     n = self.blocks_for(seconds)
-    stream = self.stream(prompt, seed=seed, sketch=sketch, seconds=seconds, **sampler)
+    stream = self.stream(prompt, seed=seed, sketch=sketch, seconds=seconds, limiter=limiter,
+                         **sampler)
     parts = [stream.next_block() for _ in range(n)]
     parts.append(stream.flush())
     if self.codec is None:
@@ -198,8 +203,10 @@ class AudioStream:
   ``next_block()`` -> the audio this block releases, (channels, n) float32 (n varies with the
   decoder's look-ahead; latents (chunk, C) when the system has no codec or ``decode=False``);
   ``flush()`` -> the decoder's tail. ``set_prompt(text)`` takes effect at the next block.
-  ``last_latents``: the latents of the last block. Non-finite latents stop the stream with
-  ``FloatingPointError`` (nothing non-finite is emitted).
+  ``last_latents``: the latents of the last block. ``limiter``: the ``SoftLimiter`` applied to
+  the decoded audio (None: off), with its count of limited samples (``limited``, ``report()``);
+  ``limit(audio)`` applies it. Non-finite latents stop the stream with ``FloatingPointError``
+  (nothing non-finite is emitted).
 
   When the codec decodes blocks of the model's size inside a program (``Codec.block_decoder``),
   each block is ONE compiled program: commit, denoising steps and decode (``sampling.
@@ -209,11 +216,13 @@ class AudioStream:
   """
 
   def __init__(self, system: System, prompt: str, *, seed: int, sketch, decode: bool,
-               settings: SamplerDefaults, frames: int | None = None, server=None):
+               settings: SamplerDefaults, frames: int | None = None, server=None, limiter=None):
     """``server``: a ``serving.SlotServer`` of this system: the stream takes one of its slots
     (released by ``close()``) instead of compiling its own step."""
     from lmdm_jax import sampling as S
+    from lmdm_jax.limiter import make_limiter
     self.system, self.settings = system, settings
+    self.limiter = make_limiter(limiter)
     cfg = system.cfg
     kw = dict(batch=1, cfg_guidance=settings.cfg_scale != 1.0, cross_len=system.cross_len,
               seed=seed, sampler=S.SamplerParams.make(settings.steps, settings.cfg_scale,
@@ -311,13 +320,17 @@ class AudioStream:
     """The next block's latents (chunk, C), computed elsewhere (a ``SlotServer``'s batched
     step): checked and decoded as ``next_block`` does."""
     blk = self._accept(np.asarray(blk))
-    return blk if self.decoder is None else self.decoder.push(blk)
+    return blk if self.decoder is None else self.limit(self.decoder.push(blk))
+
+  def limit(self, audio: np.ndarray) -> np.ndarray:
+    """Decoded audio through the stream's limiter (unchanged when it has none)."""
+    return audio if self.limiter is None else self.limiter(audio)
 
   def next_block(self, extra=None) -> np.ndarray:
     blk = self.next_latents(extra)
     if self.fused is not None:
-      return self._take_audio()
-    return blk if self.decoder is None else self.decoder.push(blk)
+      return self.limit(self._take_audio())
+    return blk if self.decoder is None else self.limit(self.decoder.push(blk))
 
   def close(self) -> None:
     """Release the stream's serving slot (if it has one)."""
@@ -329,13 +342,13 @@ class AudioStream:
     if self.fused is not None:
       head = self._take_audio()
       if self._flushed:
-        return head
+        return self.limit(head)
       self._flushed = True
       tail = self.fused.tail(self.stream.dec_state).flush()
-      return np.concatenate([head, tail], axis=-1)
+      return self.limit(np.concatenate([head, tail], axis=-1))
     if self.decoder is None:
       return np.zeros((0, self.system.cfg.io_channels), np.float32)
-    return self.decoder.flush()
+    return self.limit(self.decoder.flush())
 
   def __iter__(self) -> Iterator[np.ndarray]:
     while True:

@@ -4,6 +4,8 @@ checkout's other folders, and never edits sys.path. Read from the source (ast), 
 inside functions, so a lazy import is held to the same rule."""
 import ast
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -18,7 +20,7 @@ LAYERS = [
     ("convert", ["lmdm_jax.convert"]),  # checkpoints of the authors' code -> nn modules
     ("core", ["lmdm_jax.layouts", "lmdm_jax.cache", "lmdm_jax.sampling", "lmdm_jax.text",
               "lmdm_jax.codecs", "lmdm_jax.data", "lmdm_jax.music_metrics", "lmdm_jax.testing",
-              "lmdm_jax.clip_sampling", "lmdm_jax.quantize"]),
+              "lmdm_jax.clip_sampling", "lmdm_jax.quantize", "lmdm_jax.limiter"]),
     ("training", ["lmdm_jax.training"]),
     # whole systems from any source; the converter's loader and exporter read every source
     ("loading", ["lmdm_jax.bundle", "lmdm_jax.checkpoint_io", "lmdm_jax.system",
@@ -151,3 +153,12 @@ def test_checker_allows_downward_imports():
   path = os.path.join(PKG, "apps", "fake.py")
   src = "from lmdm_jax.training import workdir\nfrom lmdm_jax.nn.dit import DiT\nimport numpy\n"
   assert violations(path, src, "lmdm_jax.apps.fake", top_level_names()) == []
+
+
+def test_package_exports_the_system_lazily():
+  """``from lmdm_jax import load_system`` (the README's entry point) works, and importing the
+  package alone does not import the System (its start-up stays cheap)."""
+  code = ("import sys, lmdm_jax; assert 'lmdm_jax.system' not in sys.modules; "
+          "from lmdm_jax import load_system, System; "
+          "assert load_system.__module__ == 'lmdm_jax.system' and System.__name__ == 'System'")
+  subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

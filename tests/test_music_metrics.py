@@ -70,3 +70,58 @@ def test_sketch_adherence_and_partner_agreement():
   a = _progression(62)
   assert M.chroma_agreement(a, a, SR) > 0.99
   assert M.chroma_agreement(a, _progression(63), SR) < 0.5
+
+
+def test_loud_and_silent_windows_and_level_std():
+  loud = np.clip(2.0 * _tones([69], 10), -1, 1)  # a runaway: RMS about -1 dBFS
+  quiet = 0.1 * _tones([69], 40)  # -23 dBFS
+  x = np.concatenate([loud, quiet, np.zeros(10 * SR)])  # 12 windows of 5 s
+  assert M.loud_share(x, SR) == pytest.approx(2 / 12)
+  assert M.silent_share(x, SR) == pytest.approx(2 / 12)
+  assert M.loudness_stability(x, SR)["loud_windows"] == pytest.approx(2 / 12)
+  assert M.loud_share(quiet, SR) == 0 and M.silent_share(quiet, SR) == 0
+  # 5-s windows alternating between two levels 6 dB apart: std exactly 3 dB
+  a = 0.1 * _tones([69], 5)
+  alt = np.concatenate([a, a / 10 ** (6 / 20)] * 4)
+  assert M.loudness_stability(alt, SR)["std_db"] == pytest.approx(3.0, abs=0.01)
+
+
+def test_clipped_samples():
+  assert M.clipped_samples(np.array([0.5, 1.0, -1.0, 0.999, 1.3, -2.0])) == 4
+  # a sine at twice full scale: |x| >= 1 where |sin| >= 1/2, two thirds of the time
+  x = 2.0 * np.sin(2 * np.pi * np.arange(120000) / 120 + 1e-3)
+  assert M.clipped_samples(x) == pytest.approx(2 / 3 * x.size, rel=1e-3)
+  assert M.clipped_samples(0.5 * x) == 0
+  assert M.clipped_samples(np.stack([x, x])) == 2 * M.clipped_samples(x)  # every channel
+
+
+def _chords(roots, seconds):
+  return np.concatenate([_tones([r, r + 4, r + 7], seconds) for r in roots])
+
+
+def test_harmonic_motion():
+  held = _tones([60, 64, 67], 8)
+  moving = _chords([60, 65, 67, 60] * 2, 1.0)  # I-IV-V-I, one chord a second
+  h, m = M.harmonic_motion(held, SR), M.harmonic_motion(moving, SR)
+  assert h < 0.05 and m > 0.3, (h, m)
+  assert np.isnan(M.harmonic_motion(np.zeros(4 * SR), SR))
+
+
+def test_chroma_distance_and_context_correlation():
+  a = _progression(60)
+  assert abs(M.chroma_distance(a, a, SR)) < 1e-9
+  assert M.chroma_distance(a, _progression(66), SR) > 0.3  # a tritone away
+  assert M.context_correlation(_progression(60), a, SR, seconds=8) > 0.9
+  assert M.context_correlation(_progression(66), a, SR, seconds=8) < 0.0
+  assert np.isnan(M.context_correlation(np.zeros(SR), a, SR))
+
+
+def test_shuffled_partner_agrees_less():
+  part = _chords([60, 65, 67, 62, 69, 64], 2.0)  # a new chord every 2-s window
+  sh = M.shuffle_windows(part, SR)
+  assert sh.shape == part.shape and not np.allclose(sh, part)
+  np.testing.assert_array_equal(np.sort(sh), np.sort(part))  # the same samples, moved
+  true, shuffled = M.chroma_agreement(part, part, SR), M.chroma_agreement(part, sh, SR)
+  assert true > 0.99 and shuffled < 0.5, (true, shuffled)
+  with pytest.raises(ValueError, match="fewer than two"):
+    M.shuffle_windows(part[:3 * SR], SR)

@@ -67,6 +67,10 @@ def build_parser():
                        "(default: outputs/sample.wav)")
   ap.add_argument("--play", action="store_true",
                   help="also play through the sound card (needs sounddevice; default: off)")
+  ap.add_argument("--no-limiter", action="store_true",
+                  help="write the decoder's raw output (the WAV writer then hard-clips anything "
+                       "beyond full scale); default: a soft limiter above 0.9 whose count of "
+                       "limited samples is printed when non-zero")
   ap.add_argument("--no-progress", action="store_true", help="no progress bar (default: shown)")
   ap.add_argument("--quantize", choices=["none", "int8"], default="none",
                   help="int8: run the DiT's block linears as dynamic int8 (int8 weights per output "
@@ -163,7 +167,7 @@ def run(args):
                            seconds=args.seconds, steps=args.steps, cfg_scale=args.cfg_scale,
                            plus_plus=args.plus_plus or None,
                            pingpong=None if args.sampler is None else args.sampler == "pingpong",
-                           regime=args.regime)
+                           regime=args.regime, limiter=not args.no_limiter)
   except ValueError as e:  # the named source, config or a sampler setting cannot be used
     raise C.UsageError(str(e)) from e
   if system.conditioning_note:
@@ -214,6 +218,7 @@ def run(args):
     if audio.shape[-1]:
       if not np.all(np.isfinite(audio)):
         raise NonFiniteOutput("the decoder produced NaN or infinite audio")
+      audio = stream.limit(audio)
       writer.append(audio)
       if player is not None:
         player.write(np.ascontiguousarray(audio.T, np.float32))
@@ -296,6 +301,8 @@ def run(args):
     print(f"[sample] {partial_note}")
     return 130
   final_rtf = rtf.value
+  if stream.limiter is not None and stream.limiter.report():
+    print(stream.limiter.report())
   if codec is not None:
     print(f"[sample] wrote {writer.seconds_written:.2f} s ({codec.sample_rate} Hz, "
           f"{codec.channels} ch) to {where}; real-time factor {final_rtf:.2f}x including decode")
