@@ -18,9 +18,9 @@ One script for every backend: it runs on the default JAX device (CPU, GPU or TPU
   elementwise work, the optimizer and the ConvNeXt head are not model FLOPs. For stage 1 the
   table also gives XLA's own count of the compiled step (``cost_analysis``: all HLO flops,
   elementwise and optimizer included) as a check on the analytic count.
-- MFU: achieved model FLOP/s over the matmul peak of the row's dtype, measured in the same run
-  (``bench/streaming.py``'s ``matmul_peak``: a large square matmul); ``--peak-tflops`` adds a
-  column against a datasheet peak.
+- MFU: achieved model FLOP/s over the matmul peak of the row's dtype, measured right after the
+  row's timed steps (``bench/streaming.py``'s ``matmul_peak``: a large square matmul), so that a
+  shared machine's load hits both alike; ``--peak-tflops`` adds a column against a datasheet peak.
 
   python3 bench/train_throughput.py                               # CPU: tiny, demo, saos depth 2
   python3 bench/train_throughput.py --configs tiny --steps 2 --kinds stage1,arc
@@ -221,6 +221,11 @@ def _xla_flops(compiled) -> float:
   return float((ca or {}).get("flops", float("nan")))
 
 
+def _peak(cfg: DiTConfig) -> float:
+  """Matmul peak (FLOP/s) of the compute dtype, measured now."""
+  return matmul_peak(jnp.dtype(cfg.dtype)) * 1e9
+
+
 def _time(fn, state, args, keys):
   """Seconds per step over ``keys`` (state threaded through, donated)."""
   jax.block_until_ready(state)
@@ -243,7 +248,7 @@ def bench_stage1(label, conf, cfg, batch, steps, chunks, cross_len):
   state, _ = compiled(state, b, jax.random.key(0))  # warm-up
   sec, _ = _time(compiled, state, (b,), [jax.random.key(i + 1) for i in range(steps)])
   fl = stage1_flops(cfg, chunks, batch, cross_len)
-  return [dict(kind="stage1", sec=sec, tokens=batch * tr.frames, flops=fl,
+  return [dict(kind="stage1", sec=sec, tokens=batch * tr.frames, flops=fl, peak=_peak(cfg),
                xla=_xla_flops(compiled), compile_s=compile_s)]
 
 
@@ -269,7 +274,7 @@ def bench_arc(label, conf, cfg, batch, steps, rollout_blocks, cross_len):
     fl = np.mean([arc_flops(tr, ad, tr.draw(jax.random.split(k)[0], batch)[0], batch, cross_len,
                             phase) for k in keys])
     rows.append(dict(kind=f"arc {phase.upper()}", sec=sec, tokens=batch * tr.frames, flops=fl,
-                     xla=float("nan"), compile_s=compile_s,
+                     peak=_peak(cfg), xla=float("nan"), compile_s=compile_s,
                      note=f"{ac.rollout_blocks} blocks, k<={ac.max_k}"))
   return rows
 
@@ -318,19 +323,17 @@ def main(argv=None):
     specs = [parse_config(s) for s in args.configs.split(",") if s]
   except ValueError as e:
     ap.error(str(e))
-  peaks = {d: matmul_peak(jnp.dtype(d)) * 1e9 for d in dtypes}
   dev = jax.devices()[0]
   print(f"# training throughput: {dev.device_kind} ({jax.default_backend()}), jax "
         f"{jax.__version__}; batch {args.batch}, {args.steps} timed steps; parameters and "
         "optimizer state float32")
-  print("# measured matmul peak: " + ", ".join(f"{d} {p / 1e9:.1f} GFLOP/s"
-                                              for d, p in peaks.items()))
   print("# model FLOPs counted analytically (see the module docstring); XLA = cost_analysis of "
-        "the compiled stage-1 step\n")
+        "the compiled stage-1 step; peak = a square matmul in the row's dtype, measured right "
+        "after the row\n", flush=True)
   extra = " | MFU vs datasheet" if sheet else ""
   print("| kind | config | layers x width | dtype | tokens/step | ms/step | tokens/s | "
-        f"model GFLOP/step | XLA GFLOP/step | GFLOP/s | MFU{extra} | compile s |")
-  print("|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if sheet else "") + "---|")
+        f"model GFLOP/step | XLA GFLOP/step | GFLOP/s | peak GFLOP/s | MFU{extra} | compile s |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if sheet else "") + "---|")
   for label, conf, cfg0 in specs:
     cross_len = cross_len_of(conf)
     train = conf.get("train", None)
@@ -345,12 +348,12 @@ def main(argv=None):
         rows += bench_arc(label, conf, cfg, args.batch, args.steps, args.rollout_blocks,
                           cross_len)
       for r in rows:
-        rate = r["flops"] / r["sec"]
+        rate, peak = r["flops"] / r["sec"], r["peak"]
         xla = "-" if np.isnan(r["xla"]) else f"{r['xla'] / 1e9:.2f}"
         ds = f" | {100 * rate / sheet[d]:.1f}%" if d in sheet else (" | -" if sheet else "")
         print(f"| {r['kind']} | {label} | {cfg.depth} x {cfg.embed_dim} | {d} | {r['tokens']} | "
               f"{r['sec'] * 1000:.1f} | {r['tokens'] / r['sec']:.0f} | {r['flops'] / 1e9:.2f} | "
-              f"{xla} | {rate / 1e9:.1f} | {100 * rate / peaks[d]:.1f}%{ds} | "
+              f"{xla} | {rate / 1e9:.1f} | {peak / 1e9:.1f} | {100 * rate / peak:.1f}%{ds} | "
               f"{r['compile_s']:.0f} |", flush=True)
 
 
