@@ -108,8 +108,8 @@ def _train_curve(cfg, steps, chunks=4, batch=4):
 @pytest.mark.slow
 def test_fp32_and_bf16_loss_curves_agree():
   """Tiny stage-1 runs from the same init, data and noise in float32 and in bfloat16 compute:
-  the loss curves agree within noise (every step within 3% relative, the mean of the last 10
-  steps within 1%), the bfloat16 curve is not the float32 one (its compute dtype is in effect),
+  the loss curves agree within noise (every step within 1% relative, the mean of the last 10
+  steps within 0.5%; measured: 0.11% and 0.002%), the bfloat16 curve is not the float32 one (its compute dtype is in effect),
   the loss falls, gradients are finite, and parameters and optimizer state stay float32."""
   steps = 40
   l32, g32, _ = _train_curve(_cfg("float32"), steps)
@@ -122,8 +122,8 @@ def test_fp32_and_bf16_loss_curves_agree():
   assert np.isfinite(g16).all() and np.isfinite(l16).all()
   assert last32 < 0.8 * l32[0]  # a real training curve
   assert not np.array_equal(l16, l32)
-  assert rel.max() < 0.03
-  assert abs(last16 - last32) / last32 < 0.01
+  assert rel.max() < 0.01
+  assert abs(last16 - last32) / last32 < 0.005
   for part in ("params", "opt"):
     dts = {str(x.dtype) for x in jax.tree.leaves(st16[part])
            if jnp.issubdtype(x.dtype, jnp.floating)}
