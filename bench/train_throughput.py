@@ -165,11 +165,12 @@ def arc_flops(tr: ARCForcing, ad, ks, batch: int, cross_len: int, phase: str) ->
   total = (total + roll.total) * batch
   T = tr.frames + 1  # the discriminator's sequence: frames + the global token
   disc = (pass_flops(dc, T, T, cross_len, depth=ac.disc_exit_layer + 1)
-          + cross_flops(dc, cross_len) + embed_flops(dc, noisy=tr.frames, glob=1))
-  if phase == "g":
-    return total + 2 * batch * (disc.total + disc.frozen_backward())
+          + embed_flops(dc, noisy=tr.frames, glob=1))
+  disc_fwd = disc.total + cross_flops(dc, cross_len).total
+  if phase == "g":  # the prompt's cross K/V need no backward
+    return total + 2 * batch * (disc_fwd + disc.frozen_backward())
   contrastive = batch > 1 and cfg.cond_token_dim > 0 and ac.w_contrastive != 0
-  return total + (3 if contrastive else 2) * batch * disc.total
+  return total + (3 if contrastive else 2) * batch * disc_fwd
 
 
 # ------------------------------------------------------------------------------- building
