@@ -56,6 +56,11 @@ class DiTConfig:
   code. "legacy": the window is K chunks (frames from K * chunk + 1) and a stream starts from
   an empty cache: models trained before the field existed. New models get "authors"; stored
   models without the field load as "legacy" (``from_stored``).
+  ``dtype``: the compute dtype of every matmul and of the residual stream and KV cache;
+  ``param_dtype``: the parameters' (and so the optimizer state's). Mixed-precision training is
+  ``dtype="bfloat16"``, ``param_dtype="float32"``: LayerNorm statistics, rotary embedding,
+  attention logits and softmax, timestep features, the velocity output and the loss stay float32
+  (docs/TRAINING.md, "Mixed precision").
   """
 
   io_channels: int = 64

@@ -125,18 +125,49 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 # ------------------------------------------------------------------------------- attention
 
 
+def _logits(qg, k):
+  """Attention logits (B, Hkv, g, Q, S) in float32 from grouped queries and keys."""
+  return jnp.einsum("bqkgd,bskd->bkgqs", qg, k, preferred_element_type=jnp.float32)
+
+
+@jax.custom_vjp
+def _logits_low_precision(qg, k):
+  """``_logits`` for bfloat16/float16 q and k, whose backward pass keeps its two matmuls in the
+  inputs' dtype (float32 accumulation): autodiff would multiply the float32 logit cotangent by
+  the low-precision q or k, a float32 matmul. The forward values are ``_logits``'s."""
+  return _logits(qg, k)
+
+
+def _logits_fwd(qg, k):
+  return _logits(qg, k), (qg, k)
+
+
+def _logits_bwd(res, g):
+  qg, k = res
+  g = g.astype(qg.dtype)
+  dq = jnp.einsum("bkgqs,bskd->bqkgd", g, k, preferred_element_type=jnp.float32)
+  dk = jnp.einsum("bkgqs,bqkgd->bskd", g, qg, preferred_element_type=jnp.float32)
+  return dq.astype(qg.dtype), dk.astype(k.dtype)
+
+
+_logits_low_precision.defvjp(_logits_fwd, _logits_bwd)
+
+
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None) -> jax.Array:
   """Scaled dot-product attention with grouped KV heads.
 
   q: (B, Q, H, d); k, v: (B, S, Hkv, d) with H a multiple of Hkv (query head h uses KV head
   h // (H // Hkv), as PyTorch's repeat_interleave); mask: bool (Q, S) or (B, Q, S). Logits and
-  softmax in float32.
+  softmax in float32 whatever the inputs' dtype; the probabilities are cast to v's dtype for the
+  second matmul. With low-precision (bfloat16) inputs every matmul, forward and backward, runs in
+  that dtype (``_logits_low_precision``).
   """
   b, nq, h, d = q.shape
   hkv = k.shape[2]
   g = h // hkv
   qg = q.reshape(b, nq, hkv, g, d)
-  logits = jnp.einsum("bqkgd,bskd->bkgqs", qg, k, preferred_element_type=jnp.float32)
+  low = q.dtype == k.dtype and jnp.dtype(q.dtype).itemsize < 4
+  logits = _logits_low_precision(qg, k) if low else _logits(qg, k)
   logits = logits * (1.0 / np.sqrt(d))
   if mask is not None:
     m = mask if mask.ndim == 3 else mask[None]
