@@ -89,6 +89,8 @@ class JamSession:
         raise ValueError(f"regime {regime!r}: the slot server streams in {server.regime!r}")
       if (cfg_scale != 1.0) not in server.pools:
         progress("compiling the block step")
+      else:
+        progress("taking a session slot (its block step is compiled)")
       self.stream = server.join(tokens, glob, seed=seed, steps=steps, cfg_scale=cfg_scale,
                                 plus_plus=plus_plus, pingpong=pingpong)
     else:
