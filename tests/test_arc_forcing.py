@@ -29,6 +29,8 @@ from lmdm_jax.training.data import Batcher, SyntheticLatents
 
 from lmdm_jax.training import arc_run as arc
 
+pytestmark = pytest.mark.slow  # ARC-Forcing training steps (the full suite runs them)
+
 OPTS = {"xla_backend_optimization_level": 0}
 
 

@@ -109,6 +109,7 @@ def test_new_bundles_record_their_layout_and_old_ones_load_as_legacy(tmp_path):
     DiTConfig.from_stored({**dataclasses.asdict(m.cfg), "positions": "absolute"})
 
 
+@pytest.mark.slow  # the legacy layout: with the other legacy tests
 def test_shipped_bundle_streams_exactly_as_before_the_authors_positions():
   """The bundled model was trained in the legacy layout: it records no ``positions``, loads as
   "legacy" and streams the blocks the code before the authors' layout streamed

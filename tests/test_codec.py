@@ -12,6 +12,8 @@ from lmdm_jax.codecs import get_codec
 from lmdm_jax.codecs.base import Codec, StreamDecoder
 from lmdm_jax.codecs.spectral import HOP, SAMPLE_RATE, SpectralCodec, stft_frames
 
+pytestmark = pytest.mark.slow  # codec fits, quality and streaming decode (the full suite runs them)
+
 SR = SAMPLE_RATE
 
 

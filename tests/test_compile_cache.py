@@ -4,7 +4,11 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from lmdm_jax import compile_cache
+
+pytestmark = pytest.mark.slow  # child processes and the persistent cache (the full suite runs them)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

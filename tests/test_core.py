@@ -168,7 +168,7 @@ def test_model_without_global_conditioning():
     s.set_prompt(cond, jnp.ones((1, 4)))
 
 
-@pytest.mark.parametrize("positions", ["authors", "legacy"])
+@pytest.mark.parametrize("positions", ["authors", pytest.param("legacy", marks=pytest.mark.slow)])
 def test_prime_then_stream_equals_reference_history(model, positions):
   """Priming with real context equals generating after that context in the no-cache reference."""
   import dataclasses

@@ -6,6 +6,8 @@ import re
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # FluidSynth renders (the full suite runs them)
+
 pytest.importorskip("music21", reason="music21 is not installed (pip install music21)")
 pytest.importorskip("pretty_midi", reason="pretty_midi is not installed (pip install pretty_midi)")
 sf = pytest.importorskip("soundfile")

@@ -21,6 +21,8 @@ from lmdm_jax.sources import load_dit
 from lmdm_jax.training import init_from
 from lmdm_jax.training.init_from import InitError, init_model
 
+pytestmark = pytest.mark.slow  # fine-tuning runs (the full suite runs them)
+
 TINY = DiTConfig.from_config(load_config("tiny").model)
 
 

@@ -18,6 +18,8 @@ from lmdm_jax.config import DiTConfig, load_config, load_config_file
 from lmdm_jax.testing import random_model, rel_err
 from tests.test_sample_cli import ACC, LAT, write_config
 
+pytestmark = pytest.mark.slow  # jam sessions end to end (the full suite runs them)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

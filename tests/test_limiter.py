@@ -4,6 +4,8 @@ import pytest
 
 from lmdm_jax.limiter import SoftLimiter, make_limiter
 
+pytestmark = pytest.mark.slow  # streams through the limiter (the full suite runs them)
+
 
 def test_identity_below_the_threshold():
   x = np.linspace(-0.9, 0.9, 10001).astype(np.float32)

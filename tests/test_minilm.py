@@ -16,6 +16,8 @@ from flax import nnx
 from lmdm_jax import text
 from lmdm_jax.nn import minilm
 
+pytestmark = pytest.mark.slow  # MiniLM parity and tokenizer (the full suite runs them)
+
 TOL = 1e-5
 MAX_TOKENS = 32
 PROMPTS = [

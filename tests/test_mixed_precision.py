@@ -22,6 +22,8 @@ from lmdm_jax.training.arc_forcing import ARCConfig, ARCForcing, make_head
 from lmdm_jax.training.data import SyntheticLatents
 from lmdm_jax.training.stage1 import Stage1, Stage1Config
 
+pytestmark = pytest.mark.slow  # bf16 training traces (the full suite runs them)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -4,6 +4,8 @@ import pytest
 
 from lmdm_jax import music_metrics as M
 
+pytestmark = pytest.mark.slow  # audio analysis (the full suite runs them)
+
 SR = 22050
 
 

@@ -9,6 +9,8 @@ from lmdm_jax import quantize as Q
 from lmdm_jax import sampling as S
 from lmdm_jax.testing import random_model, rel_err
 
+pytestmark = pytest.mark.slow  # int8 views of models (the full suite runs them)
+
 # The stated tolerances (docs/STREAMING.md, "int8 weights"): relative L2 error vs the float model.
 VELOCITY_TOL = 0.05  # one forward pass on identical inputs
 LATENT_TOL = 0.10  # free-running streams, over the first blocks

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 sf = pytest.importorskip("soundfile")
+
+pytestmark = pytest.mark.slow  # recorded-music dataset builds (the full suite runs them)
 pytest.importorskip("librosa")
 
 from lmdm_jax.codecs.base import Codec, StreamDecoder  # noqa: E402

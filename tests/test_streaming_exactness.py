@@ -15,7 +15,8 @@ from lmdm_jax.testing import random_model, rel_err
 B, S_LEN = 2, 5
 
 
-@pytest.fixture(scope="module", params=["authors", "legacy"])
+# the legacy layout (models trained before the authors' positions) is in the slow tier
+@pytest.fixture(scope="module", params=["authors", pytest.param("legacy", marks=pytest.mark.slow)])
 def model(request):
   cfg = DiTConfig.from_config(load_config("tiny").model)
   return random_model(dataclasses.replace(cfg, positions=request.param), seed=0)

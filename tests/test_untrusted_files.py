@@ -114,6 +114,7 @@ def test_bundle_config_path_is_never_run(tmp_path, evil):
   assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_sample_cli_refuses_the_evil_bundle(tmp_path, evil):
   marker, specs = evil
   path = _bundle(tmp_path / "evil.npz", specs[0])
@@ -128,6 +129,7 @@ def test_sample_cli_refuses_the_evil_bundle(tmp_path, evil):
   assert not marker.exists() and not out.exists()
 
 
+@pytest.mark.slow
 def test_workdir_config_path_is_never_run(tmp_path, evil):
   marker, specs = evil
   for i, spec in enumerate(specs):
@@ -205,6 +207,7 @@ def _npy(a):
   return b.getvalue()
 
 
+@pytest.mark.slow
 def test_oversized_declarations_error_with_small_memory(tmp_path):
   """Each file declares a model of ~2 GB that it does not hold; loading says so, and the loader's
   peak memory (ru_maxrss, in a fresh process) grows by far less than the declared model."""
@@ -263,6 +266,7 @@ def test_oversized_declarations_error_with_small_memory(tmp_path):
   assert "does not match its config" in res["converted"][1]
 
 
+@pytest.mark.slow
 def test_workdir_loads_the_stored_weights(tmp_path):
   """The checked, partial restore (parameters and buffers only) gives the saved weights: EMA when
   asked and present, raw otherwise; and an export records folder names only."""
@@ -379,6 +383,7 @@ def test_intact_step_that_does_not_fit_is_not_skipped(tmp_path, capsys):
   assert "[checkpoints]" not in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_damaged_workdir_loads_previous_step(tmp_path, capsys):
   wd, _ = _workdir(tmp_path / "run", steps=(1, 2), ema=False)
   _damage(_data_file(os.path.join(wd, "checkpoints", "2")), "flip")
@@ -389,6 +394,7 @@ def test_damaged_workdir_loads_previous_step(tmp_path, capsys):
 # --------------------------------------------------------------------------------------- fuzz
 
 
+@pytest.mark.slow
 def test_fuzz_bundle_damage_gives_clear_errors(tmp_path):
   """40 seeded truncations and bit flips of a bundle: each loads (a flip in bytes nothing checks,
   e.g. a zip timestamp) or raises ValueError with a one-line message; numpy allocations stay small."""
@@ -424,6 +430,7 @@ def test_fuzz_bundle_damage_gives_clear_errors(tmp_path):
   assert peak < 64 << 20
 
 
+@pytest.mark.slow
 def test_fuzz_checkpoint_damage_falls_back_or_errors(tmp_path):
   """30 seeded truncations and bit flips of any file of the newest step: restore always gives the
   previous step's exact state (never a changed one, never an exception)."""
