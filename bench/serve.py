@@ -17,7 +17,8 @@ Modes:
   step; with ``--config`` (e.g. ``saos`` on a GPU) the model has random weights and random
   conditioning tokens.
 
-Prints a table and, last, ``real-time sessions: N`` (0 when even one session is not).
+The first tick of each count is a warm-up (each program's first call at that width) and is
+not counted. Prints a table and, last, ``real-time sessions: N`` (0 when even one session is not).
 
   python3 bench/serve.py                                  # the bundled model, 60 s per N
   python3 bench/serve.py --seconds 10 --max-sessions 8    # quick
@@ -88,7 +89,9 @@ def run_jams(system, n: int, args, lone: bool = False):
     ticks.append(time.perf_counter() - t0)
   for s in sessions:
     s.close()
-  return ticks, steps
+  # the first tick makes each program's and decoder's first call at this width (a warm-up a
+  # live server pays once, at a session's set-up or join): steady state is the rest
+  return ticks[1:], steps[1:]
 
 
 def run_texts(model, cross_len: int, n: int, args, block_seconds: float):
