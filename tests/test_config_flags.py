@@ -8,8 +8,8 @@ import os
 import pytest
 
 from lmdm_jax.apps import arc_cli, run_flags, train_cli
-from lmdm_jax.apps.common import UsageError
 from lmdm_jax.config import CONFIG_DIR, apply_overrides, config_named_by_file, load_config
+from tests.test_cli_inputs import one_error_line
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -24,16 +24,6 @@ def _arc(argv):
   from lmdm_jax.training.arc_run import config_defaults
   return run_flags.parse(argv, prog="arc.py", doc=arc_cli.__doc__, define=arc_cli.define_flags,
                          default_config="arc_tiny", defaults=config_defaults())
-
-
-def _one_error_line(capsys, rc, *needles):
-  out, err = capsys.readouterr()
-  assert rc == 2, (rc, out, err)
-  lines = err.strip().splitlines()
-  assert len(lines) == 1 and "Traceback" not in err, err
-  for n in needles:
-    assert n in lines[0], (n, lines[0])
-  return lines[0]
 
 
 def test_registered_name_and_path_name_the_same_config(tmp_path):
@@ -109,13 +99,13 @@ def test_bad_command_lines_exit_2_with_one_line(capsys, tmp_path, cli, argv, nee
   wd = tmp_path / "run"
   rc = cli.main(["--workdir", str(wd)] + argv)
   prog = "train.py" if cli is train_cli else "arc.py"
-  line = _one_error_line(capsys, rc, f"{prog}: error:", *needles)
+  line = one_error_line(capsys, rc, f"{prog}: error:", *needles)
   assert not wd.exists(), line  # nothing was started
 
 
 def test_workdir_is_required(capsys):
-  _one_error_line(capsys, train_cli.main(["--config", "tiny"]), "--workdir is required")
-  _one_error_line(capsys, arc_cli.main([]), "--workdir is required")
+  one_error_line(capsys, train_cli.main(["--config", "tiny"]), "--workdir is required")
+  one_error_line(capsys, arc_cli.main([]), "--workdir is required")
 
 
 def test_help_describes_every_flag_and_config_field_with_its_default(capsys):
@@ -177,6 +167,6 @@ def test_train_records_overrides_resumes_and_samples_with_them(tmp_path, capsys)
   assert train_cli.main(cmd + ["--config.train.steps=3"]) in (0, None)  # longer: resumes
   assert "resumed from step 2" in capsys.readouterr().out
   rc = train_cli.main(cmd + ["--config.train.steps=4", "--config.model.depth=1"])
-  _one_error_line(capsys, rc, "another model", "model.depth 2 there, 1 here")
+  one_error_line(capsys, rc, "another model", "model.depth 2 there, 1 here")
   system = load_system(wd, log=lambda *_: None)
   assert system.defaults.steps == 3 and load_config("tiny").sampler.steps == 8
