@@ -90,7 +90,7 @@ def _exported_path(name: str, key: str, leaves, treedef, donate) -> str | None:
   import jaxlib
   dev = jax.devices()[0]
   h = hashlib.sha256("\n".join([
-      name, key, jax.__version__, getattr(jaxlib, "__version__", ""), jax.default_backend(),
+      name, key, os.environ.get("LMDM_ATTENTION", ""), jax.__version__, getattr(jaxlib, "__version__", ""), jax.default_backend(),
       dev.device_kind, str(treedef), repr(tuple(donate)),
       repr([(tuple(x.shape), str(x.dtype)) for x in leaves]), source_hash()]).encode())
   return os.path.join(_folder, "exported", f"{name}-{h.hexdigest()[:32]}.jax")

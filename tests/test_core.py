@@ -191,3 +191,25 @@ def test_prime_then_stream_equals_reference_history(model, positions):
     blk, key = S.reference_block(model, hist, st.replace(key=key), jnp.zeros((1, cfg.chunk, 0)), sp)
     hist = jnp.concatenate([hist, blk], axis=1)
   np.testing.assert_allclose(got, hist[:, pad.shape[1] + ctx.shape[1]:], rtol=1e-4, atol=1e-5)
+
+
+def test_attention_implementations_agree(monkeypatch):
+  """``$LMDM_ATTENTION=jax`` (jax.nn.dot_product_attention) computes what the default einsums do:
+  grouped KV heads, a shared (Q, S) mask and a per-batch (B, Q, S) mask; a bad value is one
+  clear error."""
+  rng = np.random.default_rng(0)
+  b, nq, ns, h, hkv, d = 2, 5, 9, 4, 2, 8
+  q = jnp.asarray(rng.normal(size=(b, nq, h, d)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(b, ns, hkv, d)), jnp.float32)
+  v = jnp.asarray(rng.normal(size=(b, ns, hkv, d)), jnp.float32)
+  mask2 = jnp.asarray(rng.random((nq, ns)) < 0.7).at[:, 0].set(True)
+  mask3 = jnp.asarray(rng.random((b, nq, ns)) < 0.5).at[..., 0].set(True)
+  for mask in (None, mask2, mask3):
+    monkeypatch.delenv(A.ATTENTION_ENV, raising=False)
+    ref = A.attend(q, k, v, mask)
+    monkeypatch.setenv(A.ATTENTION_ENV, "jax")
+    out = A.attend(q, k, v, mask)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-6, rtol=2e-6)
+  monkeypatch.setenv(A.ATTENTION_ENV, "flash")
+  with pytest.raises(ValueError, match="LMDM_ATTENTION='flash'"):
+    A.attend(q, k, v, mask2)

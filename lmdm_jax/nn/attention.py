@@ -9,6 +9,7 @@ recompute, and cached streaming all share one definition (DESIGN.md, "Exact stre
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import jax
 import jax.numpy as jnp
@@ -153,6 +154,24 @@ def _logits_bwd(res, g):
 _logits_low_precision.defvjp(_logits_fwd, _logits_bwd)
 
 
+# The attention op's implementation, read when a program is traced: ``xla`` (default: the
+# einsums below, with float32 logits and low-precision backward matmuls), ``jax`` (the same
+# arithmetic through ``jax.nn.dot_product_attention``, XLA's implementation) or ``cudnn``
+# (``jax.nn.dot_product_attention(implementation="cudnn")``: cuDNN's fused attention, GPU only,
+# bfloat16/float16 inputs). ``$LMDM_ATTENTION`` sets it for a process (bench/streaming.py and
+# scripts/gpu_bench.sh compare them); the compile cache keys programs by it.
+ATTENTION_ENV = "LMDM_ATTENTION"
+ATTENTION_IMPLS = ("xla", "jax", "cudnn")
+
+
+def attention_impl() -> str:
+  """The implementation ``attend`` uses: ``$LMDM_ATTENTION`` or ``xla``."""
+  impl = os.environ.get(ATTENTION_ENV, "") or "xla"
+  if impl not in ATTENTION_IMPLS:
+    raise ValueError(f"${ATTENTION_ENV}={impl!r}: choose one of {', '.join(ATTENTION_IMPLS)}")
+  return impl
+
+
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None) -> jax.Array:
   """Scaled dot-product attention with grouped KV heads.
 
@@ -162,6 +181,11 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = No
   second matmul. With low-precision (bfloat16) inputs every matmul, forward and backward, runs in
   that dtype (``_logits_low_precision``).
   """
+  impl = attention_impl()
+  if impl != "xla":
+    m = None if mask is None else (mask if mask.ndim == 3 else mask[None])[:, None]
+    return jax.nn.dot_product_attention(q, k, v, mask=m,
+                                        implementation=None if impl == "jax" else impl)
   b, nq, h, d = q.shape
   hkv = k.shape[2]
   g = h // hkv
