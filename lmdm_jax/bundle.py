@@ -124,6 +124,15 @@ def _provenance(path) -> str | None:
   return os.path.basename(os.path.normpath(str(path))) if path else None
 
 
+def _data_provenance(spec) -> str | None:
+  """A ``--data`` value's folder names only, weights kept (``data_cache/rec:0.5,/x/wide:0.5`` ->
+  ``rec:0.5,wide:0.5``; see ``_provenance``)."""
+  if not spec:
+    return None
+  from lmdm_jax.training.data import spec_entries
+  return ",".join(_provenance(f) + ("" if w is None else f":{w}") for f, w in spec_entries(spec))
+
+
 def export_workdir(workdir: str, out: str, use_ema: bool = True, dtype=np.float16,
                    extra_meta: dict | None = None) -> str:
   """A train.py work directory's latest checkpoint -> bundle (EMA weights by default)."""
@@ -133,7 +142,7 @@ def export_workdir(workdir: str, out: str, use_ema: bool = True, dtype=np.float1
   meta = dict(config=registered_spec(name) or name, overrides=ex["meta"].get("overrides"),
               step=ex["step"],
               weights="ema" if use_ema else "raw", source=_provenance(workdir),
-              data=_provenance(ex["meta"].get("data")))
+              data=_data_provenance(ex["meta"].get("data")))
   meta.update(extra_meta or {})
   return save_bundle(model, out, meta, dtype)
 
@@ -153,7 +162,7 @@ def export_arc(arc_workdir: str, out: str, dtype=np.float16, extra_meta: dict | 
   meta = dict(config=registered_spec(rec["config"]) or rec["config"],
               overrides=rec.get("overrides"), weights="base + merged ARC-Forcing adapter",
               source=_provenance(arc_workdir), base=_provenance(rec.get("base")),
-              base_step=base_step, arc_step=arc_step, data=_provenance(rec.get("data")))
+              base_step=base_step, arc_step=arc_step, data=_data_provenance(rec.get("data")))
   meta.update(extra_meta or {})
   return save_bundle(model, out, meta, dtype)
 

@@ -45,13 +45,14 @@ from lmdm_jax.training import distributed, sharding
 from lmdm_jax.training.arc_run import (ARC_DIR, METRICS, build, config_defaults, make_step_fns,
                                        model_config, restore_state, sections, train_loop)
 from lmdm_jax.training.checkpoints import Checkpointer, latest_step
-from lmdm_jax.training.data import Batcher, make_source
+from lmdm_jax.training.data import Batcher, check_data, make_source, same_data
 from lmdm_jax.training.workdir import checkpoint_dir, truncate_metrics
 
 
 def define_flags(fv: flags.FlagValues) -> None:
-  flags.DEFINE_string("data", "synthetic", "latent dataset folder, or 'synthetic': random latents, "
-                      "for smoke runs", flag_values=fv)
+  flags.DEFINE_string("data", "synthetic", "latent dataset folder; several, mixed: A,B (equal "
+                      "weights) or A:0.7,B:0.3; or 'synthetic': random latents, for smoke runs",
+                      flag_values=fv)
   flags.DEFINE_string("workdir", None, "run folder (required): arc_config.json, arc_checkpoints/, "
                       "arc_metrics.jsonl; rerunning the same command resumes", flag_values=fv)
   flags.DEFINE_string("base", None, "train.py work directory (or its checkpoints/ folder) with the "
@@ -107,6 +108,7 @@ def _check(p: run_flags.Parsed):
     base_step = old.get("base_step") if old is not None else latest_step(checkpoint_dir(fv.base))
   resumed = old is not None and os.path.isdir(os.path.join(workdir, ARC_DIR))
   cfg = model_config(conf, fv.base, old.get("model", {}) if resumed else None)
+  check_data(fv.data, cfg)  # a bad --data is refused before any model is built
   rec = {"config": p.config, "overrides": p.overrides, "seed": seed, "data": fv.data,
          "base": os.path.abspath(fv.base) if fv.base else None, "base_step": base_step,
          "disc_ckpt": fv.disc_ckpt, "train": tr,
@@ -116,7 +118,7 @@ def _check(p: run_flags.Parsed):
     for k, was, now in [(k, old.get(k), rec[k]) for k in ("config", "seed", "data", "base",
                                                           "base_step")] + [
         ("overrides", _recipe(old.get("overrides")), _recipe(p.overrides))]:
-      if was != now:
+      if not (same_data(was, now) if k == "data" else was == now):
         raise UsageError(f"{workdir} holds a run with {k}={was!r}; this command has {now!r}. "
                          "Use another --workdir.")
   mesh = sharding.make_mesh(fsdp=tr["fsdp"])

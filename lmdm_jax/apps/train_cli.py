@@ -2,6 +2,8 @@
 
   python3 train.py --config tiny --data synthetic --workdir runs/tiny --config.train.steps=200
   python3 train.py --config configs/demo.py --data data_cache/latents --workdir runs/demo
+  python3 train.py --config demo --data data_cache/latents_recorded:0.5,data_cache/latents_wide:0.5 ...
+                                 # several latent folders, mixed with these weights (A,B: equal)
   python3 train.py --config demo --config.train.batch_size=4 --config.train.stage1.lr=1e-4 ...
   python3 train.py ... --config.train.fsdp=4   # shard params/optimizer over 4 of the devices
   python3 train.py ... --coordinator HOST:PORT --num-processes N --process-id I   # each process
@@ -15,8 +17,9 @@ recorded in <workdir>/config.json ("overrides") with the config's name, so sampl
 directory uses the same config. A run restarted with the same command resumes from its last
 checkpoint and continues with the same data order, noise and losses as an uninterrupted run (data
 and PRNG keys depend only on the seed and the step); a restart may change the run's length and
-logging (``train.*``) but not its model (``model.*``). Metrics go to <workdir>/metrics.jsonl (one
-JSON object per logged step). Every ``train.sample_every`` steps the EMA model streams
+logging (``train.*``) but not its model (``model.*``); a restart with other ``--data`` goes on with
+a warning, and config.json's ``data_history`` records the step each ``--data`` began at. Metrics
+go to <workdir>/metrics.jsonl (one JSON object per logged step). Every ``train.sample_every`` steps the EMA model streams
 ``train.sample_seconds`` of a held-out prompt into <workdir>/samples/step_NNNNNNN.wav (decoded with
 the config's codec; latents .npy without).
 """
@@ -41,7 +44,7 @@ from lmdm_jax.config import DiTConfig, one_line
 from lmdm_jax.nn.dit import DiT
 from lmdm_jax.training import distributed, init_from, sharding
 from lmdm_jax.training.checkpoints import Checkpointer, abstract_like, latest_step, run_layout
-from lmdm_jax.training.data import Batcher, make_source
+from lmdm_jax.training.data import Batcher, make_source, same_data
 from lmdm_jax.training.stage1 import Stage1, Stage1Config
 from lmdm_jax.training.workdir import truncate_metrics
 
@@ -61,7 +64,8 @@ def config_defaults() -> dict:
 
 def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_string("data", "synthetic", "latent dataset folder (python3 -m lmdm_jax.data.dataset "
-                      "builds one), or 'synthetic': random latents, for smoke runs", flag_values=fv)
+                      "builds one); several, mixed: A,B (equal weights) or A:0.7,B:0.3; or "
+                      "'synthetic': random latents, for smoke runs", flag_values=fv)
   flags.DEFINE_string("workdir", None, "run folder (required): config.json, checkpoints/, "
                       "metrics.jsonl, samples/; rerunning the same command resumes", flag_values=fv)
   flags.DEFINE_string("init", None, "start from a pretrained model at step 0 (sets train.init_from): "
@@ -109,6 +113,29 @@ def _check_resume(workdir: str, cfg: DiTConfig) -> None:
     raise UsageError(f"{workdir} holds a run of another model ({'; '.join(diff)}; its overrides: "
                      f"{rec.get('overrides') or 'none'}): resume with the same --config and "
                      "--config.model.* flags, or use another --workdir")
+
+
+def data_history(path: str, data: str, start: int) -> list:
+  """The run's ``data_history`` for its config.json: [[step, --data], ...], the --data values it
+  trained on and the step each began at. A run resumed at ``start`` > 0 with data other than it
+  recorded (``same_data``) gets a warning on stderr and a new entry; otherwise the history is
+  unchanged ([[0, data]] for a new run)."""
+  old = None
+  if start > 0 and os.path.isfile(path):
+    with open(path) as f:
+      old = json.load(f)
+  if not isinstance(old, dict) or "data" not in old:
+    return [[0, data]]
+  hist = old.get("data_history")
+  if not (isinstance(hist, list) and hist and all(
+      isinstance(h, list) and len(h) == 2 and isinstance(h[1], str) for h in hist)):
+    hist = [[0, str(old["data"])]]  # runs recorded before the history (or a mangled one)
+  if same_data(hist[-1][1], data):
+    return hist
+  print(f"train.py: warning: {os.path.dirname(path)} trained on --data {hist[-1][1]!r} until step "
+        f"{start}; it goes on with --data {data!r} (the data order changes here; recorded in "
+        "config.json's data_history)", file=sys.stderr)
+  return hist + [[start, data]]
 
 
 def main(argv=None):
@@ -175,11 +202,12 @@ def train(p: run_flags.Parsed, workdir: str, conf, cfg: DiTConfig, tr: dict, tc:
   main_process = distributed.is_main()  # writes config.json and metrics.jsonl
   if main_process:
     truncate_metrics(metrics_path, start)
+    history = data_history(os.path.join(workdir, "config.json"), p.flags.data, start)
     tmp = os.path.join(workdir, "config.json.tmp")
     with open(tmp, "w") as f:
       json.dump({"config": p.config, "overrides": p.overrides,
                  "model": dict(conf.model, positions=cfg.positions), "train": tr, "seed": seed,
-                 "data": p.flags.data}, f, indent=1, default=str)
+                 "data": p.flags.data, "data_history": history}, f, indent=1, default=str)
     os.replace(tmp, os.path.join(workdir, "config.json"))
 
   bsh, rep = sharding.batch_sharding(mesh), sharding.replicated(mesh)
