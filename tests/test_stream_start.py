@@ -64,8 +64,8 @@ def stream_velocities(model, batch, pred):
 
 
 # (K, W, chunks): tiny's geometry, and live's chunk counts (K 17, W 18, 20-chunk sequences)
-@pytest.mark.parametrize("K,W,chunks", [(3, 4, 7), pytest.param(17, 18, 20, marks=pytest.mark.slow)],
-                         ids=["tiny", "live_chunks"])
+@pytest.mark.parametrize("K,W,chunks", [
+    (3, 4, 7), pytest.param(17, 18, 20, marks=pytest.mark.slow)], ids=["tiny", "live_chunks"])
 def test_start_sequence_is_the_fresh_streams_first_blocks(K, W, chunks):
   model = random_model(tiny(context_chunks=K, window_chunks=W), seed=0)
   cfg, cs = model.cfg, model.cfg.chunk
