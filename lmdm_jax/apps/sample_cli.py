@@ -39,7 +39,8 @@ def build_parser():
   ap.add_argument("--config", default=None,
                   help="a registered config (tiny | demo | live | saos | arc_demo ...[:arg]) "
                        "or your own path/to/config.py[:arg]: without --checkpoint, that config "
-                       "with RANDOM weights; with one, overrides the config it records (default: none)")
+                       "with RANDOM weights; with one, overrides the config it records "
+                       "(default: none)")
   ap.add_argument("--prompt", action="append", default=None, metavar="[SECONDS:]TEXT",
                   help="repeatable; '20:string quartet' switches at 20 s (default: a string-quartet "
                        "prompt in the style of the training captions)")
