@@ -28,8 +28,9 @@ What changes (everything else is `demo`'s: the weight-free `spectral` codec, 22.
   steps to an interruption.
 
 What it costs to stream: a denoising step attends to 17 x 16 = 272 cached frames instead of 48,
-274 model MFLOP against 251 (x1.09: the projections and feed-forward, most of the work at this
-width, do not change); a fresh stream's first block also primes the 18 zero chunks once.
+283 model MFLOP against 260 (x1.09: the projections and feed-forward, most of the work at this
+width, do not change); a fresh stream's first block also primes the 18 zero chunks once (4.7
+GFLOP, about 17 denoising steps).
 ARC-Forcing: `arc_live`.
 """
 import ml_collections
