@@ -16,6 +16,8 @@ What changes (everything else is `demo`'s: the weight-free `spectral` codec, 22.
   attention reach of 3) and in `demo` (4 / 3): rotary positions follow the authors' layout
   (``DiTConfig.positions`` = "authors": global token at 0, the noisy chunk from W * 16 + 1) and a
   fresh stream starts from W = 18 zero-latent chunks marked present (``layouts.start_chunks``).
+  It is also the only W the authors' config format can hold: `lmdm export` writes
+  block_causal_window_chunks = K + 1 and fixed_mask_size = W x 16, both W in their configs.
 - Stage-1 sequences of 20 chunks (7.4 s): the last 3 noisy chunks see a full 17-chunk context
   (with K = 17 a noisy chunk i < 17 sees only i chunks, as after a context drop); `demo`'s 12.
 - ``p_start`` 0.1: a tenth of the sequences begin with the stream's real start (18 zero chunks,
