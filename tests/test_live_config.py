@@ -1,7 +1,7 @@
 """The `live` config (issue 15 item 1): at least 6 s of context at `demo`'s short blocks, the
 authors' positions, stage-1 sequences long enough for a full context, start sequences on; it
-builds, trains from the command line at a reduced width, and its long-context geometry streams
-exactly (cached == teacher-forcing forward)."""
+builds, it and `arc_live` train from the command line at a reduced width, and its long-context
+geometry streams exactly (cached == teacher-forcing forward)."""
 import dataclasses
 import json
 import os
@@ -70,11 +70,11 @@ def test_live_model_and_trainer_build():
 
 
 @pytest.mark.slow
-def test_live_trains_from_the_command_line_at_reduced_width(tmp_path):
-  from lmdm_jax.apps import train_cli
+def test_live_and_arc_live_train_from_the_command_line_at_reduced_width(tmp_path):
+  from lmdm_jax.apps import arc_cli, train_cli
   wd = str(tmp_path / "run")
-  argv = ["--config", "live", "--workdir", wd, "--no_progress",
-          "--config.model.embed_dim=64", "--config.model.depth=1", "--config.model.num_heads=1",
+  small = ["--config.model.embed_dim=64", "--config.model.depth=1", "--config.model.num_heads=1"]
+  argv = ["--config", "live", "--workdir", wd, "--no_progress", *small,
           "--config.train.batch_size=2", "--config.train.steps=3", "--config.train.log_every=1",
           "--config.train.eval_batches=1", "--config.train.stage1.p_start=0.5"]
   assert not train_cli.main(argv)  # None or 0: success
@@ -88,6 +88,16 @@ def test_live_trains_from_the_command_line_at_reduced_width(tmp_path):
   losses = [r["loss"] for r in recs if "loss" in r]
   assert len(losses) == 3 and all(np.isfinite(losses))
   assert any(np.isfinite(r.get("heldout_loss", np.nan)) for r in recs)
+  # ARC-Forcing on it: one G and one D step with 20-block rollouts after the 17-chunk context
+  arc_wd = str(tmp_path / "arc")
+  argv = ["--config", "arc_live", "--base", wd, "--data", "synthetic", "--workdir", arc_wd,
+          *small, "--config.arc.disc_exit_layer=0", "--config.arc_train.steps=2",
+          "--config.arc_train.batch_size=2", "--config.arc_train.log_every=1"]
+  assert not arc_cli.main(argv)
+  with open(os.path.join(arc_wd, "arc_metrics.jsonl")) as f:
+    recs = [json.loads(line) for line in f]
+  assert len(recs) == 2 and all(np.isfinite(v) for r in recs for v in r.values()
+                                if isinstance(v, float)), recs
 
 
 @pytest.mark.slow
