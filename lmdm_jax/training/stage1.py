@@ -12,8 +12,8 @@ Dropout, following the reference (LMDM_REFERENCE §2) in our semantics:
   p_partial the oldest k ~ U{1..K} of them are hidden (k = K is a full drop). Hidden chunks are
   *absent* (masked), as at the start of a legacy stream, rather than zero latents: the clean
   chunks are shared by every noisy chunk of the sequence, so zeroing them for one noisy chunk
-  only (the reference's dropout, and the authors' stream start of W zero chunks) is not
-  expressible here;
+  only (the reference's dropout) is not expressible here; zeroing them for a whole sequence is,
+  which is how the authors' stream start is trained (start sequences, below);
 - CFG dropout per sequence: with p_cfg the conditioning tokens are zeroed (the global token is
   never dropped); extra input_add groups (sketch, accompaniment) are zeroed with p_cfg each.
 Stream starts (``p_start``, default 0: off): since hidden chunks are absent rather than zero, the
