@@ -138,10 +138,10 @@ def parse(argv, *, prog: str, doc: str, define, default_config: str, defaults: d
   full = [prog] + argv
   config_flags.DEFINE_config_file(
       "config", default_config, flag_values=fv, sys_argv=full,
-      help_string="the config: a registered name (tiny, demo, saos[:enc_dec], arc_tiny, arc_demo, "
-                  "...) or your own path/to/config.py[:arg]; set any of its fields with "
-                  "--config.FIELD=VALUE, e.g. --config.train.batch_size=4 (--help with a --config "
-                  "lists its fields)")
+      help_string="the config: a registered name (tiny, demo, live, saos[:enc_dec], arc_tiny, "
+                  "arc_demo, arc_live, ...) or your own path/to/config.py[:arg]; set any of "
+                  "its fields with --config.FIELD=VALUE, e.g. --config.train.batch_size=4 "
+                  "(--help with a --config lists its fields)")
   fv["config"].parser = _ConfigParser(defaults)
   try:
     rest = fv(full)

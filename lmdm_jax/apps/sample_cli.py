@@ -37,9 +37,10 @@ def build_parser():
                   help="the model: a bundle .npz, a train.py or arc.py work directory, or a "
                        "converted checkpoint (lmdm convert) (default: the bundled trained model)")
   ap.add_argument("--config", default=None,
-                  help="a registered config (tiny | demo | saos | arc_demo ...[:arg]) or your own "
-                       "path/to/config.py[:arg]: without --checkpoint, that config with RANDOM "
-                       "weights; with one, overrides the config it records (default: none)")
+                  help="a registered config (tiny | demo | live | saos | arc_demo ...[:arg]) "
+                       "or your own path/to/config.py[:arg]: without --checkpoint, that config "
+                       "with RANDOM weights; with one, overrides the config it records "
+                       "(default: none)")
   ap.add_argument("--prompt", action="append", default=None, metavar="[SECONDS:]TEXT",
                   help="repeatable; '20:string quartet' switches at 20 s (default: a string-quartet "
                        "prompt in the style of the training captions)")

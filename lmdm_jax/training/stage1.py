@@ -12,17 +12,28 @@ Dropout, following the reference (LMDM_REFERENCE §2) in our semantics:
   p_partial the oldest k ~ U{1..K} of them are hidden (k = K is a full drop). Hidden chunks are
   *absent* (masked), as at the start of a legacy stream, rather than zero latents: the clean
   chunks are shared by every noisy chunk of the sequence, so zeroing them for one noisy chunk
-  only (the reference's dropout, and the authors' stream start of W zero chunks) is not
-  expressible here;
+  only (the reference's dropout) is not expressible here; zeroing them for a whole sequence is,
+  which is how the authors' stream start is trained (start sequences, below);
 - CFG dropout per sequence: with p_cfg the conditioning tokens are zeroed (the global token is
   never dropped); extra input_add groups (sketch, accompaniment) are zeroed with p_cfg each.
+Stream starts (``p_start``, default 0: off): since hidden chunks are absent rather than zero, the
+dropout above never shows a model the start a fresh stream of the authors' layout begins from,
+``layouts.start_chunks`` = W zero-latent chunks marked present. With p_start a sequence is a
+*start sequence*: its clean chunks 0..W-1 become that start (zero latents, zero extra channels,
+context mask 1, at stream indices 0..W-1 as ``sampling.start_stream`` commits them), the noisy
+copies of those chunks get no loss (no other token sees them), and it has no context dropout, so
+its noisy chunks W, W+1, ... are exactly blocks 0, 1, ... of a fresh stream whose earlier blocks
+were the data (tests/test_stream_start.py). Needs chunks > W; the legacy layout starts from an
+empty cache (a full hide, which p_uncond trains), so there p_start changes nothing. Its draw
+comes from its own key (``START_KEY`` folded in), so p_start = 0 leaves every other draw, and the
+loss, bit-identical.
 Diffusion time: u ~ U(0, 1) shifted as t = s u / (1 + (s - 1) u), s = e^0.5 (the reference's
 distribution shift for 240-frame windows).
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +54,7 @@ class Stage1Config:
   p_uncond: float = 0.2  # context dropout: hide all context of a noisy chunk
   p_partial: float = 0.3  # context dropout: hide the oldest k ~ U{1..K} context chunks
   p_cfg: float = 0.1  # conditioning dropout
+  p_start: float = 0.0  # sequences that begin with the stream's start (W zero chunks); 0 = off
   time_shift: float = float(np.exp(0.5))
   lr: float = 5e-5
   warmup_steps: int = 0
@@ -52,9 +64,29 @@ class Stage1Config:
   clip_norm: float = 0.0  # 0 = off
   ema_decay: float = 0.0  # 0 = no EMA
 
+  def __post_init__(self):
+    for name in ("p_uncond", "p_partial", "p_cfg", "p_start"):
+      v = getattr(self, name)
+      if not 0.0 <= v <= 1.0:
+        raise ValueError(f"train.stage1.{name} must be a probability in [0, 1], got {v!r}")
+
   @classmethod
   def from_config(cls, cfg) -> "Stage1Config":
     return dataclass_from_config(cls, cfg, "train.stage1")
+
+
+START_KEY = 0x5741  # folded into a step's key for the start-sequence draw (not one of its splits)
+
+
+class Prediction(NamedTuple):
+  """The training forward of one batch (``Stage1.predict``)."""
+
+  v: jax.Array  # (B, frames, C) predicted velocity of every noisy chunk
+  target: jax.Array  # (B, frames, C) eps - x0
+  weight: jax.Array  # (B, frames) loss weight per frame (frame_mask; 0 on a start's zero chunks)
+  x_t: jax.Array  # (B, frames, C) the noisy chunks' input
+  t: jax.Array  # (B, chunks) diffusion time per noisy chunk
+  start: jax.Array | None  # (B,) bool: start sequences (None when p_start is off)
 
 
 def make_optimizer(tc: Stage1Config) -> optax.GradientTransformation:
@@ -100,6 +132,11 @@ class Stage1:
     (``init_from.with_freeze``)."""
     cfg = model.cfg
     self.cfg, self.tc = cfg, tc
+    self.n_start = layouts.start_chunks(cfg) if tc.p_start > 0 else 0
+    if self.n_start >= tc.chunks:
+      raise ValueError(f"train.stage1.p_start {tc.p_start}: a start sequence's first "
+                       f"{self.n_start} chunks are the stream's zero start (window_chunks), so "
+                       f"train.stage1.chunks ({tc.chunks}) must be larger")
     self.layout = layouts.sequence_layout(tc.chunks, np.arange(tc.chunks), layouts.span(cfg),
                                           cfg.chunk)
     self.base_mask = A.streaming_mask(self.layout.meta, self.layout.meta, cfg.context_chunks)
@@ -119,13 +156,15 @@ class Stage1:
       state["ema"] = jax.tree.map(jnp.copy, params)
     return state
 
-  def loss(self, params, rest, batch: dict, key, train: bool = True):
-    """batch: latents (B, frames, C), cond (B, S, Dc), global_cond (B, Dg), frame_mask (B, frames),
-    optional extra (B, frames, E). Without ``train`` no dropout is applied (held-out loss).
-    Returns (loss, metrics)."""
+  def predict(self, params, rest, batch: dict, key, train: bool = True) -> Prediction:
+    """The training forward: batch: latents (B, frames, C), cond (B, S, Dc), global_cond (B, Dg),
+    frame_mask (B, frames), optional extra (B, frames, E). Without ``train`` no dropout is applied
+    and no start sequences are drawn (held-out loss)."""
     cfg, tc = self.cfg, self.tc
+    n_start = self.n_start
     if not train:
       tc = dataclasses.replace(tc, p_uncond=0.0, p_partial=0.0, p_cfg=0.0)
+      n_start = 0
     model = nnx.merge(self.graphdef, params, rest)
     x0 = batch["latents"].astype(jnp.float32)
     b = x0.shape[0]
@@ -143,15 +182,30 @@ class Stage1:
       keep = jax.random.uniform(k_extra, (b,)) >= tc.p_cfg
       extra = extra * keep[:, None, None]
     hidden = context_drop(k_ctx, b, n, cfg.context_chunks, tc.p_uncond, tc.p_partial)
+    clean, clean_extra, start, zero = x0, extra, None, None
+    if n_start:  # start sequences: clean chunks 0..W-1 are the stream's zero start
+      start = jax.random.uniform(jax.random.fold_in(key, START_KEY), (b,)) < tc.p_start
+      zero = start[:, None] & (jnp.arange(n * cs) < n_start * cs)[None]  # (B, frames)
+      clean = jnp.where(zero[..., None], 0.0, x0)
+      if extra is not None:
+        clean_extra = jnp.where(zero[..., None], 0.0, extra)
+      hidden = jnp.where(start[:, None], 0, hidden)
     mask = dropout_mask(self.base_mask, self.layout.meta, hidden, cfg.context_chunks)
     cross = model.cross_kv(cond) if cfg.cond_token_dim else None
     g = model.project_global(batch.get("global_cond"))
-    v = layouts.sequence_forward(model, x0, x_t, t, cross, g, self.layout, extra, extra,
+    v = layouts.sequence_forward(model, clean, x_t, t, cross, g, self.layout, clean_extra, extra,
                                  rope=self.rope, mask=mask)
-    err = jnp.square(v - (eps - x0)).mean(-1)
     w = batch.get("frame_mask")
-    w = jnp.ones_like(err) if w is None else w.astype(jnp.float32)
-    loss = (err * w).sum() / jnp.maximum(w.sum(), 1.0)
+    w = jnp.ones(v.shape[:2], jnp.float32) if w is None else w.astype(jnp.float32)
+    if zero is not None:
+      w = jnp.where(zero, 0.0, w)
+    return Prediction(v, eps - x0, w, x_t, t, start)
+
+  def loss(self, params, rest, batch: dict, key, train: bool = True):
+    """The rectified-flow MSE of ``predict`` over the weighted frames. Returns (loss, metrics)."""
+    p = self.predict(params, rest, batch, key, train)
+    err = jnp.square(p.v - p.target).mean(-1)
+    loss = (err * p.weight).sum() / jnp.maximum(p.weight.sum(), 1.0)
     return loss, {"loss": loss}
 
   def train_step(self, state: dict, batch: dict, key):
