@@ -17,6 +17,11 @@ Modes:
   step; with ``--config`` (e.g. ``saos`` on a GPU) the model has random weights and random
   conditioning tokens.
 
+``--shared-pool`` (text mode): one pool of ``--max-sessions`` slots serves every count, its
+programs compiled once (as a server's; a count runs at the narrowest compiled width, a power of
+two, that holds it), instead of a pool of exactly N slots compiled per count (at ``saos`` scale
+on a GPU the compiles would take most of the run).
+
 The first tick of each count is a warm-up (each program's first call at that width) and is
 not counted. Prints a table and, last, ``real-time sessions: N`` (0 when even one session is not).
 
@@ -207,10 +212,14 @@ def main(argv=None):
   log(f"{name} on {dev.platform} ({dev.device_kind}): {mode} sessions, {steps} steps, CFG "
       f"{cfg_scale:g}, blocks of {1000 * block_seconds:.0f} ms, {args.seconds:g} s simulated "
       f"per count")
+  if args.shared_pool and mode != "text":
+    print("error: --shared-pool is for --mode text (jam sessions use the jam server's pool)",
+          file=sys.stderr)
+    return 2
   best = 0
   counts = [c for c in COUNTS if c <= args.max_sessions]
   pool = None
-  if args.shared_pool and mode == "text":
+  if args.shared_pool:
     from lmdm_jax.serving import SlotStreams
     t0 = time.perf_counter()
     pool = SlotStreams(model, max(counts), cfg_guidance=args.cfg_scale != 1.0,

@@ -16,7 +16,11 @@ each at every ``--batch`` and ``--dtypes``, block_causal. The DiT column runs ``
 (``System.stream``: the block program with the codec's decode inside when the codec has a block
 decoder, else the host stream decoder) and the block program with the decoder at larger
 batches. x real time is per stream (block seconds / seconds per block); "streams x RT" is
-batch x that. % peak: the DiT's FLOPs per second against a matmul of the same dtype.
+batch x that. % peak: the DiT's FLOPs per second against a matmul of the same dtype (measured
+in the run, on random data). ``--loops fori,unroll`` adds rows of the DiT with the step loop
+unrolled (``UnrolledStream``: a fixed step count, no ``while`` in the program) beside the
+``fori_loop`` over the runtime step count that ``sampling.Stream`` runs. ``scripts/gpu_bench.sh``
+runs every GPU row in one call (docs/STREAMING.md).
 
   python3 bench/streaming.py --config demo --modes cfg8,arc4 --batch 1 --dtypes float32
   python3 bench/streaming.py --config saos --modes cfg8,arc4 --batch 1,8 \
@@ -253,7 +257,7 @@ def _per_block_row(args, c, model, system, codec, cond, peak, block_s, mode, ste
   else:
     dit = make_stream(model, "block_causal", steps, cfg_on, batch, warm=0)
   sec = time_blocks(lambda: dit.next_block().block_until_ready(), args.reps, warm)
-  del dit
+  dit = None  # its state freed before the end-to-end stream's
   fl = flops_per_block(c, "block_causal", steps, batch, cfg_on)
   e2e, fused = None, "-"
   if codec is not None and loop == "fori":

@@ -22,9 +22,11 @@
 # keeps to a budget (GPU_BENCH_BUDGET seconds; default 465, SMOKE 480): each stage's timeout is
 # the smaller of its own cap and the time left, and a stage with under 15 s left is skipped.
 #
-# No network is needed. The only package the GPU image lacks is ml_collections (pure Python):
-# where `import ml_collections` fails, wheels in .whl/ (carried with the run) are installed to a
-# temporary folder first; docs/STREAMING.md gives the exact device `run` call.
+# GPU_BENCH_STAGES picks stage groups (default "bf16 serve cmdbuf fp32"), e.g. to rerun the ones
+# a run could not finish. No network is needed. The only package the GPU image lacks is
+# ml_collections (pure Python): where `import ml_collections` fails, wheels in .whl/ (carried with
+# the run) are installed to a temporary folder first; docs/STREAMING.md gives the exact device
+# `run` call.
 set -uo pipefail
 
 cd "$(dirname "$0")/.." || exit 2
@@ -69,11 +71,16 @@ log() { echo "[gpu_bench $(date -u +%H:%M:%S)] $*" | tee -a "$LOG" >&2; }
 
 # ------------------------------------------------------------------ header: device and versions
 {
-  echo "# GPU benchmark (scripts/gpu_bench.sh$([ "$SMOKE" = 1 ] && echo ', SMOKE: tiny config on whatever device'))"
+  smoke=""
+  [ "$SMOKE" = 1 ] && smoke=", SMOKE: tiny config on whatever device"
+  echo "# GPU benchmark (scripts/gpu_bench.sh$smoke)"
   echo
-  echo "- date: $(date -u '+%Y-%m-%d %H:%M:%S UTC'); commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  echo "- date: $(date -u '+%Y-%m-%d %H:%M:%S UTC');" \
+       "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
   if command -v nvidia-smi >/dev/null 2>&1; then
-    echo "- nvidia-smi: $(timeout 20 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader 2>&1 | head -2 | tr '\n' ' ')"
+    q=name,driver_version,memory.total,clocks.sm,clocks.max.sm
+    echo "- nvidia-smi: $(timeout 20 nvidia-smi --query-gpu=$q --format=csv,noheader 2>&1 |
+                          head -2 | tr '\n' ' ')"
   else
     echo "- nvidia-smi: not found"
   fi
@@ -99,6 +106,8 @@ log "$ver"
 
 # ----------------------------------------------------------------------------- running stages
 STATUS=()   # "name|status|seconds" per stage
+GROUPS_WANTED=" ${GPU_BENCH_STAGES:-bf16 serve cmdbuf fp32} "
+want() { [[ "$GROUPS_WANTED" == *" $1 "* ]]; }
 
 # run_stage NAME CAP ENV_XLA_FLAGS CMD...: runs CMD under timeout (min(CAP, time left)) with
 # XLA_FLAGS set, its output in the log and in $WORK/NAME.out; sets STAGE_STATUS.
@@ -146,19 +155,23 @@ STREAM=("$PY" bench/streaming.py --config "$CONFIG" --codec "$CODEC" --reps "$RE
         --warmup "$WARM" "${PEAK[@]}")
 
 # 1. the issue's rows in bf16 (the goal rows first)
-cmd=("${STREAM[@]}" --modes cfg8,arc4 --batch "$BATCH" --dtypes bfloat16)
-run_stage streaming-bf16 "$CAP_BF16" "$BASE_XLA_FLAGS" "${cmd[@]}"
-section "streaming, bf16: DiT alone and end to end (issue 17 rows)" streaming-bf16 "${cmd[*]}"
+if want bf16; then
+  cmd=("${STREAM[@]}" --modes cfg8,arc4 --batch "$BATCH" --dtypes bfloat16)
+  run_stage streaming-bf16 "$CAP_BF16" "$BASE_XLA_FLAGS" "${cmd[@]}"
+  section "streaming, bf16: DiT alone and end to end (issue 17 rows)" streaming-bf16 "${cmd[*]}"
+fi
 
 # 2. concurrent real-time sessions at $CONFIG scale
-cmd=("$PY" bench/serve.py --config "$CONFIG" --mode text --steps 8 --cfg-scale 3 --dtype bfloat16
-     "${SERVE[@]}" --shared-pool)
-run_stage serve "$CAP_SERVE" "$BASE_XLA_FLAGS" "${cmd[@]}"
-section "serving: concurrent real-time text sessions" serve "${cmd[*]}"
-rt=$(grep -E '^real-time sessions:' "$WORK/serve.out" | tail -1)
-if [ -z "$rt" ]; then  # cut short: the largest count whose row says real time
-  n=$(grep -E '^\| [0-9]+ \|' "$WORK/serve.out" | awk -F'|' '$11 ~ /yes/ {n=$2} END {print n+0}')
-  echo "real-time sessions (rows so far): $n" >>"$MD"
+if want serve; then
+  cmd=("$PY" bench/serve.py --config "$CONFIG" --mode text --steps 8 --cfg-scale 3
+       --dtype bfloat16 "${SERVE[@]}" --shared-pool)
+  run_stage serve "$CAP_SERVE" "$BASE_XLA_FLAGS" "${cmd[@]}"
+  section "serving: concurrent real-time text sessions" serve "${cmd[*]}"
+  if ! grep -q -E '^real-time sessions:' "$WORK/serve.out"; then  # cut short: the largest
+    n=$(grep -E '^\| [0-9]+ \|' "$WORK/serve.out" |               # count whose row is real time
+        awk -F'|' '$11 ~ /yes/ {n=$2} END {print n+0}')
+    echo "real-time sessions (rows so far): $n" >>"$MD"
+  fi
 fi
 
 # 3. XLA command-buffer variants of the batch-1 cfg8 DiT row (bf16 on a GPU): the step loop as
@@ -170,7 +183,9 @@ VARIANTS=(  # label|loops|flag
   "graph-min-1|fori|--xla_gpu_graph_min_graph_size=1"
 )
 cmd=("${STREAM[@]}" --codec none --modes cfg8 --batch 1 --dtypes "$VDTYPE")
-{ echo; echo "## XLA command-buffer variants: cfg8, batch 1, $VDTYPE, DiT alone"; echo
+want cmdbuf || VARIANTS=()
+[ "${#VARIANTS[@]}" = 0 ] || {
+  echo; echo "## XLA command-buffer variants: cfg8, batch 1, $VDTYPE, DiT alone"; echo
   echo "\`XLA_FLAGS=<variant> ${cmd[*]} --loops <loops>\`"; echo
   echo "| variant | XLA_FLAGS | status | loop | DiT ms/block | DiT x RT | DiT % peak |"
   echo "|---|---|---|---|---|---|---|"; } >>"$MD"
@@ -189,9 +204,11 @@ for v in "${VARIANTS[@]}"; do
 done
 
 # 4. the same rows in float32
-cmd=("${STREAM[@]}" --modes cfg8,arc4 --batch "$BATCH" --dtypes float32)
-run_stage streaming-fp32 "$CAP_FP32" "$BASE_XLA_FLAGS" "${cmd[@]}"
-section "streaming, fp32: DiT alone and end to end" streaming-fp32 "${cmd[*]}"
+if want fp32; then
+  cmd=("${STREAM[@]}" --modes cfg8,arc4 --batch "$BATCH" --dtypes float32)
+  run_stage streaming-fp32 "$CAP_FP32" "$BASE_XLA_FLAGS" "${cmd[@]}"
+  section "streaming, fp32: DiT alone and end to end" streaming-fp32 "${cmd[*]}"
+fi
 
 # ------------------------------------------------------------------------------------ summary
 {
@@ -207,5 +224,9 @@ section "streaming, fp32: DiT alone and end to end" streaming-fp32 "${cmd[*]}"
   echo
   echo "total: $(($(date +%s) - T0)) s"
 } >>"$MD"
+# what comes back from a device run is at most 16 MiB a file
+if [ "$(wc -c <"$LOG")" -gt 15000000 ]; then
+  tail -c 15000000 "$LOG" >"$WORK/log.tail" && mv "$WORK/log.tail" "$LOG"
+fi
 log "done in $(($(date +%s) - T0)) s: $MD"
 cat "$MD"

@@ -106,3 +106,16 @@ def test_unrolled_step_loop_makes_the_blocks_of_the_fori_loop():
       a, b = np.asarray(fori.next_block()), np.asarray(unrolled.next_block())
       assert np.isfinite(a).all() and np.abs(a).max() > 0.1
       np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+
+
+def test_stage_groups_can_be_picked(tmp_path):
+  """GPU_BENCH_STAGES runs only the named groups (a rerun of what a device run left out)."""
+  out = tmp_path / "out"
+  env = dict(os.environ, SMOKE="1", OUT=str(out), PYTHON="false",
+             GPU_BENCH_STAGES="serve fp32")
+  r = subprocess.run(["bash", SCRIPT], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                     env=env)
+  assert r.returncode == 0, r.stderr
+  md = (out / "gpu_bench.md").read_text()
+  assert list(_stage_status(md)) == ["serve", "streaming-fp32"]
+  assert "command-buffer variants" not in md
