@@ -330,7 +330,8 @@ def main(argv=None):
     cfg = dataclasses.replace(cfg, dtype=args.dtype, param_dtype=args.dtype)
   dev = jax.devices()[0]
   print(f"# streaming benchmark: config {args.config} ({cfg.depth}x{cfg.embed_dim}, chunk "
-        f"{cfg.chunk}, K={cfg.context_chunks}, window {cfg.window_chunks}), dtype {cfg.dtype}, "
+        f"{cfg.chunk}, K={cfg.context_chunks}, window {cfg.window_chunks}), dtype "
+        f"{args.dtypes if args.modes else cfg.dtype}, "
         f"device {dev.device_kind} ({jax.default_backend()}), jax {jax.__version__}")
   if args.modes:
     from lmdm_jax import compile_cache

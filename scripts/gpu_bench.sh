@@ -151,12 +151,11 @@ section() {  # section TITLE NAME COMMAND-TEXT
     table_of "$WORK/$2.out"; } >>"$MD"
 }
 
-STREAM=("$PY" bench/streaming.py --config "$CONFIG" --codec "$CODEC" --reps "$REPS"
-        --warmup "$WARM" "${PEAK[@]}")
+STREAM=("$PY" bench/streaming.py --config "$CONFIG" --reps "$REPS" --warmup "$WARM" "${PEAK[@]}")
 
 # 1. the issue's rows in bf16 (the goal rows first)
 if want bf16; then
-  cmd=("${STREAM[@]}" --modes cfg8,arc4 --batch "$BATCH" --dtypes bfloat16)
+  cmd=("${STREAM[@]}" --codec "$CODEC" --modes cfg8,arc4 --batch "$BATCH" --dtypes bfloat16)
   run_stage streaming-bf16 "$CAP_BF16" "$BASE_XLA_FLAGS" "${cmd[@]}"
   section "streaming, bf16: DiT alone and end to end (issue 17 rows)" streaming-bf16 "${cmd[*]}"
 fi
@@ -205,7 +204,7 @@ done
 
 # 4. the same rows in float32
 if want fp32; then
-  cmd=("${STREAM[@]}" --modes cfg8,arc4 --batch "$BATCH" --dtypes float32)
+  cmd=("${STREAM[@]}" --codec "$CODEC" --modes cfg8,arc4 --batch "$BATCH" --dtypes float32)
   run_stage streaming-fp32 "$CAP_FP32" "$BASE_XLA_FLAGS" "${cmd[@]}"
   section "streaming, fp32: DiT alone and end to end" streaming-fp32 "${cmd[*]}"
 fi
