@@ -17,6 +17,11 @@ Modes:
   step; with ``--config`` (e.g. ``saos`` on a GPU) the model has random weights and random
   conditioning tokens.
 
+``--shared-pool`` (text mode): one pool of ``--max-sessions`` slots serves every count, its
+programs compiled once (as a server's; a count runs at the narrowest compiled width, a power of
+two, that holds it), instead of a pool of exactly N slots compiled per count (at ``saos`` scale
+on a GPU the compiles would take most of the run).
+
 The first tick of each count is a warm-up (each program's first call at that width) and is
 not counted. Prints a table and, last, ``real-time sessions: N`` (0 when even one session is not).
 
@@ -94,12 +99,17 @@ def run_jams(system, n: int, args, lone: bool = False):
   return ticks[1:], steps[1:]
 
 
-def run_texts(model, cross_len: int, n: int, args, block_seconds: float):
-  """N text streams of the DiT in one SlotStreams: the wall time of every batched step."""
+def run_texts(model, cross_len: int, n: int, args, block_seconds: float, pool=None):
+  """N text streams of the DiT in one SlotStreams: the wall time of every batched step. ``pool``:
+  a SlotStreams of at least N slots to serve them in (sessions join slots 0..N-1, the rest stay
+  inactive, and leave at the end; the step runs its narrowest compiled width that holds N);
+  None: a pool of exactly N slots, built (and compiled) for this count."""
   import jax
   from lmdm_jax import sampling as S
   from lmdm_jax.serving import SlotStreams
-  pool = SlotStreams(model, n, cfg_guidance=args.cfg_scale != 1.0, cross_len=cross_len)
+  if pool is None:
+    pool = SlotStreams(model, n, cfg_guidance=args.cfg_scale != 1.0, cross_len=cross_len)
+  active = np.arange(pool.slots) < n
   cfg = model.cfg
   sp = S.SamplerParams.make(args.steps, args.cfg_scale, False, True)
   for i in range(n):
@@ -107,12 +117,14 @@ def run_texts(model, cross_len: int, n: int, args, block_seconds: float):
     cond = jax.random.normal(key, (1, cross_len, cfg.cond_token_dim))
     glob = jax.random.normal(key, (1, cfg.global_cond_dim)) if cfg.global_cond_dim else None
     pool.join(i, cond, glob, seed=i, sampler=sp)
-  pool.step()  # warm-up (and each slot's start context)
+  pool.step(active=active)  # warm-up (and each slot's start context)
   ticks = []
   for _ in range(int(np.ceil(args.seconds / block_seconds))):
     t0 = time.perf_counter()
-    pool.step()
+    pool.step(active=active)
     ticks.append(time.perf_counter() - t0)
+  for i in range(n):
+    pool.leave(i)
   return ticks, ticks
 
 
@@ -135,6 +147,11 @@ def main(argv=None):
                   help="threads per NumPy BLAS call, as the jam server sets them (the codec's "
                   "encoder: small matrices; more threads only contend); 0 = leave as is "
                   "(default: 1)")
+  ap.add_argument("--shared-pool", action="store_true",
+                  help="text mode: one SlotStreams of --max-sessions slots serves every count "
+                  "(sessions join and leave; its programs compile once, as a server's, and a "
+                  "count runs at the narrowest compiled width, a power of two, that holds it) "
+                  "instead of a pool of exactly N slots compiled per count (default: per count)")
   ap.add_argument("--keep-going", action="store_true",
                   help="try every count up to --max-sessions, not stopping at the first that "
                   "is not real time (default: stop)")
@@ -195,18 +212,30 @@ def main(argv=None):
   log(f"{name} on {dev.platform} ({dev.device_kind}): {mode} sessions, {steps} steps, CFG "
       f"{cfg_scale:g}, blocks of {1000 * block_seconds:.0f} ms, {args.seconds:g} s simulated "
       f"per count")
+  if args.shared_pool and mode != "text":
+    print("error: --shared-pool is for --mode text (jam sessions use the jam server's pool)",
+          file=sys.stderr)
+    return 2
+  best = 0
+  counts = [c for c in COUNTS if c <= args.max_sessions]
+  pool = None
+  if args.shared_pool:
+    from lmdm_jax.serving import SlotStreams
+    t0 = time.perf_counter()
+    pool = SlotStreams(model, max(counts), cfg_guidance=args.cfg_scale != 1.0,
+                       cross_len=cross_len)
+    log(f"shared pool: {pool.slots} slots, widths {pool.widths}, {pool.compiles} programs "
+        f"compiled in {time.perf_counter() - t0:.1f} s")
   print("| sessions | ticks | ms per tick (mean) | p90 | max | of it the step | x real time | "
         "late ticks | worst late ms | real time |")
   print("|---|---:|---:|---:|---:|---:|---:|---:|---:|:---:|")
-  best = 0
-  counts = [c for c in COUNTS if c <= args.max_sessions]
   for n in (["1 alone"] if mode == "jam" else []) + counts:
     if n == "1 alone":  # the reference: one session on its own stream, no slots
       ticks, steps = run_jams(system, 1, args, lone=True)
     elif mode == "jam":
       ticks, steps = run_jams(system, n, args)
     else:
-      ticks, steps = run_texts(model, cross_len, n, args, block_seconds)
+      ticks, steps = run_texts(model, cross_len, n, args, block_seconds, pool)
     late, worst = simulate(ticks, block_seconds)
     t = np.asarray(ticks)
     ok = late == 0
