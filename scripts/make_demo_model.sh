@@ -13,10 +13,10 @@ HOURS=${HOURS:-3}
 [ -f data_cache/corpus/corpus_stats.json ] || \
   python3 -m lmdm_jax.data.corpus --out data_cache/corpus --hours "$HOURS"
 # 2. latents with the default codec (resumable, deterministic), then melody tracks of the stems
-python3 -m lmdm_jax.data.dataset --audio data_cache/corpus/audio --out data_cache/latents_spectral \
+python3 -m lmdm_jax.data.dataset --audio data_cache/corpus --out data_cache/latents_spectral \
   --codec spectral
 [ -f data_cache/latents_spectral/melody.npz ] || \
-  python3 -m lmdm_jax.data.melody data_cache/latents_spectral --audio data_cache/corpus/audio
+  python3 -m lmdm_jax.data.melody data_cache/latents_spectral --audio data_cache/corpus
 # 3. stage 1 (resumes from runs/demo/checkpoints)
 python3 train.py --config demo --data data_cache/latents_spectral --workdir runs/demo \
   --config.train.steps="$STEPS"

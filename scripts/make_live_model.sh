@@ -24,10 +24,10 @@ python3 -m lmdm_jax.data.dataset --audio "$DATA/recorded/audio" --out "$DATA/lat
 #    stems, its latents and the stems' melody tracks (the sketch channels)
 [ -f "$DATA/corpus_wide/corpus_stats.json" ] || python3 -m lmdm_jax.data.corpus \
   --out "$DATA/corpus_wide" --hours "$HOURS" --timbres wide --mono --sample-rate 22050 --quiet
-python3 -m lmdm_jax.data.dataset --audio "$DATA/corpus_wide/audio" --out "$DATA/latents_wide" \
+python3 -m lmdm_jax.data.dataset --audio "$DATA/corpus_wide" --out "$DATA/latents_wide" \
   --codec "$CODEC" --quiet
 [ -f "$DATA/latents_wide/melody.npz" ] || \
-  python3 -m lmdm_jax.data.melody "$DATA/latents_wide" --audio "$DATA/corpus_wide/audio"
+  python3 -m lmdm_jax.data.melody "$DATA/latents_wide" --audio "$DATA/corpus_wide"
 [ "$STOP_AFTER" = data ] && exit 0
 
 MIX="$DATA/latents_recorded:0.5,$DATA/latents_wide:0.5"

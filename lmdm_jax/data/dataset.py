@@ -22,7 +22,7 @@ Output folder:
 A shard is written (temp file + rename) before its items' metadata lines are appended, so an
 interrupted build loses at most the items of the shard in progress and a rerun continues.
 
-  python3 -m lmdm_jax.data.dataset --audio data_cache/corpus/audio --out data_cache/latents \
+  python3 -m lmdm_jax.data.dataset --audio data_cache/corpus --out data_cache/latents \
       --codec lmdm_jax.codecs.mel:MelCodec
 """
 from __future__ import annotations

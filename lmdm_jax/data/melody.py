@@ -11,7 +11,7 @@ the skyline of its stems (the highest voiced stem pitch per frame), the same rul
 Writes ``melody.npz`` in the dataset folder (atomically): ``"<stem key>"`` -> (frames,) float16
 MIDI pitch, NaN where unvoiced; ``"<item key>"`` -> the skyline.
 
-  python3 -m lmdm_jax.data.melody data_cache/latents_spectral --audio data_cache/corpus/audio
+  python3 -m lmdm_jax.data.melody data_cache/latents_spectral --audio data_cache/corpus
 """
 from __future__ import annotations
 
